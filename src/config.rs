@@ -1,0 +1,965 @@
+//! The TOML configuration file: sections, defaults, environment resolution, problems with line numbers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::sid::{
+    AccountSid, ApiKeySid, EnvironmentSid, ServiceSid, SidError, WorkflowSid, WorkspaceSid,
+};
+
+/// The template's variable for the chat-transfer workflow; `_<CBO>` is appended per CBO (SPEC §1).
+pub const WORKFLOW_SID_VAR: &str = "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID";
+/// Events further than this ahead of the daemon's clock are rejected (SPEC §2).
+pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(60);
+/// The longest window any rule or the status may ask for.
+pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    twilio: TwilioSection,
+    #[serde(default)]
+    transfers: TransfersSection,
+    #[serde(default)]
+    actions: ActionsSection,
+    #[serde(default)]
+    validation: ValidationSection,
+    #[serde(default)]
+    rules: RulesSection,
+    #[serde(default)]
+    sources: SourcesSection,
+    #[serde(default, rename = "cbo")]
+    cbos: Vec<CboSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: SocketAddr,
+    /// Name of the environment variable holding the admin token.
+    pub admin_token_env: Option<String>,
+    /// Decision log, validations and switch state live here.
+    pub state_dir: PathBuf,
+    /// Largest accepted `POST /v1/events` body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9843)),
+            admin_token_env: None,
+            state_dir: PathBuf::from("/var/lib/transfer-guard"),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioSection {
+    pub taskrouter_url: String,
+    pub serverless_url: String,
+    pub flex_url: String,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Requests in flight at once against one Twilio account.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for TwilioSection {
+    fn default() -> Self {
+        TwilioSection {
+            taskrouter_url: "https://taskrouter.twilio.com".into(),
+            serverless_url: "https://serverless.twilio.com".into(),
+            flex_url: "https://flex-api.twilio.com".into(),
+            poll_interval: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_requests: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransfersSection {
+    /// No terminal event within this long after `initiated`: the transfer timed out
+    /// (the template's `CONVERSATION_TRANSFER_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Open transfers kept per CBO; beyond it the oldest is evicted and counted.
+    pub max_open: usize,
+    /// The longest window kept; older events are rejected as `too_old`.
+    #[serde(with = "humantime_serde")]
+    pub max_window: Duration,
+}
+
+impl Default for TransfersSection {
+    fn default() -> Self {
+        TransfersSection {
+            timeout: Duration::from_secs(300),
+            max_open: 50_000,
+            max_window: MAX_WINDOW,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsSection {
+    pub dry_run: bool,
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for ActionsSection {
+    fn default() -> Self {
+        ActionsSection {
+            dry_run: true,
+            cooldown: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSection {
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub min_samples: u64,
+}
+
+impl Default for ValidationSection {
+    fn default() -> Self {
+        ValidationSection {
+            duration: Duration::from_secs(15 * 60),
+            min_samples: 20,
+        }
+    }
+}
+
+/// What a breached rule does for a CBO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    Rollback,
+    Disable,
+    Alert,
+}
+
+/// Overrides of one rule's defaults (SPEC §4); every field optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleOverride {
+    pub threshold: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Option<Duration>,
+    pub min_samples: Option<u64>,
+    /// `bad_requests`: distinct minutes with a Bad Request inside `window`.
+    pub minutes: Option<u32>,
+    /// `cross_cbo`: how many CBOs breached at once make a shared cause.
+    pub min_cbos: Option<u32>,
+    /// `cross_cbo`: only CBOs deployed this recently are rolled back.
+    #[serde(default, with = "humantime_serde")]
+    pub deploy_window: Option<Duration>,
+    pub action: Option<RuleAction>,
+}
+
+/// One optional override per rule id of SPEC §4; an unknown rule id is an unknown key.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RulesSection {
+    pub success_rate: Option<Spanned<RuleOverride>>,
+    pub bad_requests: Option<Spanned<RuleOverride>>,
+    pub taskrouter_error_rate: Option<Spanned<RuleOverride>>,
+    pub config_corruption: Option<Spanned<RuleOverride>>,
+    pub cross_cbo: Option<Spanned<RuleOverride>>,
+    pub cold_transfer_latency: Option<Spanned<RuleOverride>>,
+    pub notification_latency: Option<Spanned<RuleOverride>>,
+    pub history_loss: Option<Spanned<RuleOverride>>,
+}
+
+impl RulesSection {
+    fn each(&self) -> impl Iterator<Item = (&'static str, &Spanned<RuleOverride>)> {
+        [
+            ("success_rate", &self.success_rate),
+            ("bad_requests", &self.bad_requests),
+            ("taskrouter_error_rate", &self.taskrouter_error_rate),
+            ("config_corruption", &self.config_corruption),
+            ("cross_cbo", &self.cross_cbo),
+            ("cold_transfer_latency", &self.cold_transfer_latency),
+            ("notification_latency", &self.notification_latency),
+            ("history_loss", &self.history_loss),
+        ]
+        .into_iter()
+        .filter_map(|(id, o)| o.as_ref().map(|o| (id, o)))
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourcesSection {
+    #[serde(default)]
+    file: Vec<Spanned<FileSourceSection>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSourceSection {
+    path: PathBuf,
+    cbo: String,
+    /// Read what the file already holds when the daemon starts (default: only new lines).
+    #[serde(default)]
+    from_beginning: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackKind {
+    Serverless,
+    PluginRelease,
+    Webhook,
+    Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisableKind {
+    FlexFlag,
+    Webhook,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CboSection {
+    key: Spanned<String>,
+    ingest_token_env: Option<Spanned<String>>,
+    account_sid: Option<Spanned<String>>,
+    auth_token_env: Option<Spanned<String>>,
+    api_key_sid: Option<Spanned<String>>,
+    api_key_secret_env: Option<Spanned<String>>,
+    workspace_sid: Option<Spanned<String>>,
+    workflow_sid: Option<Spanned<String>>,
+    serverless_service_sid: Option<Spanned<String>>,
+    serverless_environment_sid: Option<Spanned<String>>,
+    #[serde(default)]
+    rollback: Vec<RollbackKind>,
+    #[serde(default)]
+    disable: Vec<DisableKind>,
+    #[serde(default)]
+    rules: RulesSection,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration the daemon runs with.
+
+/// A CBO key, `[a-z0-9_-]{1,32}` (SPEC §1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct CboKey(String);
+
+impl CboKey {
+    pub fn parse(key: &str) -> Result<CboKey, String> {
+        let ok = !key.is_empty()
+            && key.len() <= 32
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(CboKey(key.to_string()))
+        } else {
+            Err(format!(
+                "CBO key {key:?} must be 1 to 32 characters of a-z, 0-9, '_' or '-'"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The suffix of the template's per-CBO variable: `nss` -> `NSS`, `client-a` -> `CLIENT_A`.
+    pub fn env_suffix(&self) -> String {
+        self.0.to_ascii_uppercase().replace('-', "_")
+    }
+}
+
+impl fmt::Display for CboKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A secret read from the environment: never printed, compared in constant time.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate).into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    AuthToken(Secret),
+    ApiKey { sid: ApiKeySid, secret: Secret },
+}
+
+/// Where a CBO's workflow SID came from, so problems can say what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "name")]
+pub enum WorkflowSource {
+    Config,
+    Env(String),
+    Missing,
+}
+
+impl fmt::Display for WorkflowSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkflowSource::Config => f.write_str("workflow_sid"),
+            WorkflowSource::Env(var) => write!(f, "${var}"),
+            WorkflowSource::Missing => f.write_str("no workflow SID"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkflowSetting {
+    /// The value as configured, even when malformed: corruption is reported, not hidden.
+    pub raw: Option<String>,
+    pub sid: Result<WorkflowSid, String>,
+    pub source: WorkflowSource,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cbo {
+    pub key: CboKey,
+    pub ingest_token: Option<Secret>,
+    pub account_sid: Option<AccountSid>,
+    pub credentials: Option<Credentials>,
+    pub workspace_sid: Option<WorkspaceSid>,
+    pub workflow: WorkflowSetting,
+    pub serverless_service_sid: Option<ServiceSid>,
+    pub serverless_environment_sid: Option<EnvironmentSid>,
+    pub rollback: Vec<RollbackKind>,
+    pub disable: Vec<DisableKind>,
+    pub rules: RulesSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    pub path: PathBuf,
+    pub cbo: CboKey,
+    pub from_beginning: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSection,
+    pub admin_token: Option<Secret>,
+    pub twilio: TwilioSection,
+    pub transfers: TransfersSection,
+    pub actions: ActionsSection,
+    pub validation: ValidationSection,
+    pub rules: RulesSection,
+    pub file_sources: Vec<FileSource>,
+    pub cbos: Vec<Cbo>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problems.
+
+/// One thing wrong with a configuration. `fatal` ones stop `run`; the others (a workflow SID
+/// that is missing, malformed or shared) are what the daemon exists to report, so it starts and
+/// reports them as configuration corruption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub cbo: Option<String>,
+    pub message: String,
+    pub fatal: bool,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if let Some(cbo) = &self.cbo {
+            write!(f, "cbo {cbo}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// The result of reading a file: the configuration (when it could be built) and every problem.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Option<Config>,
+    pub problems: Vec<Problem>,
+}
+
+impl Config {
+    /// Reads, parses and resolves a file against the process environment; fatal problems refuse it.
+    pub fn load(path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let checked = check_str(&text, &|var| std::env::var(var).ok());
+        match checked.config {
+            Some(config) if !checked.problems.iter().any(|p| p.fatal) => {
+                Ok((config, checked.problems))
+            }
+            _ => Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: checked.problems.into_iter().filter(|p| p.fatal).collect(),
+            }),
+        }
+    }
+
+    pub fn cbo(&self, key: &str) -> Option<&Cbo> {
+        self.cbos.iter().find(|c| c.key.as_str() == key)
+    }
+}
+
+/// Parses `text` and resolves it against `env`, collecting every problem instead of stopping at
+/// the first (what `transfer-guard check` prints).
+pub fn check_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Checked {
+    let file: FileConfig = match toml::from_str(text) {
+        Ok(file) => file,
+        Err(err) => {
+            return Checked {
+                config: None,
+                problems: vec![Problem {
+                    line: err.span().map(|s| line_of(text, s.start)),
+                    cbo: None,
+                    message: err.message().trim().to_string(),
+                    fatal: true,
+                }],
+            };
+        }
+    };
+    Resolver {
+        text,
+        env,
+        problems: Vec::new(),
+    }
+    .resolve(file)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+struct Resolver<'a> {
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+}
+
+impl Resolver<'_> {
+    fn problem(&mut self, at: Option<usize>, cbo: Option<&str>, message: String, fatal: bool) {
+        self.problems.push(Problem {
+            line: at.map(|offset| line_of(self.text, offset)),
+            cbo: cbo.map(str::to_string),
+            message,
+            fatal,
+        });
+    }
+
+    /// Reads the secret that variable `var` names; a missing or empty variable is named.
+    fn secret(&mut self, var: &Spanned<String>, cbo: Option<&str>, what: &str) -> Option<Secret> {
+        match (self.env)(var.get_ref()) {
+            Some(v) if !v.is_empty() => Some(Secret(v)),
+            _ => {
+                let message = format!("{what}: environment variable {} is not set", var.get_ref());
+                self.problem(Some(var.span().start), cbo, message, true);
+                None
+            }
+        }
+    }
+
+    fn sid<T>(
+        &mut self,
+        field: &str,
+        value: &Option<Spanned<String>>,
+        cbo: &str,
+        parse: fn(&str) -> Result<T, SidError>,
+    ) -> Option<T> {
+        let value = value.as_ref()?;
+        match parse(value.get_ref()) {
+            Ok(sid) => Some(sid),
+            Err(err) => {
+                self.problem(
+                    Some(value.span().start),
+                    Some(cbo),
+                    format!("{field}: {err}"),
+                    true,
+                );
+                None
+            }
+        }
+    }
+
+    fn rules(&mut self, rules: &RulesSection, cbo: Option<&str>) {
+        for (id, o) in rules.each() {
+            let at = Some(o.span().start);
+            let rule = o.get_ref();
+            for (name, d) in [
+                ("window", rule.window),
+                ("deploy_window", rule.deploy_window),
+            ] {
+                if let Some(d) = d
+                    && (d.is_zero() || d > MAX_WINDOW)
+                {
+                    let message = format!(
+                        "rules.{id}.{name}: {} is outside 1s..=1h",
+                        humantime::format_duration(d)
+                    );
+                    self.problem(at, cbo, message, true);
+                }
+            }
+            if let Some(t) = rule.threshold
+                && !(t.is_finite() && t >= 0.0)
+            {
+                let message = format!("rules.{id}.threshold: {t} is not a non-negative number");
+                self.problem(at, cbo, message, true);
+            }
+        }
+    }
+
+    fn workflow(&mut self, section: &CboSection, key: &CboKey) -> WorkflowSetting {
+        let per_cbo = format!("{WORKFLOW_SID_VAR}_{}", key.env_suffix());
+        let (raw, source, at) = if let Some(sid) = &section.workflow_sid {
+            (
+                Some(sid.get_ref().clone()),
+                WorkflowSource::Config,
+                Some(sid.span().start),
+            )
+        } else if let Some(v) = (self.env)(&per_cbo) {
+            (Some(v), WorkflowSource::Env(per_cbo.clone()), None)
+        } else if let Some(v) = (self.env)(WORKFLOW_SID_VAR) {
+            (Some(v), WorkflowSource::Env(WORKFLOW_SID_VAR.into()), None)
+        } else {
+            (
+                None,
+                WorkflowSource::Missing,
+                Some(section.key.span().start),
+            )
+        };
+        let sid = match &raw {
+            None => Err(format!(
+                "workflow SID missing: set workflow_sid, {per_cbo} or {WORKFLOW_SID_VAR}"
+            )),
+            Some(raw) => WorkflowSid::parse(raw.trim()).map_err(|e| format!("{source}: {e}")),
+        };
+        if let Err(message) = &sid {
+            self.problem(at, Some(key.as_str()), message.clone(), false);
+        }
+        WorkflowSetting { raw, sid, source }
+    }
+
+    fn cbo(&mut self, section: &CboSection) -> Option<Cbo> {
+        let key = match CboKey::parse(section.key.get_ref()) {
+            Ok(key) => key,
+            Err(message) => {
+                self.problem(Some(section.key.span().start), None, message, true);
+                return None;
+            }
+        };
+        let k = key.as_str().to_string();
+        let k = k.as_str();
+        let ingest_token = section
+            .ingest_token_env
+            .as_ref()
+            .and_then(|var| self.secret(var, Some(k), "ingest_token_env"));
+        let account_sid = self.sid("account_sid", &section.account_sid, k, AccountSid::parse);
+        let workspace_sid = self.sid(
+            "workspace_sid",
+            &section.workspace_sid,
+            k,
+            WorkspaceSid::parse,
+        );
+        let serverless_service_sid = self.sid(
+            "serverless_service_sid",
+            &section.serverless_service_sid,
+            k,
+            ServiceSid::parse,
+        );
+        let serverless_environment_sid = self.sid(
+            "serverless_environment_sid",
+            &section.serverless_environment_sid,
+            k,
+            EnvironmentSid::parse,
+        );
+        let key_at = Some(section.key.span().start);
+        let credentials = match (
+            &section.auth_token_env,
+            &section.api_key_sid,
+            &section.api_key_secret_env,
+        ) {
+            (Some(var), None, None) => self
+                .secret(var, Some(k), "auth_token_env")
+                .map(Credentials::AuthToken),
+            (None, Some(sid), Some(var)) => {
+                let sid = self.sid("api_key_sid", &Some(sid.clone()), k, ApiKeySid::parse);
+                let secret = self.secret(var, Some(k), "api_key_secret_env");
+                sid.zip(secret)
+                    .map(|(sid, secret)| Credentials::ApiKey { sid, secret })
+            }
+            (None, None, None) => None,
+            (Some(_), _, _) => {
+                let message =
+                    "give either auth_token_env or api_key_sid with api_key_secret_env, not both"
+                        .to_string();
+                self.problem(key_at, Some(k), message, true);
+                None
+            }
+            _ => {
+                let message = "api_key_sid and api_key_secret_env go together".to_string();
+                self.problem(key_at, Some(k), message, true);
+                None
+            }
+        };
+        if section.account_sid.is_none() {
+            let message = "account_sid missing: TaskRouter cannot be polled".to_string();
+            self.problem(key_at, Some(k), message, false);
+        } else if credentials.is_none()
+            && section.auth_token_env.is_none()
+            && section.api_key_sid.is_none()
+        {
+            let message =
+                "no credentials: set auth_token_env, or api_key_sid and api_key_secret_env"
+                    .to_string();
+            self.problem(key_at, Some(k), message, false);
+        }
+        if section.workspace_sid.is_none() {
+            let message = "workspace_sid missing: TaskRouter cannot be polled".to_string();
+            self.problem(key_at, Some(k), message, false);
+        }
+        if section.serverless_service_sid.is_some() != section.serverless_environment_sid.is_some()
+        {
+            let message =
+                "serverless_service_sid and serverless_environment_sid go together".to_string();
+            self.problem(key_at, Some(k), message, true);
+        }
+        self.rules(&section.rules, Some(k));
+        let workflow = self.workflow(section, &key);
+        Some(Cbo {
+            key,
+            ingest_token,
+            account_sid,
+            credentials,
+            workspace_sid,
+            workflow,
+            serverless_service_sid,
+            serverless_environment_sid,
+            rollback: section.rollback.clone(),
+            disable: section.disable.clone(),
+            rules: section.rules.clone(),
+        })
+    }
+
+    fn resolve(mut self, file: FileConfig) -> Checked {
+        let admin_token = file.server.admin_token_env.as_ref().and_then(|var| {
+            let var = Spanned::new(0..0, var.clone());
+            self.secret(&var, None, "server.admin_token_env")
+        });
+        // A missing admin variable cannot point at a line through serde's span (it is a plain
+        // String); drop the bogus line 1.
+        if let Some(p) = self.problems.last_mut()
+            && p.message.starts_with("server.admin_token_env")
+        {
+            p.line = None;
+        }
+        for (name, url) in [
+            ("twilio.taskrouter_url", &file.twilio.taskrouter_url),
+            ("twilio.serverless_url", &file.twilio.serverless_url),
+            ("twilio.flex_url", &file.twilio.flex_url),
+        ] {
+            if let Err(e) = reqwest::Url::parse(url) {
+                self.problem(
+                    None,
+                    None,
+                    format!("{name}: {url:?} is not a URL: {e}"),
+                    true,
+                );
+            }
+        }
+        if file.transfers.timeout.is_zero() {
+            self.problem(
+                None,
+                None,
+                "transfers.timeout must be above zero".into(),
+                true,
+            );
+        }
+        if file.transfers.max_window.is_zero() || file.transfers.max_window > MAX_WINDOW {
+            let message = "transfers.max_window must be within 1s..=1h".to_string();
+            self.problem(None, None, message, true);
+        }
+        if file.twilio.max_concurrent_requests == 0 {
+            let message = "twilio.max_concurrent_requests must be at least 1".to_string();
+            self.problem(None, None, message, true);
+        }
+        self.rules(&file.rules, None);
+
+        let mut cbos: Vec<Cbo> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for section in &file.cbos {
+            let key = section.key.get_ref().clone();
+            let at = section.key.span().start;
+            if let Some(first) = seen.get(&key) {
+                let message = format!("duplicate CBO key {key:?} (first at line {first})");
+                self.problem(Some(at), Some(&key), message, true);
+                continue;
+            }
+            seen.insert(key, line_of(self.text, at));
+            if let Some(cbo) = self.cbo(section) {
+                cbos.push(cbo);
+            }
+        }
+        // The seed's cross-CBO failure: one workflow SID serving two accounts.
+        let mut by_sid: HashMap<WorkflowSid, &Cbo> = HashMap::new();
+        let mut shared = Vec::new();
+        for cbo in &cbos {
+            if let Ok(sid) = &cbo.workflow.sid {
+                if let Some(first) = by_sid.get(sid) {
+                    shared.push((cbo.key.to_string(), first.key.to_string(), *sid));
+                } else {
+                    by_sid.insert(*sid, cbo);
+                }
+            }
+        }
+        for (cbo, first, sid) in shared {
+            let message = format!("workflow SID {sid} is also configured for cbo {first}");
+            self.problem(None, Some(&cbo), message, false);
+        }
+
+        let mut file_sources = Vec::new();
+        for src in &file.sources.file {
+            let at = Some(src.span().start);
+            let s = src.get_ref();
+            if seen.contains_key(&s.cbo) {
+                file_sources.push(FileSource {
+                    path: s.path.clone(),
+                    cbo: CboKey(s.cbo.clone()),
+                    from_beginning: s.from_beginning,
+                });
+            } else {
+                let message = format!("sources.file {}: unknown cbo {:?}", s.path.display(), s.cbo);
+                self.problem(at, None, message, true);
+            }
+        }
+
+        let config = Config {
+            server: file.server,
+            admin_token,
+            twilio: file.twilio,
+            transfers: file.transfers,
+            actions: file.actions,
+            validation: file.validation,
+            rules: file.rules,
+            file_sources,
+            cbos,
+        };
+        Checked {
+            config: Some(config),
+            problems: self.problems,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WW1: &str = "WW0123456789abcdef0123456789abcdef";
+    const WW2: &str = "WWfedcba9876543210fedcba9876543210";
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn cbo_block(key: &str, workflow: &str) -> String {
+        format!(
+            "[[cbo]]\nkey = \"{key}\"\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\n\
+             auth_token_env = \"TOK\"\nworkspace_sid = \"WS0123456789abcdef0123456789abcdef\"\n\
+             workflow_sid = \"{workflow}\"\n"
+        )
+    }
+
+    #[test]
+    fn spec_example_keys_all_parse() {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:9843\"\nadmin_token_env = \"ADMIN\"\nstate_dir = \"/tmp/tg\"\n\
+             [twilio]\ntaskrouter_url = \"https://taskrouter.twilio.com\"\nserverless_url = \"https://serverless.twilio.com\"\n\
+             flex_url = \"https://flex-api.twilio.com\"\npoll_interval = \"15s\"\nrequest_timeout = \"10s\"\n\
+             [transfers]\ntimeout = \"300s\"\n[actions]\ndry_run = true\ncooldown = \"30m\"\n\
+             [validation]\nduration = \"15m\"\nmin_samples = 20\n\
+             [rules.success_rate]\nthreshold = 0.90\nwindow = \"5m\"\nfor = \"15m\"\nmin_samples = 20\n\
+             {}ingest_token_env = \"ING\"\nserverless_service_sid = \"ZS0123456789abcdef0123456789abcdef\"\n\
+             serverless_environment_sid = \"ZE0123456789abcdef0123456789abcdef\"\n\
+             rollback = [\"serverless\", \"plugin_release\"]\ndisable = [\"flex_flag\"]\n\
+             [cbo.rules.bad_requests]\nminutes = 3\nwindow = \"5m\"\n",
+            cbo_block("nss", WW1)
+        );
+        let checked = check_str(&text, &env(&[("ADMIN", "a"), ("ING", "i"), ("TOK", "t")]));
+        assert_eq!(checked.problems, vec![]);
+        let config = checked.config.unwrap();
+        assert_eq!(
+            config.rules.success_rate.unwrap().get_ref().for_,
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(
+            config.cbos[0]
+                .rules
+                .bad_requests
+                .as_ref()
+                .unwrap()
+                .get_ref()
+                .minutes,
+            Some(3)
+        );
+        assert_eq!(config.transfers.timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line_and_name() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n";
+        let checked = check_str(text, &env(&[]));
+        let p = &checked.problems[0];
+        assert_eq!(p.line, Some(3), "{p}");
+        assert!(p.message.contains("listen_port"), "{p}");
+    }
+
+    #[test]
+    fn bad_duration_is_refused_with_its_line() {
+        let text = "[transfers]\n\ntimeout = \"five minutes\"\n";
+        let p = &check_str(text, &env(&[])).problems[0];
+        assert_eq!(p.line, Some(3), "{p}");
+    }
+
+    #[test]
+    fn missing_secret_is_named() {
+        let text = cbo_block("nss", WW1);
+        let checked = check_str(&text, &env(&[]));
+        let p = checked.problems.iter().find(|p| p.fatal).unwrap();
+        assert!(
+            p.to_string()
+                .contains("environment variable TOK is not set"),
+            "{p}"
+        );
+        assert_eq!(p.cbo.as_deref(), Some("nss"));
+    }
+
+    #[test]
+    fn thirty_three_character_workflow_sid_is_a_problem_naming_the_cbo() {
+        let text = cbo_block("nss", &WW1[..33]);
+        let checked = check_str(&text, &env(&[("TOK", "t")]));
+        assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+        let line = checked.problems[0].to_string();
+        assert!(
+            line.contains("cbo nss") && line.contains("33 characters"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn shared_workflow_sid_is_a_problem() {
+        let text = cbo_block("nss", WW1) + &cbo_block("clienta", WW1);
+        let checked = check_str(&text, &env(&[("TOK", "t")]));
+        let line = checked.problems[0].to_string();
+        assert!(
+            line.contains("cbo clienta") && line.contains("also configured for cbo nss"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn duplicate_cbo_key_is_a_problem_with_both_lines() {
+        let text = cbo_block("nss", WW1) + &cbo_block("nss", WW2);
+        let checked = check_str(&text, &env(&[("TOK", "t")]));
+        let line = checked.problems[0].to_string();
+        assert!(
+            line.starts_with("line 8: cbo nss: duplicate") && line.contains("line 2"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn workflow_sid_falls_back_to_per_cbo_then_shared_variable() {
+        let text = cbo_block("client-a", WW1).replace(&format!("workflow_sid = \"{WW1}\"\n"), "");
+        let both = env(&[
+            ("TOK", "t"),
+            ("TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_CLIENT_A", WW2),
+            (WORKFLOW_SID_VAR, WW1),
+        ]);
+        let cbo = &check_str(&text, &both).config.unwrap().cbos[0];
+        assert_eq!(cbo.workflow.sid.as_ref().unwrap().as_str(), WW2);
+        let shared = env(&[("TOK", "t"), (WORKFLOW_SID_VAR, WW1)]);
+        let cbo = &check_str(&text, &shared).config.unwrap().cbos[0];
+        assert_eq!(
+            cbo.workflow.source,
+            WorkflowSource::Env(WORKFLOW_SID_VAR.into())
+        );
+        let checked = check_str(&text, &env(&[("TOK", "t")]));
+        assert!(checked.problems[0].message.contains("workflow SID missing"));
+    }
+
+    #[test]
+    fn unknown_rule_id_is_refused() {
+        let p = &check_str("[rules.succes_rate]\nthreshold = 0.9\n", &env(&[])).problems[0];
+        assert!(p.message.contains("succes_rate"), "{p}");
+    }
+}

@@ -1,0 +1,634 @@
+//! The transfer event (SPEC §2): fields, parsing from JSON, camelCase or the plugin's log line, validation.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::sid::{ConversationSid, WorkerSid};
+
+/// The marker the plugin's `logTransferEvent` prints before every event.
+pub const LOG_MARKER: &str = "[ConversationTransfer]";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    Initiated,
+    Notified,
+    Accepted,
+    Completed,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Initiated,
+        EventKind::Notified,
+        EventKind::Accepted,
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::TimedOut,
+        EventKind::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Initiated => "initiated",
+            EventKind::Notified => "notified",
+            EventKind::Accepted => "accepted",
+            EventKind::Completed => "completed",
+            EventKind::Failed => "failed",
+            EventKind::TimedOut => "timed_out",
+            EventKind::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .or(match s {
+                // The plugin's and US spellings of the same events.
+                "timedOut" | "timeout" => Some(EventKind::TimedOut),
+                "canceled" => Some(EventKind::Cancelled),
+                _ => None,
+            })
+    }
+
+    /// Ends the transfer: the outcome is known once one of these arrives.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            EventKind::Completed | EventKind::Failed | EventKind::TimedOut | EventKind::Cancelled
+        )
+    }
+
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransferType {
+    Cold,
+    Warm,
+}
+
+impl TransferType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferType::Cold => "cold",
+            TransferType::Warm => "warm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetType {
+    Worker,
+    Queue,
+}
+
+impl TargetType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetType::Worker => "worker",
+            TargetType::Queue => "queue",
+        }
+    }
+}
+
+/// Error classes of SPEC §2, first match wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    BadRequest,
+    AgentUnavailable,
+    TargetNotFound,
+    Other,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 4] = [
+        ErrorClass::BadRequest,
+        ErrorClass::AgentUnavailable,
+        ErrorClass::TargetNotFound,
+        ErrorClass::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::BadRequest => "bad_request",
+            ErrorClass::AgentUnavailable => "agent_unavailable",
+            ErrorClass::TargetNotFound => "target_not_found",
+            ErrorClass::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransferError {
+    pub code: Option<i64>,
+    pub status: Option<i64>,
+    pub message: Option<String>,
+}
+
+impl TransferError {
+    /// The seed's "TaskRouter error: Bad Request": status 400 or the words in the message.
+    pub fn is_bad_request(&self) -> bool {
+        self.status == Some(400)
+            || self
+                .message
+                .as_deref()
+                .is_some_and(|m| m.to_ascii_lowercase().contains("bad request"))
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        if self.is_bad_request() {
+            ErrorClass::BadRequest
+        } else if self.code == Some(20001) {
+            ErrorClass::AgentUnavailable
+        } else if self.code == Some(20404) {
+            ErrorClass::TargetNotFound
+        } else {
+            ErrorClass::Other
+        }
+    }
+}
+
+/// One validated transfer event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// When it happened at the source, in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    pub conversation_sid: ConversationSid,
+    pub transfer_id: Option<String>,
+    pub transfer_type: Option<TransferType>,
+    pub target_type: Option<TargetType>,
+    pub error: Option<TransferError>,
+    pub history_preserved: Option<bool>,
+    /// Only honoured with the admin token.
+    pub cbo: Option<String>,
+}
+
+impl Event {
+    /// The key that correlates one transfer's events: `transfer_id`, else `conversation_sid`.
+    pub fn transfer_key(&self) -> &str {
+        self.transfer_id
+            .as_deref()
+            .unwrap_or(self.conversation_sid.as_str())
+    }
+}
+
+/// Why a line or object is not a transfer event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventError {
+    /// Not JSON, or not a JSON object.
+    Malformed(String),
+    /// A field is missing or wrong.
+    Field { field: &'static str, reason: String },
+}
+
+impl EventError {
+    fn field(field: &'static str, reason: impl Into<String>) -> EventError {
+        EventError::Field {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::Malformed(m) => write!(f, "not a JSON event object: {m}"),
+            EventError::Field { field, reason } => write!(f, "field `{field}`: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawNumber<'a> {
+    Int(i64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct RawErrorObject<'a> {
+    #[serde(default, borrow)]
+    code: Option<RawNumber<'a>>,
+    #[serde(default, borrow)]
+    status: Option<RawNumber<'a>>,
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawError<'a> {
+    #[serde(borrow)]
+    Object(RawErrorObject<'a>),
+    Message(Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(default, borrow, alias = "eventType", alias = "event_type")]
+    event: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "conversationSid")]
+    conversation_sid: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "transferId")]
+    transfer_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "transferType")]
+    transfer_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "targetType")]
+    target_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "fromAgent")]
+    from_agent: Option<Cow<'a, str>>,
+    #[serde(default, borrow, alias = "toTarget")]
+    to_target: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    error: Option<RawError<'a>>,
+    #[serde(default, alias = "historyPreserved")]
+    history_preserved: Option<bool>,
+    #[serde(default, borrow)]
+    cbo: Option<Cow<'a, str>>,
+}
+
+/// Parses one JSON object.
+pub fn parse_json(text: &str) -> Result<Event, EventError> {
+    parse_with_kind(text, None)
+}
+
+/// Parses one line: the plugin's `[ConversationTransfer] <event>: {json}` or a bare JSON object.
+pub fn parse_line(line: &str) -> Result<Event, EventError> {
+    let line = line.trim();
+    if let Some(rest) = line.find(LOG_MARKER).map(|i| &line[i + LOG_MARKER.len()..]) {
+        let (name, json) = rest.split_once(':').ok_or_else(|| {
+            EventError::Malformed(format!("log line has no `<event>:` after {LOG_MARKER}"))
+        })?;
+        parse_with_kind(json.trim(), Some(name.trim()))
+    } else if line.starts_with('{') {
+        parse_json(line)
+    } else {
+        Err(EventError::Malformed(format!(
+            "neither a JSON object nor a {LOG_MARKER} log line"
+        )))
+    }
+}
+
+fn parse_with_kind(text: &str, line_kind: Option<&str>) -> Result<Event, EventError> {
+    let raw: RawEvent = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(err) => return Err(describe_json_error(text, err)),
+    };
+    validate(raw, line_kind)
+}
+
+/// Turns serde's error into one that names the field, re-parsing only on this cold path.
+fn describe_json_error(text: &str, err: serde_json::Error) -> EventError {
+    if err.is_syntax() || err.is_eof() {
+        return EventError::Malformed(err.to_string());
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, RawEvent>(&mut de) {
+        Err(e) if !e.path().to_string().is_empty() && e.path().to_string() != "." => {
+            EventError::Field {
+                field: leak_field_name(&e.path().to_string()),
+                reason: e.inner().to_string(),
+            }
+        }
+        _ => EventError::Malformed(err.to_string()),
+    }
+}
+
+/// Maps a serde path back onto our field names so the error can borrow a static name.
+fn leak_field_name(path: &str) -> &'static str {
+    const NAMES: [&str; 11] = [
+        "event",
+        "timestamp",
+        "conversation_sid",
+        "transfer_id",
+        "transfer_type",
+        "target_type",
+        "from_agent",
+        "to_target",
+        "error",
+        "history_preserved",
+        "cbo",
+    ];
+    let head = path.split('.').next().unwrap_or(path);
+    let snake: String = head
+        .chars()
+        .flat_map(|c| {
+            if c.is_ascii_uppercase() {
+                vec!['_', c.to_ascii_lowercase()]
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    let snake = if snake == "event_type" {
+        "event".to_string()
+    } else {
+        snake
+    };
+    NAMES.into_iter().find(|n| *n == snake).unwrap_or("(event)")
+}
+
+fn number(field: &'static str, n: Option<RawNumber>) -> Result<Option<i64>, EventError> {
+    match n {
+        None => Ok(None),
+        Some(RawNumber::Int(i)) => Ok(Some(i)),
+        Some(RawNumber::Text(t)) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| EventError::field(field, format!("{t:?} is not an integer"))),
+    }
+}
+
+fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError> {
+    let name = match (raw.event.as_deref(), line_kind) {
+        (Some(body), Some(line)) if EventKind::parse(body) != EventKind::parse(line) => {
+            return Err(EventError::field(
+                "event",
+                format!("the log line says {line:?} but the object says {body:?}"),
+            ));
+        }
+        (Some(name), _) | (None, Some(name)) => name,
+        (None, None) => return Err(EventError::field("event", "missing")),
+    };
+    let kind = EventKind::parse(name).ok_or_else(|| {
+        EventError::field(
+            "event",
+            format!(
+                "{name:?} is not one of initiated, notified, accepted, completed, failed, timed_out, cancelled"
+            ),
+        )
+    })?;
+
+    let ts = raw
+        .timestamp
+        .ok_or_else(|| EventError::field("timestamp", "missing"))?;
+    let timestamp_ms = chrono::DateTime::parse_from_rfc3339(&ts)
+        .map_err(|e| {
+            EventError::field(
+                "timestamp",
+                format!("{ts:?} is not RFC 3339 with an offset ({e})"),
+            )
+        })?
+        .timestamp_millis();
+
+    let conversation = raw
+        .conversation_sid
+        .ok_or_else(|| EventError::field("conversation_sid", "missing"))?;
+    let conversation_sid = ConversationSid::parse(&conversation)
+        .map_err(|e| EventError::field("conversation_sid", e.to_string()))?;
+
+    let transfer_id = match raw.transfer_id {
+        Some(id) if id.trim().is_empty() => {
+            return Err(EventError::field("transfer_id", "empty"));
+        }
+        Some(id) if id.len() > 128 => {
+            return Err(EventError::field("transfer_id", "longer than 128 bytes"));
+        }
+        Some(id) => Some(id.into_owned()),
+        None => None,
+    };
+
+    let transfer_type = match raw.transfer_type.as_deref() {
+        None => None,
+        Some("cold") => Some(TransferType::Cold),
+        Some("warm") => Some(TransferType::Warm),
+        Some(other) => {
+            return Err(EventError::field(
+                "transfer_type",
+                format!("{other:?} is not cold or warm"),
+            ));
+        }
+    };
+    let target_type = match raw.target_type.as_deref() {
+        None => None,
+        Some("worker") => Some(TargetType::Worker),
+        Some("queue") => Some(TargetType::Queue),
+        Some(other) => {
+            return Err(EventError::field(
+                "target_type",
+                format!("{other:?} is not worker or queue"),
+            ));
+        }
+    };
+    if kind == EventKind::Initiated {
+        if transfer_type.is_none() {
+            return Err(EventError::field("transfer_type", "required on initiated"));
+        }
+        if target_type.is_none() {
+            return Err(EventError::field("target_type", "required on initiated"));
+        }
+    }
+    if let Some(agent) = raw.from_agent.as_deref() {
+        WorkerSid::parse(agent).map_err(|e| EventError::field("from_agent", e.to_string()))?;
+    }
+    if let Some(target) = raw.to_target.as_deref() {
+        if target.trim().is_empty() {
+            return Err(EventError::field("to_target", "empty"));
+        }
+        if target_type == Some(TargetType::Worker) {
+            WorkerSid::parse(target).map_err(|e| EventError::field("to_target", e.to_string()))?;
+        }
+    }
+
+    let error = match raw.error {
+        None => None,
+        Some(RawError::Message(message)) => Some(TransferError {
+            message: Some(message.into_owned()),
+            ..TransferError::default()
+        }),
+        Some(RawError::Object(obj)) => Some(TransferError {
+            code: number("error", obj.code)?,
+            status: number("error", obj.status)?,
+            message: obj.message.map(Cow::into_owned),
+        }),
+    };
+    if kind == EventKind::Failed && error.is_none() {
+        return Err(EventError::field("error", "required on failed"));
+    }
+    if kind == EventKind::Completed && raw.history_preserved.is_none() {
+        // Absent means the source did not say; only an explicit `false` is a loss.
+    }
+
+    Ok(Event {
+        kind,
+        timestamp_ms,
+        conversation_sid,
+        transfer_id,
+        transfer_type,
+        target_type,
+        error,
+        history_preserved: raw.history_preserved,
+        cbo: raw.cbo.map(Cow::into_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CH: &str = "CH0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn plugin_log_line_with_bad_request_is_classed_bad_request() {
+        let line = format!(
+            r#"[ConversationTransfer] failed: {{"timestamp": "2026-11-26T01:00:00.000Z", "conversationSid": "{CH}", "error": {{"message": "TaskRouter error: Bad Request"}}}}"#
+        );
+        let event = parse_line(&line).unwrap();
+        assert_eq!(event.kind, EventKind::Failed);
+        assert_eq!(event.conversation_sid.as_str(), CH);
+        assert_eq!(event.error.unwrap().class(), ErrorClass::BadRequest);
+    }
+
+    #[test]
+    fn snake_case_and_camel_case_give_the_same_event() {
+        let snake = format!(
+            r#"{{"event":"initiated","timestamp":"2026-11-26T01:00:00+01:00","conversation_sid":"{CH}","transfer_type":"warm","target_type":"queue","to_target":"support"}}"#
+        );
+        let camel = format!(
+            r#"{{"eventType":"initiated","timestamp":"2026-11-26T01:00:00+01:00","conversationSid":"{CH}","transferType":"warm","targetType":"queue","toTarget":"support"}}"#
+        );
+        assert_eq!(parse_json(&snake).unwrap(), parse_json(&camel).unwrap());
+        assert_eq!(
+            parse_json(&snake).unwrap().timestamp_ms,
+            chrono::DateTime::parse_from_rfc3339("2026-11-26T00:00:00Z")
+                .unwrap()
+                .timestamp_millis()
+        );
+    }
+
+    #[test]
+    fn error_classes_follow_first_match() {
+        let e = |code, status, message: &str| TransferError {
+            code,
+            status,
+            message: Some(message.into()),
+        };
+        assert_eq!(
+            e(Some(20001), Some(400), "x").class(),
+            ErrorClass::BadRequest
+        );
+        assert_eq!(
+            e(Some(20001), None, "busy").class(),
+            ErrorClass::AgentUnavailable
+        );
+        assert_eq!(
+            e(Some(20404), None, "gone").class(),
+            ErrorClass::TargetNotFound
+        );
+        assert_eq!(e(None, Some(500), "boom").class(), ErrorClass::Other);
+        assert_eq!(e(None, None, "bad REQUEST").class(), ErrorClass::BadRequest);
+    }
+
+    #[test]
+    fn every_rejection_names_its_field() {
+        let cases = [
+            (
+                r#"{"timestamp":"2026-11-26T01:00:00Z","conversation_sid":"CH"}"#,
+                "event",
+            ),
+            (
+                &*format!(r#"{{"event":"completed","conversation_sid":"{CH}"}}"#),
+                "timestamp",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"completed","timestamp":"yesterday","conversation_sid":"{CH}"}}"#
+                ),
+                "timestamp",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"completed","timestamp":"2026-11-26T01:00:00","conversation_sid":"{CH}"}}"#
+                ),
+                "timestamp",
+            ),
+            (
+                r#"{"event":"completed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"CH12"}"#,
+                "conversation_sid",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"initiated","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","target_type":"queue"}}"#
+                ),
+                "transfer_type",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"initiated","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","transfer_type":"cold","target_type":"team"}}"#
+                ),
+                "target_type",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}"}}"#
+                ),
+                "error",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"exploded","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}"}}"#
+                ),
+                "event",
+            ),
+            (
+                &*format!(r#"{{"event":"completed","timestamp":12,"conversation_sid":"{CH}"}}"#),
+                "timestamp",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"completed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","history_preserved":"no"}}"#
+                ),
+                "history_preserved",
+            ),
+            (
+                &*format!(
+                    r#"{{"event":"completed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","fromAgent":"bob"}}"#
+                ),
+                "from_agent",
+            ),
+        ];
+        for (text, field) in cases {
+            match parse_json(text) {
+                Err(EventError::Field { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: expected a `{field}` rejection, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn log_line_kind_must_agree_with_the_object() {
+        let line = format!(
+            r#"[ConversationTransfer] completed: {{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversationSid":"{CH}","error":"x"}}"#
+        );
+        let err = parse_line(&line).unwrap_err();
+        assert!(err.to_string().contains("field `event`"), "{err}");
+    }
+
+    #[test]
+    fn other_console_output_is_malformed() {
+        assert!(matches!(
+            parse_line("Transfer failed: TypeError"),
+            Err(EventError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_json("{\"event\": "),
+            Err(EventError::Malformed(_))
+        ));
+    }
+}

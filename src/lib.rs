@@ -1,0 +1,153 @@
+//! transfer-guard: watches ConnieRTC conversation transfers per CBO. `App::start` wires the pieces together.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod metrics;
+pub mod sid;
+pub mod sim;
+pub mod sources;
+pub mod state;
+pub mod tracker;
+pub mod window;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::Fleet;
+
+/// How often open transfers are checked for their timeout.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// What every handler and task shares.
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub fleet: Fleet,
+    pub clock: Clock,
+    pub ready: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running daemon.
+pub struct App {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl App {
+    /// Binds the listen address and starts the HTTP server, the timeout ticker and the file sources.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        App::start_with_clock(config, Clock::new()).await
+    }
+
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let fleet = Fleet::new(&config, &metrics);
+        let addr = config.server.listen;
+        let shared = Arc::new(Shared {
+            config,
+            metrics,
+            fleet,
+            clock,
+            ready: AtomicBool::new(false),
+        });
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let router = api::router(shared.clone());
+        let mut until = stopped.clone();
+        tasks.spawn(async move {
+            let shutdown = async move {
+                let _ = until.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+
+        let ticker_shared = shared.clone();
+        let mut until = stopped.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => ticker_shared.fleet.sweep(ticker_shared.clock.now_ms()),
+                    _ = until.changed() => break,
+                }
+            }
+        });
+
+        for source in shared.config.file_sources.clone() {
+            tasks.spawn(sources::file::run(shared.clone(), source, stopped.clone()));
+        }
+
+        shared.ready.store(true, Ordering::Release);
+        tracing::info!(%addr, cbos = shared.config.cbos.len(), "transfer-guard listening");
+        Ok(App {
+            addr,
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets requests in flight finish, and stops every task.
+    pub async fn shutdown(mut self) {
+        self.shared.ready.store(false, Ordering::Release);
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("transfer-guard stopped");
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

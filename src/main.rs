@@ -1,0 +1,167 @@
+//! The command line (clap): run, demo, check, ingest.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use transfer_guard::config::{Config, Secret};
+use transfer_guard::{App, cli, demo, shutdown_signal};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Post-deploy guard for ConnieRTC conversation transfers"
+)]
+struct Cli {
+    /// Log format on standard error; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon from a configuration file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the daemon with two simulated CBOs and live traffic.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:9843")]
+        listen: SocketAddr,
+        /// Stop after this long (e.g. "2m"); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// Check a configuration file offline: one line per problem, exit 1 if any.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Send a log file or standard input (`-`) to a running daemon.
+    Ingest {
+        /// The daemon, e.g. http://127.0.0.1:9843
+        #[arg(long)]
+        server: String,
+        /// Environment variable holding the CBO's ingest token.
+        #[arg(long)]
+        token_env: String,
+        /// A file of NDJSON or `[ConversationTransfer]` lines, or `-` for standard input.
+        input: PathBuf,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Exit code when a command could not run at all (unreachable server, bad token).
+const COULD_NOT_RUN: u8 = 3;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Run { config } => match run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("transfer-guard: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { listen, duration } => match demo::run(listen, duration).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("transfer-guard demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { config } => {
+            let code = cli::check::run(&config, &|k| std::env::var(k).ok(), &mut std::io::stdout());
+            ExitCode::from(code as u8)
+        }
+        Command::Ingest {
+            server,
+            token_env,
+            input,
+        } => ingest(&server, &token_env, &input).await,
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let (config, problems) = Config::load(&path)?;
+    for p in problems {
+        tracing::warn!(problem = %p, "configuration");
+    }
+    let app = App::start(config).await.context("starting")?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn ingest(server: &str, token_env: &str, input: &std::path::Path) -> ExitCode {
+    let Some(token) = std::env::var(token_env).ok().filter(|t| !t.is_empty()) else {
+        eprintln!("transfer-guard ingest: environment variable {token_env} is not set");
+        return ExitCode::from(COULD_NOT_RUN);
+    };
+    let token = Secret::new(token);
+    let name = input.display().to_string();
+    let result = if name == "-" {
+        cli::ingest::send(
+            server,
+            &token,
+            tokio::io::BufReader::new(tokio::io::stdin()),
+        )
+        .await
+    } else {
+        match tokio::fs::File::open(input).await {
+            Ok(f) => cli::ingest::send(server, &token, tokio::io::BufReader::new(f)).await,
+            Err(e) => {
+                eprintln!("transfer-guard ingest: cannot open {name}: {e}");
+                return ExitCode::from(COULD_NOT_RUN);
+            }
+        }
+    };
+    match result {
+        Ok(report) => {
+            for (line, error) in &report.rejected {
+                eprintln!("{name}:{line}: {error}");
+            }
+            println!(
+                "{name}: {} lines, {} accepted, {} rejected",
+                report.lines,
+                report.accepted,
+                report.rejected.len()
+            );
+            if report.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("transfer-guard ingest: {e}");
+            ExitCode::from(COULD_NOT_RUN)
+        }
+    }
+}

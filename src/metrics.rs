@@ -1,0 +1,221 @@
+//! Every exported Prometheus metric, named once (SPEC §8).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub const NAMESPACE: &str = "transfer_guard";
+
+/// Completion buckets: the seed's 10 s cold-transfer bound and 5 s among them.
+pub const COMPLETION_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Notification buckets: the seed's 5 s bound among them.
+pub const NOTIFICATION_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// Windows exported as `success_ratio{window}`.
+pub const RATIO_WINDOWS: [(&str, std::time::Duration); 2] = [
+    ("5m", std::time::Duration::from_secs(300)),
+    ("15m", std::time::Duration::from_secs(900)),
+];
+
+/// Rejection reasons, the values of `events_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Not JSON, not an object, not a log line.
+    Malformed,
+    /// A field missing or wrong.
+    Invalid,
+    TooOld,
+    InFuture,
+    UnknownCbo,
+    Unauthorized,
+    TooLarge,
+    UnsupportedMediaType,
+}
+
+impl Reject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::Invalid => "invalid",
+            Reject::TooOld => "too_old",
+            Reject::InFuture => "in_future",
+            Reject::UnknownCbo => "unknown_cbo",
+            Reject::Unauthorized => "unauthorized",
+            Reject::TooLarge => "too_large",
+            Reject::UnsupportedMediaType => "unsupported_media_type",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_ingested: IntCounterVec,
+    pub events_rejected: IntCounterVec,
+    pub events_duplicate: IntCounterVec,
+    pub transfers: IntCounterVec,
+    pub transfer_errors: IntCounterVec,
+    pub completion_seconds: HistogramVec,
+    pub notification_seconds: HistogramVec,
+    pub history_lost: IntCounterVec,
+    pub success_ratio: GaugeVec,
+    pub open_transfers: IntGaugeVec,
+    pub transfers_evicted: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definitions are valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let m = Metrics {
+            events_ingested: reg!(IntCounterVec::new(
+                opts(
+                    "events_ingested_total",
+                    "Transfer events accepted, by event type."
+                ),
+                &["cbo", "event"]
+            )),
+            events_rejected: reg!(IntCounterVec::new(
+                opts(
+                    "events_rejected_total",
+                    "Transfer events or requests rejected, by reason (cbo empty when unauthenticated)."
+                ),
+                &["cbo", "reason"]
+            )),
+            events_duplicate: reg!(IntCounterVec::new(
+                opts(
+                    "events_duplicate_total",
+                    "Accepted events that repeated one already seen (same transfer, event and timestamp) and were ignored."
+                ),
+                &["cbo"]
+            )),
+            transfers: reg!(IntCounterVec::new(
+                opts(
+                    "transfers_total",
+                    "Transfers ended, by type, target and outcome."
+                ),
+                &["cbo", "transfer_type", "target_type", "outcome"]
+            )),
+            transfer_errors: reg!(IntCounterVec::new(
+                opts("transfer_errors_total", "Failed transfers by error class."),
+                &["cbo", "class"]
+            )),
+            completion_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "transfer_completion_seconds",
+                    "Time from initiated to completed."
+                )
+                .namespace(NAMESPACE)
+                .buckets(COMPLETION_BUCKETS.to_vec()),
+                &["cbo", "transfer_type"]
+            )),
+            notification_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "agent_notification_seconds",
+                    "Time from initiated to the target agent's reservation (notified)."
+                )
+                .namespace(NAMESPACE)
+                .buckets(NOTIFICATION_BUCKETS.to_vec()),
+                &["cbo"]
+            )),
+            history_lost: reg!(IntCounterVec::new(
+                opts(
+                    "history_lost_total",
+                    "Completed transfers whose conversation history was not carried over."
+                ),
+                &["cbo"]
+            )),
+            success_ratio: reg!(GaugeVec::new(
+                opts(
+                    "success_ratio",
+                    "completed / (completed + failed + timed_out) over the trailing window, in event time; absent without transfers."
+                ),
+                &["cbo", "window"]
+            )),
+            open_transfers: reg!(IntGaugeVec::new(
+                opts("open_transfers", "Transfers tracked and not ended yet."),
+                &["cbo"]
+            )),
+            transfers_evicted: reg!(IntCounterVec::new(
+                opts(
+                    "transfers_evicted_total",
+                    "Open transfers dropped because the per-CBO cap (transfers.max_open) was reached."
+                ),
+                &["cbo"]
+            )),
+            build_info: reg!(IntGaugeVec::new(
+                opts("build_info", "Always 1; the running version."),
+                &["version"]
+            )),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Creates every per-CBO series at zero so dashboards and `rate()` see them from the start.
+    pub fn init_cbo(&self, cbo: &str) {
+        for kind in crate::event::EventKind::ALL {
+            self.events_ingested
+                .with_label_values(&[cbo, kind.as_str()]);
+        }
+        for class in crate::event::ErrorClass::ALL {
+            self.transfer_errors
+                .with_label_values(&[cbo, class.as_str()]);
+        }
+        for tt in ["cold", "warm"] {
+            for target in ["worker", "queue"] {
+                for outcome in crate::tracker::Outcome::ALL {
+                    self.transfers
+                        .with_label_values(&[cbo, tt, target, outcome.as_str()]);
+                }
+            }
+            self.completion_seconds.with_label_values(&[cbo, tt]);
+        }
+        self.notification_seconds.with_label_values(&[cbo]);
+        self.history_lost.with_label_values(&[cbo]);
+        self.events_duplicate.with_label_values(&[cbo]);
+        self.transfers_evicted.with_label_values(&[cbo]);
+        self.open_transfers.with_label_values(&[cbo]);
+    }
+
+    pub fn reject(&self, cbo: &str, reason: Reject) {
+        self.events_rejected
+            .with_label_values(&[cbo, reason.as_str()])
+            .inc();
+    }
+
+    /// The text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
