@@ -98,12 +98,17 @@ impl App {
 
         let ticker_shared = shared.clone();
         let mut until = stopped.clone();
+        let start = tokio::time::Instant::now();
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Sweeps on whole ticks from start (not an interval that drifts after a stall),
+            // so a transfer times out at the first tick at or after its deadline.
             loop {
+                let ticks = start.elapsed().as_millis() / TICK.as_millis() + 1;
+                let next = start + TICK * ticks as u32;
                 tokio::select! {
-                    _ = tick.tick() => ticker_shared.fleet.sweep(ticker_shared.clock.now_ms()),
+                    _ = tokio::time::sleep_until(next) => {
+                        ticker_shared.fleet.sweep(ticker_shared.clock.now_ms());
+                    }
                     _ = until.changed() => break,
                 }
             }

@@ -1,0 +1,280 @@
+//! The binary as operators run it: check, run (with SIGTERM), ingest, demo.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use transfer_guard::App;
+
+const BIN: &str = env!("CARGO_BIN_EXE_transfer-guard");
+
+fn tg() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true);
+    for (k, v) in env() {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("transfer-guard.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn check_passes_a_sound_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &config_text(""));
+    let out = tg()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("ok (2 CBOs)"), "{stdout}");
+}
+
+#[tokio::test]
+async fn check_names_the_cbo_of_a_33_character_workflow_sid() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("").replace(
+        "WW0000000000000000000000000000000b",
+        "WW000000000000000000000000000000b",
+    );
+    let path = write_config(&dir, &text);
+    let out = tg()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(
+        lines[0].contains("cbo b: ") && lines[0].contains("33 characters"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn check_reports_a_workflow_sid_shared_by_two_cbos_and_every_other_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("")
+        .replace(
+            "WW0000000000000000000000000000000b",
+            "WW0000000000000000000000000000000a",
+        )
+        .replace(
+            "ingest_token_env = \"TOKEN_B\"",
+            "ingest_token_env = \"TOKEN_MISSING\"",
+        )
+        + "[[cbo]]\nkey = \"a\"\n";
+    let path = write_config(&dir, &text);
+    let out = tg()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "cbo b: workflow SID WW0000000000000000000000000000000a is also configured for cbo a"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("TOKEN_MISSING is not set"), "{stdout}");
+    assert!(stdout.contains("duplicate CBO key \"a\""), "{stdout}");
+}
+
+#[tokio::test]
+async fn run_refuses_an_invalid_file_with_its_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("[transfers]\ntimeout = \"soon\"\n");
+    let path = write_config(&dir, &text);
+    let out = tg()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = text.lines().position(|l| l.contains("soon")).unwrap() + 1;
+    assert!(stderr.contains(&format!("line {line}: ")), "{stderr}");
+    assert!(stderr.contains("soon"), "{stderr}");
+}
+
+#[tokio::test]
+async fn run_serves_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &config_text(""));
+    let mut child = tg()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("daemon exited before listening");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        if v["fields"]["message"] == "transfer-guard listening" {
+            break v["fields"]["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
+    let app = App::start(config("")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = chrono::Utc::now().timestamp_millis() - 60_000;
+    let mut text = String::new();
+    for i in 0..2500u32 {
+        text += &event("initiated", t, i, "");
+        text.push('\n');
+        text += &format!(
+            "[ConversationTransfer] completed: {{\"timestamp\":\"{}\",\"conversationSid\":\"{}\"}}\n",
+            rfc3339(t + 3000),
+            ch(i)
+        );
+    }
+    text += "Transfer failed: TypeError: x is undefined\n";
+    let path = dir.path().join("transfers.log");
+    std::fs::write(&path, text).unwrap();
+    let out = tg()
+        .args(["ingest", "--server", &app.url(), "--token-env", "TOKEN_A"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("5001 lines, 5000 accepted, 1 rejected"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("transfers.log:5001: not a JSON event object"),
+        "{stderr}"
+    );
+    let m = app.shared.metrics.render();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "transfer_guard_transfers_total",
+            &[r#"cbo="a""#, r#"outcome="completed""#]
+        ),
+        2500.0
+    );
+
+    let out = tg()
+        .args([
+            "ingest",
+            "--server",
+            &app.url(),
+            "--token-env",
+            "ADMIN_WRONG",
+        ])
+        .arg(&path)
+        .env("ADMIN_WRONG", "nope")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn ingest_reports_an_unreachable_server_as_could_not_run() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.log");
+    std::fs::write(&path, event("initiated", 0, 1, "")).unwrap();
+    let out = tg()
+        .args([
+            "ingest",
+            "--server",
+            &format!("http://{addr}"),
+            "--token-env",
+            "TOKEN_A",
+        ])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[tokio::test]
+async fn demo_shows_transfers_on_metrics_within_ten_seconds() {
+    let mut child = tg()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("demo exited early");
+        if let Some(url) = line.trim().strip_prefix("metrics: ") {
+            break url.to_string();
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let mut total = 0.0;
+    while started.elapsed() < Duration::from_secs(10) && total == 0.0 {
+        if let Ok(resp) = reqwest::get(&url).await {
+            total = metric_sum(
+                &resp.text().await.unwrap(),
+                "transfer_guard_transfers_total",
+                &[],
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(total > 0.0, "no transfers on {url} after 10 s");
+    child.kill().await.unwrap();
+}

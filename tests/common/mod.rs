@@ -1,0 +1,94 @@
+//! Shared helpers: a two-CBO configuration on a loopback port, events, metric lookups.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use transfer_guard::config::{Config, check_str};
+
+pub const ADMIN: &str = "admin-secret";
+pub const TOKEN_A: &str = "token-a";
+pub const TOKEN_B: &str = "token-b";
+
+/// Two CBOs, `a` and `b`, listening on `127.0.0.1:0`, with `extra` TOML appended.
+pub fn config_text(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_token_env = "ADMIN"
+
+[[cbo]]
+key = "a"
+ingest_token_env = "TOKEN_A"
+account_sid = "AC0000000000000000000000000000000a"
+auth_token_env = "TWILIO"
+workspace_sid = "WS0000000000000000000000000000000a"
+workflow_sid = "WW0000000000000000000000000000000a"
+
+[[cbo]]
+key = "b"
+ingest_token_env = "TOKEN_B"
+account_sid = "AC0000000000000000000000000000000b"
+auth_token_env = "TWILIO"
+workspace_sid = "WS0000000000000000000000000000000b"
+workflow_sid = "WW0000000000000000000000000000000b"
+{extra}
+"#
+    )
+}
+
+pub fn env() -> HashMap<&'static str, &'static str> {
+    HashMap::from([
+        ("ADMIN", ADMIN),
+        ("TOKEN_A", TOKEN_A),
+        ("TOKEN_B", TOKEN_B),
+        ("TWILIO", "twilio-secret"),
+    ])
+}
+
+pub fn config(extra: &str) -> Config {
+    let env = env();
+    let checked = check_str(&config_text(extra), &|k| env.get(k).map(|v| v.to_string()));
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    checked.config.unwrap()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A conversation SID that differs by `n`.
+pub fn ch(n: u32) -> String {
+    format!("CH{n:032x}")
+}
+
+/// One event as a JSON line; `extra` is spliced into the object (start it with a comma).
+pub fn event(kind: &str, at_ms: i64, conversation: u32, extra: &str) -> String {
+    format!(
+        r#"{{"event":"{kind}","timestamp":"{}","conversation_sid":"{}","transfer_type":"cold","target_type":"worker"{extra}}}"#,
+        rfc3339(at_ms),
+        ch(conversation)
+    )
+}
+
+/// The value of one series in a text exposition, e.g. `transfer_guard_history_lost_total{cbo="a"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// The sum of every series of `name` whose labels include all of `labels` (`k="v"` pairs).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
