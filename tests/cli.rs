@@ -278,3 +278,24 @@ async fn demo_shows_transfers_on_metrics_within_ten_seconds() {
     assert!(total > 0.0, "no transfers on {url} after 10 s");
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_example_config_in_deploy_passes_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/transfer-guard.toml");
+    let out = tg()
+        .args(["check", "--config", path])
+        .env("TRANSFER_GUARD_ADMIN_TOKEN", "x")
+        .env("TRANSFER_GUARD_INGEST_TOKEN_NSS", "x")
+        .env("TRANSFER_GUARD_INGEST_TOKEN_CLIENTA", "x")
+        .env("TWILIO_AUTH_TOKEN_NSS", "x")
+        .env("TWILIO_API_KEY_SECRET_CLIENTA", "x")
+        .env(
+            "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_NSS",
+            "WW0123456789abcdef0123456789abcdef",
+        )
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+}
