@@ -299,3 +299,44 @@ async fn the_example_config_in_deploy_passes_check() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_reads_standard_input() {
+    use tokio::io::AsyncWriteExt;
+    let app = App::start(config("")).await.unwrap();
+    let t = chrono::Utc::now().timestamp_millis() - 10_000;
+    let mut child = tg()
+        .args([
+            "ingest",
+            "--server",
+            &app.url(),
+            "--token-env",
+            "TOKEN_B",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let body = format!(
+        "{}\n{}\n",
+        event("initiated", t, 1, ""),
+        event("completed", t + 900, 1, "")
+    );
+    stdin.write_all(body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 lines, 2 accepted, 0 rejected"));
+    let m = app.shared.metrics.render();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "transfer_guard_transfers_total",
+            &[r#"cbo="b""#, r#"outcome="completed""#]
+        ),
+        1.0
+    );
+    app.shutdown().await;
+}
