@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,6 +13,7 @@ use serde::Serialize;
 
 use crate::Shared;
 use crate::config::WorkflowSource;
+use crate::health::TaskRouterStatus;
 use crate::sources;
 use crate::window::WindowStats;
 
@@ -82,12 +82,17 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.ready.load(Ordering::Acquire) {
+    let waiting = shared.not_ready();
+    if waiting.is_empty() {
         Json(serde_json::json!({ "ready": true })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "ready": false, "error": "starting" })),
+            Json(serde_json::json!({
+                "ready": false,
+                "error": format!("waiting for {}", waiting.join(", ")),
+                "waiting_for": waiting,
+            })),
         )
             .into_response()
     }
@@ -111,6 +116,7 @@ struct WorkflowStatus {
 struct CboStatus {
     open_transfers: usize,
     workflow: WorkflowStatus,
+    taskrouter: TaskRouterStatus,
     windows: BTreeMap<&'static str, WindowStats>,
 }
 
@@ -152,6 +158,7 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
                     source: cbo.workflow.source.clone(),
                     problem: cbo.workflow.sid.as_ref().err().cloned(),
                 },
+                taskrouter: state.taskrouter().clone(),
                 windows,
             },
         );

@@ -8,6 +8,7 @@ use crate::App;
 use crate::clock::Clock;
 use crate::config::{Config, check_str};
 use crate::sim::traffic::{self, Generator, Profile};
+use crate::sim::twilio::{SimTwilio, TaskEvent};
 
 /// The demo's two CBOs: their keys, ingest tokens and traffic.
 fn cbos() -> Vec<(&'static str, &'static str, Profile)> {
@@ -32,6 +33,9 @@ const CONFIG: &str = r#"
 [server]
 admin_token_env = "DEMO_ADMIN"
 
+[twilio]
+poll_interval = "5s"
+
 [[cbo]]
 key = "nss"
 ingest_token_env = "DEMO_TOKEN_NSS"
@@ -39,6 +43,8 @@ account_sid = "AC00000000000000000000000000000001"
 auth_token_env = "DEMO_TWILIO_TOKEN"
 workspace_sid = "WS00000000000000000000000000000001"
 workflow_sid = "WW00000000000000000000000000000001"
+serverless_service_sid = "ZS00000000000000000000000000000001"
+serverless_environment_sid = "ZE00000000000000000000000000000001"
 
 [[cbo]]
 key = "clienta"
@@ -49,31 +55,95 @@ workspace_sid = "WS00000000000000000000000000000002"
 workflow_sid = "WW00000000000000000000000000000002"
 "#;
 
-/// The embedded configuration, listening on `listen`. Its secrets are the demo's own, not the environment's.
-pub fn config(listen: SocketAddr) -> Config {
+/// The demo CBOs' Twilio accounts, workspaces, workflows and (for nss) serverless environment.
+const ACCOUNTS: [(&str, &str, &str, &str); 2] = [
+    (
+        "nss",
+        "AC00000000000000000000000000000001",
+        "WS00000000000000000000000000000001",
+        "WW00000000000000000000000000000001",
+    ),
+    (
+        "clienta",
+        "AC00000000000000000000000000000002",
+        "WS00000000000000000000000000000002",
+        "WW00000000000000000000000000000002",
+    ),
+];
+const TWILIO_TOKEN: &str = "demo-twilio-auth-token";
+
+/// The embedded configuration, listening on `listen`, with Twilio at `twilio`. Its secrets are
+/// the demo's own, not the environment's.
+pub fn config(listen: SocketAddr, twilio: &str) -> Config {
     let env: HashMap<&str, &str> = HashMap::from([
         ("DEMO_ADMIN", ADMIN_TOKEN),
         ("DEMO_TOKEN_NSS", "demo-token-nss"),
         ("DEMO_TOKEN_CLIENTA", "demo-token-clienta"),
-        ("DEMO_TWILIO_TOKEN", "demo-twilio-auth-token"),
+        ("DEMO_TWILIO_TOKEN", TWILIO_TOKEN),
     ]);
     let checked = check_str(CONFIG, &|k| env.get(k).map(|v| v.to_string()));
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
     let mut config = checked.config.expect("the demo config is valid");
     config.server.listen = listen;
+    config.twilio.taskrouter_url = twilio.to_string();
+    config.twilio.serverless_url = twilio.to_string();
+    config.twilio.flex_url = twilio.to_string();
     config
+}
+
+/// A simulated Twilio holding the demo CBOs' accounts, each with a sound workflow.
+pub async fn twilio(clock: Clock) -> SimTwilio {
+    let sim = SimTwilio::start(clock).await;
+    for (key, account, workspace, workflow) in ACCOUNTS {
+        sim.add_account(account, TWILIO_TOKEN);
+        sim.add_workflow(account, workspace, workflow);
+        if key == "nss" {
+            sim.add_service(
+                account,
+                "ZS00000000000000000000000000000001",
+                "ZE00000000000000000000000000000001",
+                workflow,
+            );
+        }
+    }
+    sim
+}
+
+/// What TaskRouter would have seen of a transfer event: the invite's task and its reservation.
+fn record_task(sim: &SimTwilio, cbo: &str, line: &str) {
+    let Some((_, account, _, workflow)) = ACCOUNTS.iter().find(|a| a.0 == cbo) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return;
+    };
+    let event = match v["event"].as_str() {
+        Some("initiated") => TaskEvent::Entered,
+        Some("accepted") => TaskEvent::ReservationAccepted,
+        Some("completed") => TaskEvent::Completed,
+        Some("cancelled") => TaskEvent::Canceled,
+        // A Bad Request never created a task; other failures cancel it.
+        Some("failed") if v["error"]["status"] == 400 => return,
+        Some("failed") => TaskEvent::Canceled,
+        _ => return,
+    };
+    sim.record_tasks(account, workflow, event, 1);
 }
 
 /// Runs the demo until Ctrl-C / SIGTERM, or for `duration` when given.
 pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), crate::StartError> {
-    let app = App::start(config(listen)).await?;
+    let clock = Clock::new();
+    let sim = twilio(clock).await;
+    let app = App::start(config(listen, &sim.url())).await?;
     let server = app.url();
-    println!("transfer-guard demo: two simulated CBOs (nss, clienta)");
+    println!(
+        "transfer-guard demo: two simulated CBOs (nss, clienta) on a simulated Twilio at {}",
+        sim.url()
+    );
     println!("  metrics: {server}/metrics");
     println!("  status:  curl -H 'Authorization: Bearer {ADMIN_TOKEN}' {server}/v1/status");
     println!("  stop:    Ctrl-C");
 
-    let clock = Clock::new();
     let client = reqwest::Client::new();
     let mut generators: Vec<(&str, &str, Generator)> = cbos()
         .into_iter()
@@ -102,6 +172,9 @@ pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), c
                 for (key, token, g) in &mut generators {
                     g.start_until(now);
                     let lines = g.due(now);
+                    for line in &lines {
+                        record_task(&sim, key, line);
+                    }
                     if let Err(e) = traffic::post(&client, &server, token, &lines).await {
                         eprintln!("demo traffic for {key}: {e}");
                     }
@@ -119,11 +192,12 @@ fn print_summary(app: &App) {
     let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}s"));
     for cbo in app.shared.fleet.iter() {
         let s = cbo.stats(now, Duration::from_secs(300));
+        let tr = cbo.taskrouter().clone();
         let rate = s
             .success_rate
             .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
         println!(
-            "{:<8} 5m: {:>4} transfers  success {:>6}  bad requests {:>2}  failed {:>2}  timed out {:>2}  cold p95 {:>6}  notify p95 {:>5}  history lost {}  open {}",
+            "{:<8} 5m: {:>4} transfers  success {:>6}  bad requests {:>2}  failed {:>2}  timed out {:>2}  cold p95 {:>6}  notify p95 {:>5}  history lost {}  open {}  | TaskRouter errors {}  workflow {}",
             cbo.key,
             s.counts.decided() + s.counts.cancelled,
             rate,
@@ -134,6 +208,18 @@ fn print_summary(app: &App) {
             secs(s.notification_p95),
             s.counts.history_lost,
             cbo.open_transfers(),
+            tr.error_ratio
+                .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0)),
+            match tr.config_ok {
+                Some(true) => "ok".to_string(),
+                Some(false) => tr
+                    .problems
+                    .iter()
+                    .map(|p| p.id())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                None => "?".to_string(),
+            },
         );
     }
 }

@@ -6,12 +6,14 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod health;
 pub mod metrics;
 pub mod sid;
 pub mod sim;
 pub mod sources;
 pub mod state;
 pub mod tracker;
+pub mod twilio;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -37,6 +39,30 @@ pub struct Shared {
     pub fleet: Fleet,
     pub clock: Clock,
     pub ready: AtomicBool,
+    /// CBOs whose first poll has not finished; `/readyz` waits for them.
+    pub awaiting_first_poll: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Shared {
+    pub fn poll_done(&self, key: &str) {
+        self.awaiting_first_poll
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// What `/readyz` still waits for; empty when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return vec!["start".into()];
+        }
+        self.awaiting_first_poll
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|k| format!("first TaskRouter poll of cbo {k}"))
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +98,7 @@ impl App {
             fleet,
             clock,
             ready: AtomicBool::new(false),
+            awaiting_first_poll: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -113,6 +140,34 @@ impl App {
                 }
             }
         });
+
+        let clients = sources::poll::clients(&shared.config);
+        for cbo in &shared.config.cbos {
+            let poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
+            let key = cbo.key.to_string();
+            let problems = health::static_problems(&shared.config, cbo);
+            if !poller.pollable() {
+                // Nothing to ask Twilio; what the config alone says is all there is.
+                shared
+                    .fleet
+                    .get(&key)
+                    .expect("every cbo")
+                    .taskrouter()
+                    .problems = problems;
+                continue;
+            }
+            shared
+                .awaiting_first_poll
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            tasks.spawn(sources::poll::run(
+                shared.clone(),
+                poller,
+                key,
+                stopped.clone(),
+            ));
+        }
 
         for source in shared.config.file_sources.clone() {
             tasks.spawn(sources::file::run(shared.clone(), source, stopped.clone()));

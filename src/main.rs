@@ -43,10 +43,13 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
     },
-    /// Check a configuration file offline: one line per problem, exit 1 if any.
+    /// Check a configuration file: one line per problem, exit 1 if any.
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also ask Twilio about each CBO's workflow, statistics and variables.
+        #[arg(long)]
+        online: bool,
     },
     /// Send a log file or standard input (`-`) to a running daemon.
     Ingest {
@@ -95,8 +98,9 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => {
-            let code = cli::check::run(&config, &|k| std::env::var(k).ok(), &mut std::io::stdout());
+        Command::Check { config, online } => {
+            let env = |k: &str| std::env::var(k).ok();
+            let code = cli::check::run(&config, online, &env, &mut std::io::stdout()).await;
             ExitCode::from(code as u8)
         }
         Command::Ingest {

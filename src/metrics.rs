@@ -66,6 +66,15 @@ pub struct Metrics {
     pub open_transfers: IntGaugeVec,
     pub transfers_evicted: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub taskrouter_polls: IntCounterVec,
+    pub taskrouter_poll_seconds: HistogramVec,
+    pub taskrouter_error_ratio: GaugeVec,
+    pub taskrouter_bad_requests: IntCounterVec,
+    pub taskrouter_tasks: IntGaugeVec,
+    pub taskrouter_reservations: IntGaugeVec,
+    pub taskrouter_tasks_in_workflow: IntGaugeVec,
+    pub workflow_config_ok: IntGaugeVec,
+    pub workflow_problem: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -164,6 +173,71 @@ impl Metrics {
                 opts("build_info", "Always 1; the running version."),
                 &["version"]
             )),
+            taskrouter_polls: reg!(IntCounterVec::new(
+                opts(
+                    "taskrouter_polls_total",
+                    "TaskRouter poll cycles, by result (ok, or the class of the first failure)."
+                ),
+                &["cbo", "result"]
+            )),
+            taskrouter_poll_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "taskrouter_poll_duration_seconds",
+                    "Time one poll cycle took, retries included."
+                )
+                .namespace(NAMESPACE)
+                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                &["cbo"]
+            )),
+            taskrouter_error_ratio: reg!(GaugeVec::new(
+                opts(
+                    "taskrouter_error_ratio",
+                    "(tasks canceled + tasks timed out in workflow) / tasks entered over the polled window; absent without tasks."
+                ),
+                &["cbo"]
+            )),
+            taskrouter_bad_requests: reg!(IntCounterVec::new(
+                opts(
+                    "taskrouter_bad_requests_total",
+                    "Polls where TaskRouter answered 400 Bad Request for the chat-transfer workflow."
+                ),
+                &["cbo"]
+            )),
+            taskrouter_tasks: reg!(IntGaugeVec::new(
+                opts(
+                    "taskrouter_tasks",
+                    "The workflow's tasks over the polled window (CumulativeStatistics), by kind."
+                ),
+                &["cbo", "kind"]
+            )),
+            taskrouter_reservations: reg!(IntGaugeVec::new(
+                opts(
+                    "taskrouter_reservations",
+                    "The workflow's reservations over the polled window (CumulativeStatistics), by kind."
+                ),
+                &["cbo", "kind"]
+            )),
+            taskrouter_tasks_in_workflow: reg!(IntGaugeVec::new(
+                opts(
+                    "taskrouter_tasks_in_workflow",
+                    "Tasks in the workflow now (RealTimeStatistics total_tasks)."
+                ),
+                &["cbo"]
+            )),
+            workflow_config_ok: reg!(IntGaugeVec::new(
+                opts(
+                    "workflow_config_ok",
+                    "1 when the chat-transfer workflow configuration is sound, 0 when corrupted (SPEC §3)."
+                ),
+                &["cbo"]
+            )),
+            workflow_problem: reg!(IntGaugeVec::new(
+                opts(
+                    "workflow_problem",
+                    "1 for each configuration-corruption case present now, by problem id."
+                ),
+                &["cbo", "problem"]
+            )),
             registry,
         };
         m.build_info
@@ -196,6 +270,11 @@ impl Metrics {
         self.events_duplicate.with_label_values(&[cbo]);
         self.transfers_evicted.with_label_values(&[cbo]);
         self.open_transfers.with_label_values(&[cbo]);
+        for result in crate::twilio::PollResult::ALL {
+            self.taskrouter_polls
+                .with_label_values(&[cbo, result.as_str()]);
+        }
+        self.taskrouter_bad_requests.with_label_values(&[cbo]);
     }
 
     pub fn reject(&self, cbo: &str, reason: Reject) {

@@ -8,6 +8,7 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, FUTURE_TOLERANCE};
 use crate::event::{Event, EventKind, TransferType};
+use crate::health::TaskRouterStatus;
 use crate::metrics::{Metrics, RATIO_WINDOWS, Reject};
 use crate::tracker::{Effect, Tracker};
 use crate::window::{WindowStats, Windows};
@@ -40,6 +41,7 @@ struct Handles {
 pub struct CboState {
     pub key: String,
     inner: Mutex<Inner>,
+    taskrouter: Mutex<TaskRouterStatus>,
     handles: Handles,
     metrics: Arc<Metrics>,
     max_window_ms: i64,
@@ -68,6 +70,7 @@ impl CboState {
                 windows: Windows::new(config.transfers.max_window),
                 effects: Vec::new(),
             }),
+            taskrouter: Mutex::new(TaskRouterStatus::default()),
             handles,
             metrics,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
@@ -185,6 +188,15 @@ impl CboState {
                 Effect::Evicted => self.handles.evicted.inc(),
             }
         }
+    }
+
+    /// What polling knows about this CBO's workflow.
+    pub fn taskrouter(&self) -> std::sync::MutexGuard<'_, TaskRouterStatus> {
+        self.taskrouter.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record_taskrouter_bad_request(&self, now_ms: i64) {
+        self.lock().windows.record_taskrouter_bad_request(now_ms);
     }
 
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {

@@ -35,6 +35,8 @@ pub struct Counts {
     pub target_not_found: u64,
     pub other_error: u64,
     pub history_lost: u64,
+    /// Polls where TaskRouter answered 400 for the workflow: a Bad Request signal outside any transfer.
+    pub taskrouter_bad_request: u64,
 }
 
 impl Counts {
@@ -48,6 +50,7 @@ impl Counts {
         self.target_not_found += o.target_not_found;
         self.other_error += o.other_error;
         self.history_lost += o.history_lost;
+        self.taskrouter_bad_request += o.taskrouter_bad_request;
     }
 
     /// Transfers that count in the success rate (cancelled ones are neutral).
@@ -88,7 +91,8 @@ impl Bucket {
 pub struct WindowStats {
     pub counts: Counts,
     pub success_rate: Option<f64>,
-    /// Distinct wall-clock minutes with at least one Bad Request (the seed's "consistently").
+    /// Distinct wall-clock minutes with at least one Bad Request, from a transfer or from
+    /// TaskRouter (the seed's "consistently").
     pub bad_request_minutes: u32,
     pub cold_completion_p95: Option<f64>,
     pub warm_completion_p95: Option<f64>,
@@ -190,6 +194,12 @@ impl Windows {
         }
     }
 
+    pub fn record_taskrouter_bad_request(&mut self, now_ms: i64) {
+        if let Some(b) = self.bucket(now_ms, now_ms) {
+            b.counts.taskrouter_bad_request += 1;
+        }
+    }
+
     /// Sums the buckets of the trailing `window` (the current bucket included, and the few
     /// ahead that hold events stamped up to a minute in the future).
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
@@ -203,7 +213,7 @@ impl Windows {
         let mut notification: Option<DDSketch> = None;
         for b in self.buckets.iter().filter(|b| b.epoch >= oldest) {
             counts.add(&b.counts);
-            if b.counts.bad_request > 0 {
+            if b.counts.bad_request + b.counts.taskrouter_bad_request > 0 {
                 let minute = b.epoch * BUCKET_MS / 60_000;
                 if !minutes.contains(&minute) {
                     minutes.push(minute);

@@ -433,7 +433,20 @@ async fn health_ready_and_unknown_paths_answer_json() {
     let app = start().await;
     let get = |path: &str| reqwest::get(format!("{}{path}", app.url()));
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
-    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let ready = get("/readyz").await.unwrap();
+    // Not ready until each CBO's first TaskRouter poll is done, and it says what it waits for.
+    if ready.status() == 503 {
+        let body: Value = ready.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("first TaskRouter poll"),
+            "{body}"
+        );
+    } else {
+        assert_eq!(ready.status(), 200);
+    }
     let missing = get("/nope").await.unwrap();
     assert_eq!(missing.status(), 404);
     assert!(missing.json::<Value>().await.unwrap()["error"].is_string());

@@ -1,26 +1,64 @@
-//! `transfer-guard check --config FILE`: every problem of a configuration, one line each, offline.
+//! `transfer-guard check --config FILE [--online]`: every problem of a configuration, one line each; with `--online`, each CBO's workflow and variables at Twilio too.
 
 use std::io::Write;
 use std::path::Path;
 
 use crate::config::check_str;
+use crate::health::Corruption;
+use crate::sources::poll::{Poller, clients};
 
 /// Prints one line per problem to `out`; returns the process exit code (0 clean, 1 problems).
-pub fn run(path: &Path, env: &dyn Fn(&str) -> Option<String>, out: &mut dyn Write) -> i32 {
+pub async fn run(
+    path: &Path,
+    online: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+    out: &mut dyn Write,
+) -> i32 {
+    let name = path.display();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            let _ = writeln!(out, "{}: cannot read: {e}", path.display());
+            let _ = writeln!(out, "{name}: cannot read: {e}");
             return 1;
         }
     };
     let checked = check_str(&text, env);
+    let mut problems = checked.problems.len();
     for p in &checked.problems {
-        let _ = writeln!(out, "{}: {p}", path.display());
+        let _ = writeln!(out, "{name}: {p}");
     }
-    if checked.problems.is_empty() {
-        let cbos = checked.config.map_or(0, |c| c.cbos.len());
-        let _ = writeln!(out, "{}: ok ({cbos} CBOs)", path.display());
+    let Some(config) = checked.config else {
+        return 1;
+    };
+    if online {
+        let clients = clients(&config);
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        for cbo in &config.cbos {
+            let mut poller = Poller::new(&config, cbo, &clients);
+            if !poller.pollable() {
+                // The offline lines above already say what is missing.
+                continue;
+            }
+            let cycle = poller.cycle(&now).await;
+            // The offline lines above already named what the config alone shows.
+            for p in cycle.problems.iter().filter(|p| {
+                !matches!(
+                    p,
+                    Corruption::Missing(_) | Corruption::Malformed(_) | Corruption::Shared { .. }
+                )
+            }) {
+                problems += 1;
+                let _ = writeln!(out, "{name}: cbo {}: {p}", cbo.key);
+            }
+            for e in &cycle.errors {
+                problems += 1;
+                let _ = writeln!(out, "{name}: cbo {}: Twilio: {e}", cbo.key);
+            }
+        }
+    }
+    if problems == 0 {
+        let mode = if online { "online" } else { "offline" };
+        let _ = writeln!(out, "{name}: ok ({} CBOs, {mode})", config.cbos.len());
         0
     } else {
         1

@@ -1,4 +1,5 @@
-//! Where transfer events come in: `http` (POST /v1/events) and `file` (log files followed across rotation).
+//! Where transfer events come in: `http` (POST /v1/events) and `file` (log files followed across rotation), `poll` (TaskRouter and the functions' configuration).
 
 pub mod file;
 pub mod http;
+pub mod poll;

@@ -9,13 +9,27 @@ pub const ADMIN: &str = "admin-secret";
 pub const TOKEN_A: &str = "token-a";
 pub const TOKEN_B: &str = "token-b";
 
-/// Two CBOs, `a` and `b`, listening on `127.0.0.1:0`, with `extra` TOML appended.
+/// Nothing listens here: polls fail at once, and nothing leaves the machine.
+pub const NO_TWILIO: &str = "http://127.0.0.1:9";
+
+/// Two CBOs, `a` and `b`, listening on `127.0.0.1:0`, with `extra` TOML appended; Twilio is
+/// `NO_TWILIO`.
 pub fn config_text(extra: &str) -> String {
+    config_text_with(NO_TWILIO, extra)
+}
+
+/// The same with every Twilio base URL at `twilio`.
+pub fn config_text_with(twilio: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_token_env = "ADMIN"
+
+[twilio]
+taskrouter_url = "{twilio}"
+serverless_url = "{twilio}"
+flex_url = "{twilio}"
 
 [[cbo]]
 key = "a"
@@ -47,8 +61,14 @@ pub fn env() -> HashMap<&'static str, &'static str> {
 }
 
 pub fn config(extra: &str) -> Config {
+    config_with(NO_TWILIO, extra)
+}
+
+pub fn config_with(twilio: &str, extra: &str) -> Config {
     let env = env();
-    let checked = check_str(&config_text(extra), &|k| env.get(k).map(|v| v.to_string()));
+    let checked = check_str(&config_text_with(twilio, extra), &|k| {
+        env.get(k).map(|v| v.to_string())
+    });
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
     checked.config.unwrap()
 }

@@ -1,0 +1,901 @@
+//! A stateful simulated Twilio on loopback: TaskRouter workflows and statistics, Serverless builds/environments/deployments/variables, Flex configuration, plugin configurations and releases; Basic auth, Twilio's error body, injectable faults.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::twilio::taskrouter::SEED_WORKFLOW_CONFIGURATION;
+
+/// What a fault does to a matching request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer with this HTTP status and Twilio error code.
+    Status { status: u16, code: i64 },
+    /// 429 with `Retry-After: secs`.
+    RateLimit { retry_after_secs: u64 },
+    /// Hold the answer this long (a hung or slow Twilio).
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct FaultRule {
+    path_contains: String,
+    fault: Fault,
+    /// How many more requests it applies to; `None` for all.
+    remaining: Option<u32>,
+}
+
+/// One request the simulator answered.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub account: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone)]
+struct Workflow {
+    friendly_name: String,
+    configuration: String,
+    created: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum TaskEvent {
+    Entered,
+    Completed,
+    Canceled,
+    TimedOutInWorkflow,
+    ReservationAccepted,
+    ReservationRejected,
+    ReservationTimedOut,
+}
+
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub sid: String,
+    pub build_sid: String,
+    pub created: String,
+}
+
+#[derive(Debug, Clone)]
+struct Variable {
+    sid: String,
+    key: String,
+    value: String,
+    created: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Environment {
+    unique_name: String,
+    created: String,
+    deployments: Vec<Deployment>,
+    variables: Vec<Variable>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Service {
+    builds: Vec<(String, String)>,
+    environments: BTreeMap<String, Environment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub sid: String,
+    pub configuration_sid: String,
+    pub created: String,
+}
+
+#[derive(Debug, Clone)]
+struct Account {
+    workflows: BTreeMap<(String, String), Workflow>,
+    tasks: HashMap<String, Vec<(i64, TaskEvent)>>,
+    services: BTreeMap<String, Service>,
+    flex_configuration: Value,
+    plugin_configurations: Vec<(String, String, String)>,
+    releases: Vec<Release>,
+}
+
+#[derive(Default)]
+struct SimState {
+    accounts: BTreeMap<String, Account>,
+    /// username -> (password, account).
+    credentials: HashMap<String, (String, String)>,
+    faults: Vec<FaultRule>,
+    seen: Vec<Seen>,
+    in_flight: HashMap<String, usize>,
+    max_in_flight: HashMap<String, usize>,
+    latency: Duration,
+    seq: u64,
+}
+
+struct Shared {
+    state: Mutex<SimState>,
+    clock: Clock,
+}
+
+/// The running simulator.
+pub struct SimTwilio {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimTwilio {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A Twilio error body as Twilio writes it.
+fn twilio_error(status: u16, code: i64, message: &str) -> Response {
+    let body = json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status,
+    });
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn not_found(path: &str) -> Response {
+    twilio_error(
+        404,
+        20404,
+        &format!("The requested resource {path} was not found"),
+    )
+}
+
+fn meta(url: &str, key: &str) -> Value {
+    json!({
+        "first_page_url": format!("{url}?PageSize=50&Page=0"),
+        "key": key,
+        "next_page_url": null,
+        "page": 0,
+        "page_size": 50,
+        "previous_page_url": null,
+        "url": format!("{url}?PageSize=50&Page=0"),
+    })
+}
+
+impl SimState {
+    fn sid(&mut self, prefix: &str) -> String {
+        self.seq += 1;
+        format!("{prefix}{:032x}", self.seq)
+    }
+
+    fn account(&mut self, account: &str) -> &mut Account {
+        self.accounts
+            .get_mut(account)
+            .expect("the account was added")
+    }
+}
+
+impl SimTwilio {
+    /// Starts on `127.0.0.1:0`, with event times from `clock`.
+    pub async fn start(clock: Clock) -> SimTwilio {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding loopback");
+        let addr = listener.local_addr().expect("bound");
+        let shared = Arc::new(Shared {
+            state: Mutex::new(SimState::default()),
+            clock,
+        });
+        let router = Router::new().fallback(handle).with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        SimTwilio { addr, shared, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> String {
+        rfc3339(self.shared.clock.now_ms())
+    }
+
+    /// An account with its Auth Token and an empty Flex configuration.
+    pub fn add_account(&self, account: &str, auth_token: &str) {
+        let created = self.now();
+        let mut s = self.state();
+        s.credentials
+            .insert(account.into(), (auth_token.into(), account.into()));
+        s.accounts.insert(
+            account.into(),
+            Account {
+                workflows: BTreeMap::new(),
+                tasks: HashMap::new(),
+                services: BTreeMap::new(),
+                flex_configuration: flex_configuration(account, &created),
+                plugin_configurations: Vec::new(),
+                releases: Vec::new(),
+            },
+        );
+    }
+
+    pub fn add_api_key(&self, account: &str, key_sid: &str, secret: &str) {
+        self.state()
+            .credentials
+            .insert(key_sid.into(), (secret.into(), account.into()));
+    }
+
+    /// A workflow with the seed's configuration (both transfer routes).
+    pub fn add_workflow(&self, account: &str, workspace: &str, workflow: &str) {
+        self.set_workflow(account, workspace, workflow, SEED_WORKFLOW_CONFIGURATION);
+    }
+
+    pub fn set_workflow(
+        &self,
+        account: &str,
+        workspace: &str,
+        workflow: &str,
+        configuration: &str,
+    ) {
+        let created = self.now();
+        self.state().account(account).workflows.insert(
+            (workspace.into(), workflow.into()),
+            Workflow {
+                friendly_name: "Chat Transfer".into(),
+                configuration: configuration.into(),
+                created,
+            },
+        );
+    }
+
+    pub fn remove_workflow(&self, account: &str, workspace: &str, workflow: &str) {
+        self.state()
+            .account(account)
+            .workflows
+            .remove(&(workspace.to_string(), workflow.to_string()));
+    }
+
+    /// Records TaskRouter task activity on a workflow now (what its statistics report).
+    pub fn record_tasks(&self, account: &str, workflow: &str, event: TaskEvent, count: usize) {
+        let now = self.shared.clock.now_ms();
+        let mut s = self.state();
+        let tasks = s.account(account).tasks.entry(workflow.into()).or_default();
+        tasks.extend(std::iter::repeat_n((now, event), count));
+        // Keep a day at most.
+        tasks.retain(|(t, _)| now - t < 24 * 3600 * 1000);
+    }
+
+    /// A service with one environment, one build deployed, and the workflow variable set.
+    pub fn add_service(&self, account: &str, service: &str, environment: &str, workflow_sid: &str) {
+        let created = self.now();
+        let mut s = self.state();
+        let build = s.sid("ZB");
+        let deployment = s.sid("ZD");
+        let variable = s.sid("ZV");
+        let svc = s
+            .account(account)
+            .services
+            .entry(service.into())
+            .or_default();
+        svc.builds.push((build.clone(), created.clone()));
+        svc.environments.insert(
+            environment.into(),
+            Environment {
+                unique_name: "production".into(),
+                created: created.clone(),
+                deployments: vec![Deployment {
+                    sid: deployment,
+                    build_sid: build,
+                    created: created.clone(),
+                }],
+                variables: vec![Variable {
+                    sid: variable,
+                    key: crate::config::WORKFLOW_SID_VAR.into(),
+                    value: workflow_sid.into(),
+                    created,
+                }],
+            },
+        );
+    }
+
+    /// Sets (or with `None` removes) an environment variable.
+    pub fn set_variable(
+        &self,
+        account: &str,
+        service: &str,
+        environment: &str,
+        key: &str,
+        value: Option<&str>,
+    ) {
+        let created = self.now();
+        let mut s = self.state();
+        let sid = s.sid("ZV");
+        let env = s
+            .account(account)
+            .services
+            .get_mut(service)
+            .and_then(|svc| svc.environments.get_mut(environment))
+            .expect("the environment was added");
+        env.variables.retain(|v| v.key != key);
+        if let Some(value) = value {
+            env.variables.push(Variable {
+                sid,
+                key: key.into(),
+                value: value.into(),
+                created,
+            });
+        }
+    }
+
+    /// A new build deployed to the environment, as `twilio serverless:deploy` does. With
+    /// `workflow_sid`, the deploy also resets the workflow variable (the seed's "SIDs may be
+    /// reset during deployments"). Returns the new deployment.
+    pub fn deploy(
+        &self,
+        account: &str,
+        service: &str,
+        environment: &str,
+        workflow_sid: Option<&str>,
+    ) -> Deployment {
+        let created = self.now();
+        let deployment = {
+            let mut s = self.state();
+            let build = s.sid("ZB");
+            let sid = s.sid("ZD");
+            let svc = s
+                .account(account)
+                .services
+                .get_mut(service)
+                .expect("the service was added");
+            svc.builds.push((build.clone(), created.clone()));
+            let env = svc
+                .environments
+                .get_mut(environment)
+                .expect("the environment was added");
+            let d = Deployment {
+                sid,
+                build_sid: build,
+                created,
+            };
+            env.deployments.push(d.clone());
+            d
+        };
+        if let Some(sid) = workflow_sid {
+            self.set_variable(
+                account,
+                service,
+                environment,
+                crate::config::WORKFLOW_SID_VAR,
+                Some(sid),
+            );
+        }
+        deployment
+    }
+
+    pub fn deployments(&self, account: &str, service: &str, environment: &str) -> Vec<Deployment> {
+        let mut s = self.state();
+        s.account(account).services[service].environments[environment]
+            .deployments
+            .clone()
+    }
+
+    pub fn flex_configuration(&self, account: &str) -> Value {
+        self.state().account(account).flex_configuration.clone()
+    }
+
+    pub fn releases(&self, account: &str) -> Vec<Release> {
+        self.state().account(account).releases.clone()
+    }
+
+    /// Applies `fault` to the next `times` requests whose path contains `path_contains`
+    /// (`None`: until cleared).
+    pub fn inject(&self, path_contains: &str, fault: Fault, times: Option<u32>) {
+        self.state().faults.push(FaultRule {
+            path_contains: path_contains.into(),
+            fault,
+            remaining: times,
+        });
+    }
+
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// Every answer takes at least this long (to make concurrency visible).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state().latency = latency;
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state().seen.clone()
+    }
+
+    /// The most requests one account had in flight at once.
+    pub fn max_in_flight(&self, account: &str) -> usize {
+        self.state()
+            .max_in_flight
+            .get(account)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn flex_configuration(account: &str, created: &str) -> Value {
+    json!({
+        "account_sid": account,
+        "date_created": created,
+        "date_updated": created,
+        "attributes": {},
+        "status": "ok",
+        "taskrouter_workspace_sid": null,
+        "ui_language": "en",
+        "ui_attributes": {
+            "colorTheme": {"baseName": "GreyDark"},
+            "custom_data": {
+                "features": {
+                    "conversation_transfer": {
+                        "enabled": true,
+                        "cold_transfer": true,
+                        "multi_participant": true
+                    },
+                    "callback_and_voicemail": {"enabled": true}
+                }
+            }
+        },
+        "ui_dependencies": {},
+        "ui_version": "2.9.0",
+        "service_version": "1.0",
+        "plugin_service_enabled": true,
+        "serverless_service_sids": [],
+        "url": "https://flex-api.twilio.com/v1/Configuration"
+    })
+}
+
+/// Decodes `Authorization: Basic` into the account it authenticates, if the password matches.
+fn authenticate(state: &SimState, headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    let (expected, account) = state.credentials.get(user)?;
+    (expected == password).then(|| account.clone())
+}
+
+fn form(body: &Bytes) -> HashMap<String, String> {
+    serde_urlencoded::from_bytes(body).unwrap_or_default()
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let (account, fault, latency) = {
+        let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let account = authenticate(&s, &headers);
+        let mut fault = None;
+        for rule in s.faults.iter_mut() {
+            if path.contains(&rule.path_contains) && rule.remaining != Some(0) {
+                if let Some(n) = rule.remaining.as_mut() {
+                    *n -= 1;
+                }
+                fault = Some(rule.fault.clone());
+                break;
+            }
+        }
+        if let Some(a) = &account {
+            let n = s.in_flight.entry(a.clone()).or_default();
+            *n += 1;
+            let n = *n;
+            let max = s.max_in_flight.entry(a.clone()).or_default();
+            *max = (*max).max(n);
+        }
+        (account, fault, s.latency)
+    };
+    let arrived = Instant::now();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let response = match (&account, fault) {
+        (None, _) => twilio_error(401, 20003, "Authenticate"),
+        (Some(_), Some(Fault::Status { status, code })) => {
+            let message = match status {
+                400 => "Bad Request".to_string(),
+                404 => format!("The requested resource {path} was not found"),
+                _ => "Internal Server Error".to_string(),
+            };
+            twilio_error(status, code, &message)
+        }
+        (Some(_), Some(Fault::RateLimit { retry_after_secs })) => {
+            let mut r = twilio_error(429, 20429, "Too Many Requests");
+            r.headers_mut().insert(
+                "retry-after",
+                retry_after_secs.to_string().parse().expect("digits"),
+            );
+            r
+        }
+        (Some(account), fault) => {
+            if let Some(Fault::Delay(d)) = fault {
+                tokio::time::sleep(d).await;
+            }
+            let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now_ms = shared.clock.now_ms();
+            route(&mut s, account, &method, &path, &uri, &body, now_ms)
+        }
+    };
+    let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = &account
+        && let Some(n) = s.in_flight.get_mut(a)
+    {
+        *n -= 1;
+    }
+    s.seen.push(Seen {
+        at: arrived,
+        method: method.to_string(),
+        path,
+        account,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+fn query_minutes(uri: &Uri) -> i64 {
+    uri.query()
+        .and_then(|q| serde_urlencoded::from_str::<HashMap<String, String>>(q).ok())
+        .and_then(|q| q.get("Minutes").and_then(|m| m.parse().ok()))
+        .unwrap_or(15)
+}
+
+const TASKROUTER: &str = "https://taskrouter.twilio.com";
+const SERVERLESS: &str = "https://serverless.twilio.com";
+const FLEX: &str = "https://flex-api.twilio.com";
+
+fn route(
+    s: &mut SimState,
+    account: &str,
+    method: &Method,
+    path: &str,
+    uri: &Uri,
+    body: &Bytes,
+    now_ms: i64,
+) -> Response {
+    let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let now = rfc3339(now_ms);
+    let json = |v: Value| axum::Json(v).into_response();
+    let created = |v: Value| (StatusCode::CREATED, axum::Json(v)).into_response();
+    match (method.as_str(), seg.as_slice()) {
+        ("GET", ["v1", "Workspaces", ws, "Workflows", ww, rest @ ..]) => {
+            let acc = s.account(account);
+            let Some(wf) = acc.workflows.get(&(ws.to_string(), ww.to_string())) else {
+                return not_found(path);
+            };
+            let url = format!("{TASKROUTER}/v1/Workspaces/{ws}/Workflows/{ww}");
+            match rest {
+                [] => json(json!({
+                    "account_sid": account,
+                    "assignment_callback_url": null,
+                    "configuration": wf.configuration,
+                    "date_created": wf.created,
+                    "date_updated": wf.created,
+                    "document_content_type": "application/json",
+                    "fallback_assignment_callback_url": null,
+                    "friendly_name": wf.friendly_name,
+                    "sid": ww,
+                    "task_reservation_timeout": 120,
+                    "workspace_sid": ws,
+                    "url": url,
+                    "links": {
+                        "statistics": format!("{url}/Statistics"),
+                        "real_time_statistics": format!("{url}/RealTimeStatistics"),
+                        "cumulative_statistics": format!("{url}/CumulativeStatistics"),
+                    },
+                })),
+                ["CumulativeStatistics"] => {
+                    let minutes = query_minutes(uri);
+                    let since = now_ms - minutes * 60_000;
+                    let mut c = HashMap::new();
+                    for (t, e) in acc.tasks.get(*ww).into_iter().flatten() {
+                        if *t >= since {
+                            *c.entry(format!("{e:?}")).or_insert(0i64) += 1;
+                        }
+                    }
+                    let n = |k: &str| c.get(k).copied().unwrap_or(0);
+                    let wait = json!({"avg": 0, "min": 0, "max": 0, "total": 0});
+                    json(json!({
+                        "account_sid": account,
+                        "avg_task_acceptance_time": 0,
+                        "start_time": rfc3339(since),
+                        "end_time": now,
+                        "reservations_created": n("ReservationAccepted") + n("ReservationRejected") + n("ReservationTimedOut"),
+                        "reservations_accepted": n("ReservationAccepted"),
+                        "reservations_rejected": n("ReservationRejected"),
+                        "reservations_timed_out": n("ReservationTimedOut"),
+                        "reservations_canceled": 0,
+                        "reservations_rescinded": 0,
+                        "split_by_wait_time": null,
+                        "wait_duration_until_accepted": wait,
+                        "wait_duration_until_canceled": wait,
+                        "tasks_canceled": n("Canceled"),
+                        "tasks_completed": n("Completed"),
+                        "tasks_entered": n("Entered"),
+                        "tasks_deleted": 0,
+                        "tasks_moved": 0,
+                        "tasks_timed_out_in_workflow": n("TimedOutInWorkflow"),
+                        "workflow_sid": ww,
+                        "workspace_sid": ws,
+                        "url": format!("{url}/CumulativeStatistics"),
+                    }))
+                }
+                ["RealTimeStatistics"] => {
+                    let tasks = acc.tasks.get(*ww).map_or(0, |t| {
+                        let entered = t
+                            .iter()
+                            .filter(|(_, e)| matches!(e, TaskEvent::Entered))
+                            .count() as i64;
+                        let ended = t
+                            .iter()
+                            .filter(|(_, e)| {
+                                matches!(
+                                    e,
+                                    TaskEvent::Completed
+                                        | TaskEvent::Canceled
+                                        | TaskEvent::TimedOutInWorkflow
+                                )
+                            })
+                            .count() as i64;
+                        (entered - ended).max(0)
+                    });
+                    json(json!({
+                        "account_sid": account,
+                        "longest_task_waiting_age": 0,
+                        "longest_task_waiting_sid": null,
+                        "tasks_by_priority": {},
+                        "tasks_by_status": {"pending": tasks, "reserved": 0, "assigned": 0, "wrapping": 0},
+                        "total_tasks": tasks,
+                        "workflow_sid": ww,
+                        "workspace_sid": ws,
+                        "url": format!("{url}/RealTimeStatistics"),
+                    }))
+                }
+                _ => not_found(path),
+            }
+        }
+        ("GET", ["v1", "Services", zs, "Builds"]) => {
+            let Some(svc) = s.account(account).services.get(*zs) else {
+                return not_found(path);
+            };
+            let url = format!("{SERVERLESS}/v1/Services/{zs}/Builds");
+            let builds: Vec<Value> = svc
+                .builds
+                .iter()
+                .rev()
+                .map(|(sid, created)| {
+                    json!({
+                        "sid": sid, "account_sid": account, "service_sid": zs,
+                        "status": "completed", "asset_versions": [], "function_versions": [],
+                        "dependencies": [], "runtime": "node18",
+                        "date_created": created, "date_updated": created,
+                        "url": format!("{url}/{sid}"),
+                        "links": {"build_status": format!("{url}/{sid}/Status")},
+                    })
+                })
+                .collect();
+            json(json!({"builds": builds, "meta": meta(&url, "builds")}))
+        }
+        ("GET", ["v1", "Services", zs, "Environments", rest @ ..]) if rest.len() <= 1 => {
+            let Some(svc) = s.account(account).services.get(*zs) else {
+                return not_found(path);
+            };
+            let url = format!("{SERVERLESS}/v1/Services/{zs}/Environments");
+            let env_json = |ze: &str, e: &Environment| {
+                json!({
+                    "sid": ze, "account_sid": account, "service_sid": zs,
+                    "build_sid": e.deployments.last().map(|d| d.build_sid.clone()),
+                    "unique_name": e.unique_name,
+                    "domain_suffix": null,
+                    "domain_name": format!("{}-1234.twil.io", e.unique_name),
+                    "date_created": e.created, "date_updated": e.created,
+                    "url": format!("{url}/{ze}"),
+                    "links": {
+                        "variables": format!("{url}/{ze}/Variables"),
+                        "deployments": format!("{url}/{ze}/Deployments"),
+                        "logs": format!("{url}/{ze}/Logs"),
+                    },
+                })
+            };
+            match rest {
+                [] => {
+                    let envs: Vec<Value> = svc
+                        .environments
+                        .iter()
+                        .map(|(ze, e)| env_json(ze, e))
+                        .collect();
+                    json(json!({"environments": envs, "meta": meta(&url, "environments")}))
+                }
+                [ze] => match svc.environments.get(*ze) {
+                    Some(e) => json(env_json(ze, e)),
+                    None => not_found(path),
+                },
+                _ => not_found(path),
+            }
+        }
+        (m, ["v1", "Services", zs, "Environments", ze, kind]) => {
+            let new_sid = s.sid(if *kind == "Deployments" { "ZD" } else { "ZV" });
+            let acc = s.account(account);
+            let Some(svc) = acc.services.get_mut(*zs) else {
+                return not_found(path);
+            };
+            let builds: Vec<String> = svc.builds.iter().map(|(b, _)| b.clone()).collect();
+            let Some(env) = svc.environments.get_mut(*ze) else {
+                return not_found(path);
+            };
+            let url = format!("{SERVERLESS}/v1/Services/{zs}/Environments/{ze}/{kind}");
+            let deployment_json = |d: &Deployment| {
+                json!({
+                    "sid": d.sid, "account_sid": account, "service_sid": zs, "environment_sid": ze,
+                    "build_sid": d.build_sid, "date_created": d.created, "date_updated": d.created,
+                    "url": format!("{url}/{}", d.sid),
+                })
+            };
+            match (m, *kind) {
+                ("GET", "Deployments") => {
+                    let list: Vec<Value> =
+                        env.deployments.iter().rev().map(deployment_json).collect();
+                    json(json!({"deployments": list, "meta": meta(&url, "deployments")}))
+                }
+                ("POST", "Deployments") => {
+                    let f = form(body);
+                    let Some(build) = f.get("BuildSid").filter(|b| builds.contains(b)) else {
+                        return twilio_error(400, 20001, "Invalid BuildSid");
+                    };
+                    let d = Deployment {
+                        sid: new_sid,
+                        build_sid: build.clone(),
+                        created: now,
+                    };
+                    env.deployments.push(d.clone());
+                    created(deployment_json(&d))
+                }
+                ("GET", "Variables") => {
+                    let list: Vec<Value> = env
+                        .variables
+                        .iter()
+                        .map(|v| {
+                            json!({
+                                "sid": v.sid, "account_sid": account, "service_sid": zs, "environment_sid": ze,
+                                "key": v.key, "value": v.value,
+                                "date_created": v.created, "date_updated": v.created,
+                                "url": format!("{url}/{}", v.sid),
+                            })
+                        })
+                        .collect();
+                    json(json!({"variables": list, "meta": meta(&url, "variables")}))
+                }
+                _ => not_found(path),
+            }
+        }
+        ("GET", ["v1", "Configuration"]) => json(s.account(account).flex_configuration.clone()),
+        ("POST", ["v1", "Configuration"]) => {
+            let Ok(update) = serde_json::from_slice::<Value>(body) else {
+                return twilio_error(400, 20001, "Invalid JSON body");
+            };
+            let Some(fields) = update.as_object() else {
+                return twilio_error(400, 20001, "Body must be a JSON object");
+            };
+            if fields.get("account_sid").and_then(|a| a.as_str()) != Some(account) {
+                return twilio_error(400, 20001, "account_sid is required and must match");
+            }
+            let config = &mut s.account(account).flex_configuration;
+            for (k, v) in fields {
+                if k != "account_sid" {
+                    config[k] = v.clone();
+                }
+            }
+            config["date_updated"] = json!(now);
+            json(config.clone())
+        }
+        (m, ["v1", "PluginService", kind]) => {
+            let url = format!("{FLEX}/v1/PluginService/{kind}");
+            let new_sid = s.sid(if *kind == "Releases" { "FK" } else { "FJ" });
+            let acc = s.account(account);
+            let config_json = |(sid, name, created): &(String, String, String)| {
+                json!({
+                    "sid": sid, "account_sid": account, "name": name, "description": null,
+                    "archived": false, "date_created": created, "url": format!("{url}/{sid}"),
+                    "links": {"plugins": format!("{url}/{sid}/Plugins")},
+                })
+            };
+            let release_json = |r: &Release| {
+                json!({
+                    "sid": r.sid, "account_sid": account, "configuration_sid": r.configuration_sid,
+                    "date_created": r.created, "url": format!("{url}/{}", r.sid),
+                })
+            };
+            match (m, *kind) {
+                ("GET", "Configurations") => {
+                    let list: Vec<Value> = acc
+                        .plugin_configurations
+                        .iter()
+                        .rev()
+                        .map(config_json)
+                        .collect();
+                    json(json!({"configurations": list, "meta": meta(&url, "configurations")}))
+                }
+                ("POST", "Configurations") => {
+                    let f = form(body);
+                    let Some(name) = f.get("Name") else {
+                        return twilio_error(400, 20001, "Missing required parameter Name");
+                    };
+                    let c = (new_sid, name.clone(), now);
+                    acc.plugin_configurations.push(c.clone());
+                    created(config_json(&c))
+                }
+                ("GET", "Releases") => {
+                    let list: Vec<Value> = acc.releases.iter().rev().map(release_json).collect();
+                    json(json!({"releases": list, "meta": meta(&url, "releases")}))
+                }
+                ("POST", "Releases") => {
+                    let f = form(body);
+                    let Some(id) = f.get("ConfigurationId") else {
+                        return twilio_error(
+                            400,
+                            20001,
+                            "Missing required parameter ConfigurationId",
+                        );
+                    };
+                    if !acc
+                        .plugin_configurations
+                        .iter()
+                        .any(|(sid, _, _)| sid == id)
+                    {
+                        return twilio_error(
+                            404,
+                            20404,
+                            &format!("Configuration {id} was not found"),
+                        );
+                    }
+                    let r = Release {
+                        sid: new_sid,
+                        configuration_sid: id.clone(),
+                        created: now,
+                    };
+                    acc.releases.push(r.clone());
+                    created(release_json(&r))
+                }
+                _ => not_found(path),
+            }
+        }
+        _ => not_found(path),
+    }
+}

@@ -1,0 +1,435 @@
+//! TaskRouter and configuration polling per CBO: the workflow, its statistics, the functions' variable and deployments; results to metrics and status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::config::{Cbo, Config, WORKFLOW_SID_VAR};
+use crate::health::{Baseline, Corruption, TaskRouterStatus, static_problems};
+use crate::sid::{AccountSid, EnvironmentSid, ServiceSid, WorkflowSid, WorkspaceSid};
+use crate::twilio::serverless::Serverless;
+use crate::twilio::taskrouter::{self, CumulativeStatistics, RealTimeStatistics, TaskRouter};
+use crate::twilio::{PollResult, Retry, TwilioClient, TwilioError};
+
+/// One client per Twilio account, so every CBO of an account shares its concurrency limit.
+pub fn clients(config: &Config) -> HashMap<AccountSid, TwilioClient> {
+    let mut clients = HashMap::new();
+    for cbo in &config.cbos {
+        if let (Some(account), Some(credentials)) = (&cbo.account_sid, &cbo.credentials) {
+            clients.entry(*account).or_insert_with(|| {
+                TwilioClient::new(
+                    *account,
+                    credentials,
+                    config.twilio.request_timeout,
+                    config.twilio.max_concurrent_requests,
+                    Retry::default(),
+                )
+            });
+        }
+    }
+    clients
+}
+
+/// What one poll cycle of one CBO found.
+#[derive(Debug, Default)]
+pub struct Cycle {
+    /// `ok`, or the class of the first failure.
+    pub result: Option<PollResult>,
+    pub errors: Vec<TwilioError>,
+    /// TaskRouter answered 400 for one of the workflow's resources.
+    pub bad_request: bool,
+    pub problems: Vec<Corruption>,
+    /// `None` when a failure left the workflow's soundness unknown.
+    pub config_ok: Option<bool>,
+    pub workflow_name: Option<String>,
+    pub statistics: Option<CumulativeStatistics>,
+    pub real_time: Option<RealTimeStatistics>,
+    pub functions_workflow_sid: Option<String>,
+    pub latest_deployment: Option<String>,
+    pub new_deployment: bool,
+    pub baseline: Option<Baseline>,
+    pub duration: Duration,
+}
+
+/// Polls one CBO, remembering what earlier cycles learned.
+pub struct Poller {
+    cbo: Cbo,
+    client: Option<TwilioClient>,
+    taskrouter_url: String,
+    serverless_url: String,
+    /// Minutes of `CumulativeStatistics` (the `taskrouter_error_rate` window).
+    minutes: u64,
+    static_problems: Vec<Corruption>,
+    workflow_problems: Option<Vec<Corruption>>,
+    variable_problems: Option<Vec<Corruption>>,
+    functions_sid: Option<String>,
+    baseline: Option<Baseline>,
+    last_deployment: Option<String>,
+}
+
+/// The workflow variable the template's functions read: the per-CBO one, else the shared one.
+fn workflow_variable<'a>(
+    vars: &'a [crate::twilio::serverless::Variable],
+    cbo: &Cbo,
+) -> Option<(String, &'a str)> {
+    let per_cbo = format!("{WORKFLOW_SID_VAR}_{}", cbo.key.env_suffix());
+    [per_cbo.as_str(), WORKFLOW_SID_VAR]
+        .into_iter()
+        .find_map(|name| {
+            vars.iter()
+                .find(|v| v.key.as_deref() == Some(name))
+                .and_then(|v| v.value.as_deref())
+                .map(|value| (name.to_string(), value))
+        })
+}
+
+impl Poller {
+    pub fn new(config: &Config, cbo: &Cbo, clients: &HashMap<AccountSid, TwilioClient>) -> Poller {
+        let minutes = config
+            .rules
+            .taskrouter_error_rate
+            .as_ref()
+            .and_then(|r| r.get_ref().window)
+            .map_or(5, |w| (w.as_secs() / 60).max(1));
+        Poller {
+            client: cbo.account_sid.and_then(|a| clients.get(&a).cloned()),
+            cbo: cbo.clone(),
+            taskrouter_url: config.twilio.taskrouter_url.clone(),
+            serverless_url: config.twilio.serverless_url.clone(),
+            minutes,
+            static_problems: static_problems(config, cbo),
+            workflow_problems: None,
+            variable_problems: None,
+            functions_sid: None,
+            baseline: None,
+            last_deployment: None,
+        }
+    }
+
+    /// The workspace and workflow when TaskRouter can be asked about them.
+    fn taskrouter_target(&self) -> Option<(TwilioClient, WorkspaceSid, WorkflowSid)> {
+        Some((
+            self.client.clone()?,
+            self.cbo.workspace_sid?,
+            *self.cbo.workflow.sid.as_ref().ok()?,
+        ))
+    }
+
+    fn serverless_target(&self) -> Option<(TwilioClient, ServiceSid, EnvironmentSid)> {
+        Some((
+            self.client.clone()?,
+            self.cbo.serverless_service_sid?,
+            self.cbo.serverless_environment_sid?,
+        ))
+    }
+
+    pub fn pollable(&self) -> bool {
+        self.client.is_some() && self.cbo.workspace_sid.is_some()
+    }
+
+    pub async fn cycle(&mut self, now: &str) -> Cycle {
+        let started = tokio::time::Instant::now();
+        let mut cycle = Cycle::default();
+        let fail = |cycle: &mut Cycle, e: TwilioError| {
+            if cycle.result.is_none() {
+                cycle.result = Some(e.poll_result());
+            }
+            cycle.errors.push(e);
+        };
+
+        if let Some((client, ws, ww)) = self.taskrouter_target() {
+            let tr = TaskRouter {
+                client: &client,
+                base_url: &self.taskrouter_url,
+            };
+            match tr.workflow(&ws, &ww).await {
+                Ok(workflow) => {
+                    cycle.workflow_name = workflow.friendly_name.clone();
+                    let mut problems = Vec::new();
+                    let configuration = workflow.configuration.as_deref().unwrap_or("");
+                    match taskrouter::routes(configuration) {
+                        Ok(r) if r.worker && r.queue => {}
+                        Ok(r) => {
+                            let missing = match (r.worker, r.queue) {
+                                (false, false) => {
+                                    "routes neither transferTargetType == 'worker' nor == 'queue'"
+                                }
+                                (true, false) => "does not route transferTargetType == 'queue'",
+                                _ => "does not route transferTargetType == 'worker'",
+                            };
+                            problems.push(Corruption::RouteMissing {
+                                sid: ww.to_string(),
+                                missing: missing.into(),
+                            });
+                        }
+                        Err(message) => problems.push(Corruption::RouteMissing {
+                            sid: ww.to_string(),
+                            missing: message,
+                        }),
+                    }
+                    self.workflow_problems = Some(problems);
+                    match tr.cumulative_statistics(&ws, &ww, self.minutes).await {
+                        Ok(s) => cycle.statistics = Some(s),
+                        Err(e) => {
+                            cycle.bad_request |= e.status() == Some(400);
+                            fail(&mut cycle, e);
+                        }
+                    }
+                    match tr.real_time_statistics(&ws, &ww).await {
+                        Ok(s) => cycle.real_time = Some(s),
+                        Err(e) => {
+                            cycle.bad_request |= e.status() == Some(400);
+                            fail(&mut cycle, e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    match (&e, e.status()) {
+                        (TwilioError::Api { .. }, Some(404)) => {
+                            self.workflow_problems = Some(vec![Corruption::NotFound {
+                                sid: ww.to_string(),
+                            }]);
+                        }
+                        (TwilioError::Api { body, .. }, Some(400)) => {
+                            cycle.bad_request = true;
+                            self.workflow_problems = Some(vec![Corruption::BadRequest {
+                                sid: ww.to_string(),
+                                message: body
+                                    .message
+                                    .clone()
+                                    .unwrap_or_else(|| "Bad Request".into()),
+                            }]);
+                        }
+                        // 401/403/5xx/timeouts say nothing about the workflow itself.
+                        _ => {}
+                    }
+                    fail(&mut cycle, e);
+                }
+            }
+        }
+
+        if let Some((client, zs, ze)) = self.serverless_target() {
+            let sl = Serverless {
+                client: &client,
+                base_url: &self.serverless_url,
+            };
+            match sl.variables(&zs, &ze).await {
+                Ok(vars) => {
+                    let mut problems = Vec::new();
+                    match workflow_variable(&vars, &self.cbo) {
+                        None => {
+                            self.functions_sid = None;
+                            problems.push(Corruption::VariableMissing {
+                                environment: ze.to_string(),
+                            });
+                        }
+                        Some((name, value)) => {
+                            self.functions_sid = Some(value.to_string());
+                            if let Some(configured) = &self.cbo.workflow.raw
+                                && value.trim() != configured.trim()
+                            {
+                                problems.push(Corruption::VariableMismatch {
+                                    variable: name,
+                                    value: value.to_string(),
+                                    configured: configured.clone(),
+                                });
+                            }
+                        }
+                    }
+                    self.variable_problems = Some(problems);
+                }
+                Err(e) => fail(&mut cycle, e),
+            }
+            match sl.deployments(&zs, &ze).await {
+                Ok(deployments) => {
+                    let latest = deployments
+                        .iter()
+                        .max_by(|a, b| a.date_created.cmp(&b.date_created))
+                        .and_then(|d| d.sid.clone());
+                    cycle.new_deployment = self.last_deployment.is_some()
+                        && latest.is_some()
+                        && latest != self.last_deployment;
+                    if latest.is_some() {
+                        self.last_deployment = latest;
+                    }
+                }
+                Err(e) => fail(&mut cycle, e),
+            }
+        }
+
+        // The baseline is the SID the functions use, taken at start and at each new deployment.
+        let effective = self
+            .functions_sid
+            .clone()
+            .or_else(|| self.cbo.workflow.raw.clone());
+        if let Some(sid) = &effective
+            && (self.baseline.is_none() || cycle.new_deployment)
+        {
+            self.baseline = Some(Baseline {
+                workflow_sid: sid.clone(),
+                deployment: self.last_deployment.clone(),
+                taken_at: now.to_string(),
+            });
+        }
+
+        let mut problems = self.static_problems.clone();
+        problems.extend(self.workflow_problems.iter().flatten().cloned());
+        problems.extend(self.variable_problems.iter().flatten().cloned());
+        if let (Some(baseline), Some(sid)) = (&self.baseline, &effective)
+            && baseline.workflow_sid != *sid
+        {
+            problems.push(Corruption::Changed {
+                baseline: baseline.workflow_sid.clone(),
+                now: sid.clone(),
+            });
+        }
+        let known = self.taskrouter_target().is_none() || self.workflow_problems.is_some();
+        cycle.config_ok = if !problems.is_empty() {
+            Some(false)
+        } else if known {
+            Some(true)
+        } else {
+            None
+        };
+        cycle.problems = problems;
+        cycle.result.get_or_insert(PollResult::Ok);
+        cycle.functions_workflow_sid = self.functions_sid.clone();
+        cycle.latest_deployment = self.last_deployment.clone();
+        cycle.baseline = self.baseline.clone();
+        cycle.duration = started.elapsed();
+        cycle
+    }
+}
+
+/// Applies a cycle to the CBO's metrics and status.
+pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
+    let m = &shared.metrics;
+    let result = cycle.result.unwrap_or(PollResult::Ok);
+    m.taskrouter_polls
+        .with_label_values(&[key, result.as_str()])
+        .inc();
+    m.taskrouter_poll_seconds
+        .with_label_values(&[key])
+        .observe(cycle.duration.as_secs_f64());
+    if cycle.bad_request {
+        m.taskrouter_bad_requests.with_label_values(&[key]).inc();
+        if let Some(state) = shared.fleet.get(key) {
+            state.record_taskrouter_bad_request(shared.clock.now_ms());
+        }
+    }
+    if let Some(s) = &cycle.statistics {
+        for (kind, n) in [
+            ("entered", s.tasks_entered),
+            ("completed", s.tasks_completed),
+            ("canceled", s.tasks_canceled),
+            ("timed_out_in_workflow", s.tasks_timed_out_in_workflow),
+        ] {
+            m.taskrouter_tasks.with_label_values(&[key, kind]).set(n);
+        }
+        for (kind, n) in [
+            ("accepted", s.reservations_accepted),
+            ("rejected", s.reservations_rejected),
+            ("timed_out", s.reservations_timed_out),
+        ] {
+            m.taskrouter_reservations
+                .with_label_values(&[key, kind])
+                .set(n);
+        }
+        match s.error_ratio() {
+            Some(r) => m.taskrouter_error_ratio.with_label_values(&[key]).set(r),
+            None => {
+                let _ = m.taskrouter_error_ratio.remove_label_values(&[key]);
+            }
+        }
+    }
+    if let Some(rt) = &cycle.real_time {
+        m.taskrouter_tasks_in_workflow
+            .with_label_values(&[key])
+            .set(rt.total_tasks);
+    }
+    if let Some(ok) = cycle.config_ok {
+        m.workflow_config_ok
+            .with_label_values(&[key])
+            .set(i64::from(ok));
+        for id in Corruption::IDS {
+            let present = cycle.problems.iter().any(|p| p.id() == id);
+            m.workflow_problem
+                .with_label_values(&[key, id])
+                .set(i64::from(present));
+        }
+    }
+    for e in &cycle.errors {
+        tracing::warn!(cbo = key, result = e.poll_result().as_str(), error = %e, "TaskRouter poll failed");
+    }
+    let Some(state) = shared.fleet.get(key) else {
+        return;
+    };
+    let mut st = state.taskrouter();
+    let was: Vec<String> = st.problems.iter().map(|p| p.to_string()).collect();
+    for p in cycle
+        .problems
+        .iter()
+        .filter(|p| !was.contains(&p.to_string()))
+    {
+        tracing::warn!(cbo = key, problem = p.id(), message = %p, "workflow configuration corrupted");
+    }
+    *st = TaskRouterStatus {
+        polled: true,
+        first_poll_done: true,
+        last_poll: Some(now.to_string()),
+        last_result: Some(result.as_str()),
+        last_error: cycle.errors.first().map(|e| e.to_string()),
+        workflow_name: cycle.workflow_name.clone().or(st.workflow_name.take()),
+        statistics: cycle.statistics.clone().or(st.statistics.take()),
+        real_time: cycle.real_time.clone().or(st.real_time.take()),
+        error_ratio: cycle
+            .statistics
+            .as_ref()
+            .map_or(st.error_ratio, |s| s.error_ratio()),
+        functions_workflow_sid: cycle.functions_workflow_sid.clone(),
+        baseline: cycle.baseline.clone(),
+        latest_deployment: cycle.latest_deployment.clone(),
+        problems: cycle.problems.clone(),
+        config_ok: cycle.config_ok.or(st.config_ok),
+    };
+}
+
+/// Polls one CBO until `stop`: first within a second of start (readiness waits for it), the
+/// second after a random part of `poll_interval` so CBOs spread out, then every interval ±10 %.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut poller: Poller,
+    key: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval = shared.config.twilio.poll_interval;
+    let mut wait = interval
+        .min(Duration::from_secs(1))
+        .mul_f64(fastrand::f64());
+    let mut cycles = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => break,
+        }
+        let now = shared.clock.now_ms();
+        let now = chrono::DateTime::from_timestamp_millis(now)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        let cycle = tokio::select! {
+            c = poller.cycle(&now) => c,
+            _ = stop.changed() => break,
+        };
+        record(&shared, &key, &cycle, &now);
+        shared.poll_done(&key);
+        cycles += 1;
+        wait = if cycles == 1 {
+            interval.mul_f64(fastrand::f64())
+        } else {
+            interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+        };
+    }
+}
