@@ -352,3 +352,57 @@ async fn ingest_reads_standard_input() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_asks_twilio_and_names_each_problem() {
+    use transfer_guard::sim::twilio::SimTwilio;
+    let sim = SimTwilio::start(transfer_guard::clock::Clock::new()).await;
+    let a = (
+        "AC0000000000000000000000000000000a",
+        "WS0000000000000000000000000000000a",
+        "WW0000000000000000000000000000000a",
+    );
+    let b = (
+        "AC0000000000000000000000000000000b",
+        "WS0000000000000000000000000000000b",
+        "WW0000000000000000000000000000000b",
+    );
+    for (ac, ws, ww) in [a, b] {
+        sim.add_account(ac, "twilio-secret");
+        sim.add_workflow(ac, ws, ww);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &config_text_with(&sim.url(), ""));
+    let out = tg()
+        .args(["check", "--online", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("ok (2 CBOs, online)"), "{stdout}");
+
+    sim.remove_workflow(b.0, b.1, b.2);
+    let only_worker = r#"{"task_routing":{"filters":[{"expression":"transferTargetType == 'worker'","targets":[{"queue":"everyone"}]}]}}"#;
+    sim.set_workflow(a.0, a.1, a.2, only_worker);
+    let out = tg()
+        .args(["check", "--online", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "cbo a: workflow {}: does not route transferTargetType == 'queue'",
+            a.2
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("cbo b: workflow {}: TaskRouter 404", b.2)),
+        "{stdout}"
+    );
+}

@@ -50,7 +50,17 @@ pub async fn run(
                 problems += 1;
                 let _ = writeln!(out, "{name}: cbo {}: {p}", cbo.key);
             }
-            for e in &cycle.errors {
+            // A 404 or 400 on the workflow is already the not_found / bad_request line above.
+            let named = |e: &&crate::twilio::TwilioError| {
+                matches!(e.status(), Some(400 | 404))
+                    && cycle.problems.iter().any(|p| {
+                        matches!(
+                            p,
+                            Corruption::NotFound { .. } | Corruption::BadRequest { .. }
+                        )
+                    })
+            };
+            for e in cycle.errors.iter().filter(|e| !named(e)) {
                 problems += 1;
                 let _ = writeln!(out, "{name}: cbo {}: Twilio: {e}", cbo.key);
             }

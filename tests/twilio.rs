@@ -1,0 +1,649 @@
+//! TaskRouter polling against the simulated Twilio, on tokio's paused clock: workflow health and
+//! every corruption case, retries, 429, timeouts, secrets, per-account concurrency.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use transfer_guard::App;
+use transfer_guard::clock::Clock;
+use transfer_guard::config::{Config, check_str};
+use transfer_guard::sim::twilio::{Fault, SimTwilio, TaskEvent};
+
+const T0: i64 = 1_800_000_000_000;
+const AC_A: &str = "AC0000000000000000000000000000000a";
+const AC_B: &str = "AC0000000000000000000000000000000b";
+const WS_A: &str = "WS0000000000000000000000000000000a";
+const WS_B: &str = "WS0000000000000000000000000000000b";
+const WW_A: &str = "WW0000000000000000000000000000000a";
+const WW_B: &str = "WW0000000000000000000000000000000b";
+const ZS: &str = "ZS0000000000000000000000000000000b";
+const ZE: &str = "ZE0000000000000000000000000000000b";
+const TWILIO_SECRET: &str = "twilio-secret";
+
+/// The simulator with both test accounts and a sound workflow each.
+async fn sim() -> SimTwilio {
+    let sim = SimTwilio::start(Clock::starting_at(T0)).await;
+    for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
+        sim.add_account(ac, TWILIO_SECRET);
+        sim.add_workflow(ac, ws, ww);
+    }
+    sim
+}
+
+/// A config from `text` (built by `config_text_with`), keeping the non-fatal problems that the
+/// daemon must report rather than refuse.
+fn lenient(text: &str) -> Config {
+    let env = env();
+    let checked = check_str(text, &|k| env.get(k).map(|v| v.to_string()));
+    assert!(
+        !checked.problems.iter().any(|p| p.fatal),
+        "{:?}",
+        checked.problems
+    );
+    checked.config.unwrap()
+}
+
+async fn start(text: String) -> App {
+    App::start_with_clock(lenient(&text), Clock::starting_at(T0))
+        .await
+        .unwrap()
+}
+
+/// Lets virtual time pass while the daemon polls.
+async fn run_for(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+fn metrics(app: &App) -> String {
+    app.shared.fleet.refresh_gauges(app.shared.clock.now_ms());
+    app.shared.metrics.render()
+}
+
+fn config_ok(app: &App, cbo: &str) -> Option<f64> {
+    metric(
+        &metrics(app),
+        &format!("transfer_guard_workflow_config_ok{{cbo=\"{cbo}\"}}"),
+    )
+}
+
+fn problems(app: &App, cbo: &str) -> Vec<(String, String)> {
+    let status = app.shared.fleet.get(cbo).unwrap().taskrouter().clone();
+    serde_json::to_value(&status.problems)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["problem"].as_str().unwrap().to_string(),
+                p["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn problem_ids(app: &App, cbo: &str) -> Vec<String> {
+    problems(app, cbo).into_iter().map(|(id, _)| id).collect()
+}
+
+fn serverless_b() -> String {
+    // cbo b's serverless environment: appended to the second [[cbo]] block.
+    format!("serverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\n")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sound_workflow_gives_config_ok_1_and_its_statistics() {
+    let sim = sim().await;
+    sim.record_tasks(AC_A, WW_A, TaskEvent::Entered, 100);
+    sim.record_tasks(AC_A, WW_A, TaskEvent::Canceled, 4);
+    sim.record_tasks(AC_A, WW_A, TaskEvent::TimedOutInWorkflow, 2);
+    sim.record_tasks(AC_A, WW_A, TaskEvent::ReservationAccepted, 90);
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "a"), Some(1.0));
+    assert_eq!(config_ok(&app, "b"), Some(1.0));
+    assert!(problem_ids(&app, "a").is_empty());
+    let m = metrics(&app);
+    assert_eq!(
+        metric(&m, r#"transfer_guard_taskrouter_error_ratio{cbo="a"}"#),
+        Some(0.06)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_tasks{cbo="a",kind="entered"}"#
+        ),
+        Some(100.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_reservations{cbo="a",kind="accepted"}"#
+        ),
+        Some(90.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="ok"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(app.shared.not_ready().is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_workflow_sid_is_corruption() {
+    let sim = sim().await;
+    let text =
+        config_text_with(&sim.url(), "").replace(&format!("workflow_sid = \"{WW_B}\"\n"), "");
+    let app = start(text).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "b"), Some(0.0));
+    let p = problems(&app, "b");
+    assert_eq!(p[0].0, "missing");
+    assert!(
+        p[0].1.contains("TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_B"),
+        "{p:?}"
+    );
+    assert_eq!(config_ok(&app, "a"), Some(1.0));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_33_character_or_non_hex_workflow_sid_is_corruption() {
+    let sim = sim().await;
+    let text = config_text_with(&sim.url(), "")
+        .replace(WW_A, &WW_A[..33])
+        .replace(WW_B, "WWxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    let app = start(text).await;
+    run_for(Duration::from_secs(2)).await;
+    for cbo in ["a", "b"] {
+        assert_eq!(config_ok(&app, cbo), Some(0.0));
+        assert_eq!(problem_ids(&app, cbo), ["malformed"]);
+    }
+    assert!(problems(&app, "a")[0].1.contains("33 characters"));
+    // A malformed SID is never sent to Twilio.
+    assert!(
+        sim.requests()
+            .iter()
+            .all(|r| !r.path.contains("/Workflows/"))
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_twilio_does_not_know_is_not_found() {
+    let sim = sim().await;
+    sim.remove_workflow(AC_B, WS_B, WW_B);
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "b"), Some(0.0));
+    assert_eq!(problem_ids(&app, "b"), ["not_found"]);
+    assert_eq!(
+        metric(
+            &metrics(&app),
+            r#"transfer_guard_taskrouter_polls_total{cbo="b",result="client_error"}"#
+        ),
+        Some(1.0)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_400_on_the_workflow_is_corruption_and_counts_as_a_bad_request() {
+    let sim = sim().await;
+    sim.inject(
+        &format!("/Workflows/{WW_B}"),
+        Fault::Status {
+            status: 400,
+            code: 20001,
+        },
+        None,
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "b"), Some(0.0));
+    let p = problems(&app, "b");
+    assert_eq!(p[0].0, "bad_request");
+    assert!(p[0].1.contains("400 Bad Request"), "{p:?}");
+    let m = metrics(&app);
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_bad_requests_total{cbo="b"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_bad_requests_total{cbo="a"}"#
+        ),
+        Some(0.0)
+    );
+    // It is a Bad Request minute for the rules, without being a transfer.
+    let state = app.shared.fleet.get("b").unwrap();
+    let s = state.stats(app.shared.clock.now_ms(), Duration::from_secs(300));
+    assert_eq!(
+        (s.bad_request_minutes, s.counts.taskrouter_bad_request),
+        (1, 1)
+    );
+    assert_eq!(
+        metric_sum(&m, "transfer_guard_transfers_total", &[r#"cbo="b""#]),
+        0.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_without_the_queue_route_is_reported() {
+    let sim = sim().await;
+    let only_worker = r#"{"task_routing":{"filters":[{"expression":"transferTargetType == 'worker'","targets":[{"queue":"everyone"}]}]}}"#;
+    sim.set_workflow(AC_A, WS_A, WW_A, only_worker);
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "a"), Some(0.0));
+    let p = problems(&app, "a");
+    assert_eq!(p[0].0, "route_missing");
+    assert!(
+        p[0].1
+            .contains("does not route transferTargetType == 'queue'"),
+        "{p:?}"
+    );
+    assert_eq!(
+        metric(
+            &metrics(&app),
+            r#"transfer_guard_workflow_problem{cbo="a",problem="route_missing"}"#
+        ),
+        Some(1.0)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_workflow_sid_on_two_cbos_is_corruption_on_both() {
+    let sim = sim().await;
+    sim.add_workflow(AC_B, WS_B, WW_A);
+    let text = config_text_with(&sim.url(), "").replace(WW_B, WW_A);
+    let app = start(text).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(problem_ids(&app, "a"), ["shared"]);
+    assert_eq!(problem_ids(&app, "b"), ["shared"]);
+    assert!(
+        problems(&app, "b")[0]
+            .1
+            .contains("also configured for cbo a")
+    );
+    assert_eq!(config_ok(&app, "a"), Some(0.0));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_functions_variable_missing_or_naming_another_workflow_is_corruption() {
+    let sim = sim().await;
+    sim.add_service(AC_B, ZS, ZE, WW_B);
+    let app = start(config_text_with(&sim.url(), &serverless_b())).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "b"), Some(1.0));
+    let other = "WW000000000000000000000000000000ff";
+    sim.set_variable(
+        AC_B,
+        ZS,
+        ZE,
+        "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID",
+        Some(other),
+    );
+    run_for(Duration::from_secs(20)).await;
+    assert_eq!(config_ok(&app, "b"), Some(0.0));
+    let ids = problem_ids(&app, "b");
+    assert!(ids.contains(&"variable_mismatch".to_string()), "{ids:?}");
+    // Changed without a deployment: the baseline taken at the last deployment no longer holds.
+    assert!(
+        ids.contains(&"changed_since_deployment".to_string()),
+        "{ids:?}"
+    );
+    sim.set_variable(AC_B, ZS, ZE, "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID", None);
+    run_for(Duration::from_secs(20)).await;
+    assert!(problem_ids(&app, "b").contains(&"variable_missing".to_string()));
+    sim.set_variable(
+        AC_B,
+        ZS,
+        ZE,
+        "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID",
+        Some(WW_B),
+    );
+    run_for(Duration::from_secs(20)).await;
+    assert_eq!(config_ok(&app, "b"), Some(1.0));
+    assert!(problem_ids(&app, "b").is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deploy_that_resets_the_workflow_sid_is_caught_and_rebaselined() {
+    let sim = sim().await;
+    sim.add_service(AC_B, ZS, ZE, WW_B);
+    let app = start(config_text_with(&sim.url(), &serverless_b())).await;
+    run_for(Duration::from_secs(2)).await;
+    let before = app
+        .shared
+        .fleet
+        .get("b")
+        .unwrap()
+        .taskrouter()
+        .baseline
+        .clone()
+        .unwrap();
+    assert_eq!(before.workflow_sid, WW_B);
+    let reset = "WW000000000000000000000000000000ee";
+    let deployment = sim.deploy(AC_B, ZS, ZE, Some(reset));
+    run_for(Duration::from_secs(20)).await;
+    let status = app.shared.fleet.get("b").unwrap().taskrouter().clone();
+    assert_eq!(
+        status.latest_deployment.as_deref(),
+        Some(deployment.sid.as_str())
+    );
+    let baseline = status.baseline.unwrap();
+    assert_eq!(
+        (
+            baseline.workflow_sid.as_str(),
+            baseline.deployment.as_deref()
+        ),
+        (reset, Some(deployment.sid.as_str()))
+    );
+    assert_eq!(problem_ids(&app, "b"), ["variable_mismatch"]);
+    app.shutdown().await;
+}
+
+fn seen_at(sim: &SimTwilio, path: &str) -> Vec<tokio::time::Instant> {
+    sim.requests()
+        .iter()
+        .filter(|r| r.path.ends_with(path))
+        .map(|r| r.at)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_with_retry_after_2_delays_the_next_request_by_2_seconds() {
+    let sim = sim().await;
+    let path = format!("/Workflows/{WW_A}");
+    sim.inject(
+        &path,
+        Fault::RateLimit {
+            retry_after_secs: 2,
+        },
+        Some(1),
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(4)).await;
+    let at = seen_at(&sim, &path);
+    assert!(at.len() >= 2, "{at:?}");
+    let gap = at[1] - at[0];
+    assert!(
+        gap >= Duration::from_secs(2) && gap < Duration::from_millis(2100),
+        "{gap:?}"
+    );
+    // The retry succeeded: the poll is ok, the workflow sound.
+    assert_eq!(config_ok(&app, "a"), Some(1.0));
+    assert_eq!(
+        metric(
+            &metrics(&app),
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="ok"}"#
+        ),
+        Some(1.0)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_500_is_retried_with_backoff_then_counted_as_server_error() {
+    let sim = sim().await;
+    let path = format!("/Workflows/{WW_A}");
+    sim.inject(
+        &path,
+        Fault::Status {
+            status: 500,
+            code: 20500,
+        },
+        None,
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(8)).await;
+    let at = seen_at(&sim, &path);
+    assert_eq!(at.len(), 3, "three attempts in the first cycle: {at:?}");
+    let (first, second) = (at[1] - at[0], at[2] - at[1]);
+    assert!(
+        first >= Duration::from_millis(500) && second >= Duration::from_secs(1),
+        "{first:?} {second:?}"
+    );
+    let m = metrics(&app);
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="server_error"}"#
+        ),
+        Some(1.0)
+    );
+    // A failing poll says nothing about the workflow: no verdict yet, no corruption claimed.
+    assert_eq!(config_ok(&app, "a"), None);
+    let status = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert!(status.last_error.unwrap().contains("Twilio 500"));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_request_times_out_and_is_counted_timeout() {
+    let sim = sim().await;
+    sim.inject(
+        &format!("/Workflows/{WW_A}"),
+        Fault::Delay(Duration::from_secs(3600)),
+        None,
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(45)).await;
+    let m = metrics(&app);
+    assert!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="timeout"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    let status = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert!(status.last_error.unwrap().contains("no answer within 10s"));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_failure_never_changes_a_transfer_metric() {
+    let sim = sim().await;
+    let app = start(config_text_with(&sim.url(), "")).await;
+    let transfer_series = |m: &str| -> Vec<String> {
+        m.lines()
+            .filter(|l| {
+                [
+                    "transfers_total",
+                    "transfer_errors_total",
+                    "events_",
+                    "history_lost",
+                    "success_ratio",
+                    "transfer_completion",
+                ]
+                .iter()
+                .any(|n| l.starts_with(&format!("transfer_guard_{n}")))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    run_for(Duration::from_secs(2)).await;
+    let before = transfer_series(&metrics(&app));
+    for (status, code) in [(400, 20001), (404, 20404), (500, 20500)] {
+        sim.inject("/Workflows/", Fault::Status { status, code }, None);
+        run_for(Duration::from_secs(40)).await;
+        sim.clear_faults();
+    }
+    sim.inject(
+        "/Workflows/",
+        Fault::RateLimit {
+            retry_after_secs: 1,
+        },
+        None,
+    );
+    run_for(Duration::from_secs(40)).await;
+    let m = metrics(&app);
+    assert!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="rate_limited"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(transfer_series(&m), before);
+    app.shutdown().await;
+}
+
+/// Collects every log line the daemon writes while the test runs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_auth_token_never_appears_in_logs_errors_status_or_metrics() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let sim = sim().await;
+    // cbo a's token is wrong at this Twilio (401); b's requests fail with 500s and 400s.
+    sim.add_account(AC_A, "another-token");
+    sim.add_workflow(AC_A, WS_A, WW_A);
+    sim.inject(
+        &format!("/Workflows/{WW_B}/Cumulative"),
+        Fault::Status {
+            status: 500,
+            code: 20500,
+        },
+        None,
+    );
+    sim.inject(
+        &format!("/Workflows/{WW_B}"),
+        Fault::Status {
+            status: 400,
+            code: 20001,
+        },
+        Some(1),
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(60)).await;
+    let status = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert!(
+        status.last_error.as_deref().unwrap().contains("401"),
+        "{status:?}"
+    );
+    let status_json = {
+        let a = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+        let b = app.shared.fleet.get("b").unwrap().taskrouter().clone();
+        serde_json::to_string(&(a, b)).unwrap()
+    };
+    let m = metrics(&app);
+    app.shutdown().await;
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("TaskRouter poll failed"),
+        "the failures were logged"
+    );
+    let basic = base64_basic(AC_A, TWILIO_SECRET);
+    for (what, text) in [("logs", &logs), ("status", &status_json), ("metrics", &m)] {
+        assert!(
+            !text.contains(TWILIO_SECRET),
+            "the token leaked into {what}"
+        );
+        assert!(
+            !text.contains(&basic),
+            "the Basic credentials leaked into {what}"
+        );
+    }
+}
+
+fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifty_cbos_polled_every_second_never_exceed_the_per_account_limit() {
+    let sim = SimTwilio::start(Clock::starting_at(T0)).await;
+    sim.set_latency(Duration::from_millis(300));
+    let accounts = [
+        "AC000000000000000000000000000000a1",
+        "AC000000000000000000000000000000a2",
+    ];
+    for ac in accounts {
+        sim.add_account(ac, TWILIO_SECRET);
+    }
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[twilio]\ntaskrouter_url = \"{0}\"\nserverless_url = \"{0}\"\nflex_url = \"{0}\"\npoll_interval = \"1s\"\nmax_concurrent_requests = 3\n",
+        sim.url()
+    );
+    for i in 0..50 {
+        let ac = accounts[i % 2];
+        let ws = format!("WS{i:032x}");
+        let ww = format!("WW{i:032x}");
+        sim.add_workflow(ac, &ws, &ww);
+        text += &format!(
+            "[[cbo]]\nkey = \"c{i}\"\naccount_sid = \"{ac}\"\nauth_token_env = \"TWILIO\"\nworkspace_sid = \"{ws}\"\nworkflow_sid = \"{ww}\"\n"
+        );
+    }
+    let app = App::start_with_clock(lenient(&text), Clock::starting_at(T0))
+        .await
+        .unwrap();
+    run_for(Duration::from_secs(60)).await;
+    for ac in accounts {
+        let max = sim.max_in_flight(ac);
+        assert!(max <= 3, "{ac}: {max} requests in flight at once");
+        assert_eq!(
+            max, 3,
+            "{ac}: the limit was reached, so the test measured something"
+        );
+    }
+    let polls: HashMap<String, usize> = sim.requests().iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r.account.clone().unwrap()).or_default() += 1;
+        m
+    });
+    // 25 CBOs x 3 requests per cycle, limited to 3 at once of 300 ms: ~10 requests/s per account.
+    assert!(polls.values().all(|n| *n > 300), "{polls:?}");
+    let m = metrics(&app);
+    assert!(
+        metric_sum(
+            &m,
+            "transfer_guard_taskrouter_polls_total",
+            &[r#"result="ok""#]
+        ) > 100.0
+    );
+    app.shutdown().await;
+}
