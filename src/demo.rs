@@ -163,7 +163,8 @@ pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), c
     };
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut summary = tokio::time::interval(Duration::from_secs(5));
+    let every = Duration::from_secs(5);
+    let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             _ = &mut stop => break,

@@ -647,3 +647,30 @@ async fn fifty_cbos_polled_every_second_never_exceed_the_per_account_limit() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_api_key_authenticates_instead_of_the_auth_token() {
+    let sim = sim().await;
+    let key = "SK0000000000000000000000000000000a";
+    sim.add_api_key(AC_A, key, "key-secret");
+    let text = config_text_with(&sim.url(), "").replacen(
+        "auth_token_env = \"TWILIO\"",
+        &format!("api_key_sid = \"{key}\"\napi_key_secret_env = \"API_SECRET\""),
+        1,
+    );
+    let mut env = env();
+    env.insert("API_SECRET", "key-secret");
+    let checked = check_str(&text, &|k| env.get(k).map(|v| v.to_string()));
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    let app = App::start_with_clock(checked.config.unwrap(), Clock::starting_at(T0))
+        .await
+        .unwrap();
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "a"), Some(1.0));
+    assert!(
+        sim.requests()
+            .iter()
+            .any(|r| r.account.as_deref() == Some(AC_A) && r.status == 200)
+    );
+    app.shutdown().await;
+}
