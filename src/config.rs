@@ -121,9 +121,15 @@ impl Default for TransfersSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ActionsSection {
+    /// Decide, log and count, but fire nothing (the default until configured otherwise).
     pub dry_run: bool,
+    /// The least time between two actions of one kind on one CBO.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// Attempts per integration before an action is reported failed.
+    pub attempts: u32,
+    pub webhook: Option<WebhookSection>,
+    pub command: Option<CommandSection>,
 }
 
 impl Default for ActionsSection {
@@ -131,8 +137,39 @@ impl Default for ActionsSection {
         ActionsSection {
             dry_run: true,
             cooldown: Duration::from_secs(30 * 60),
+            attempts: 3,
+            webhook: None,
+            command: None,
         }
     }
+}
+
+/// `[actions.webhook]`: a signed POST for the `webhook` rollback and disable integrations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    pub url: String,
+    /// Variable holding the HMAC-SHA256 key for `X-Transfer-Guard-Signature`.
+    pub secret_env: String,
+    #[serde(default = "default_action_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// `[actions.command]`: a program for the `command` rollback integration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSection {
+    pub argv: Vec<String>,
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_action_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +215,9 @@ pub struct RuleOverride {
     /// `cross_cbo`: only CBOs deployed this recently are rolled back.
     #[serde(default, with = "humantime_serde")]
     pub deploy_window: Option<Duration>,
+    /// `config_corruption`: still breached this long after its rollback fired, disable.
+    #[serde(default, with = "humantime_serde")]
+    pub escalate_after: Option<Duration>,
     pub action: Option<RuleAction>,
 }
 
@@ -388,6 +428,7 @@ pub struct FileSource {
 pub struct Config {
     pub server: ServerSection,
     pub admin_token: Option<Secret>,
+    pub webhook_secret: Option<Secret>,
     pub twilio: TwilioSection,
     pub transfers: TransfersSection,
     pub actions: ActionsSection,
@@ -744,6 +785,40 @@ impl Resolver<'_> {
             let message = "transfers.max_window must be within 1s..=1h".to_string();
             self.problem(None, None, message, true);
         }
+        let webhook_secret = file.actions.webhook.as_ref().and_then(|w| {
+            if let Err(e) = reqwest::Url::parse(&w.url) {
+                self.problem(
+                    None,
+                    None,
+                    format!("actions.webhook.url: {:?} is not a URL: {e}", w.url),
+                    true,
+                );
+            }
+            let var = Spanned::new(0..0, w.secret_env.clone());
+            let secret = self.secret(&var, None, "actions.webhook.secret_env");
+            if let Some(p) = self.problems.last_mut()
+                && p.message.starts_with("actions.webhook.secret_env")
+            {
+                p.line = None;
+            }
+            secret
+        });
+        if file
+            .actions
+            .command
+            .as_ref()
+            .is_some_and(|c| c.argv.is_empty())
+        {
+            self.problem(None, None, "actions.command.argv is empty".into(), true);
+        }
+        if file.actions.attempts == 0 {
+            self.problem(
+                None,
+                None,
+                "actions.attempts must be at least 1".into(),
+                true,
+            );
+        }
         if file.twilio.max_concurrent_requests == 0 {
             let message = "twilio.max_concurrent_requests must be at least 1".to_string();
             self.problem(None, None, message, true);
@@ -798,9 +873,37 @@ impl Resolver<'_> {
             }
         }
 
+        for cbo in &file.cbos {
+            let key = cbo.key.get_ref().as_str();
+            let at = Some(cbo.key.span().start);
+            let webhook = cbo.rollback.contains(&RollbackKind::Webhook)
+                || cbo.disable.contains(&DisableKind::Webhook);
+            if webhook && file.actions.webhook.is_none() {
+                self.problem(
+                    at,
+                    Some(key),
+                    "a webhook action needs [actions.webhook]".into(),
+                    true,
+                );
+            }
+            if cbo.rollback.contains(&RollbackKind::Command) && file.actions.command.is_none() {
+                self.problem(
+                    at,
+                    Some(key),
+                    "the command action needs [actions.command]".into(),
+                    true,
+                );
+            }
+            let serverless = cbo.serverless_service_sid.is_some();
+            if cbo.rollback.contains(&RollbackKind::Serverless) && !serverless {
+                let message = "the serverless rollback needs serverless_service_sid and serverless_environment_sid";
+                self.problem(at, Some(key), message.into(), true);
+            }
+        }
         let config = Config {
             server: file.server,
             admin_token,
+            webhook_secret,
             twilio: file.twilio,
             transfers: file.transfers,
             actions: file.actions,

@@ -85,6 +85,8 @@ pub fn config(listen: SocketAddr, twilio: &str) -> Config {
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
     let mut config = checked.config.expect("the demo config is valid");
     config.server.listen = listen;
+    config.server.state_dir =
+        std::env::temp_dir().join(format!("transfer-guard-demo-{}", std::process::id()));
     config.twilio.taskrouter_url = twilio.to_string();
     config.twilio.serverless_url = twilio.to_string();
     config.twilio.flex_url = twilio.to_string();

@@ -158,6 +158,12 @@ pub struct TaskRouterStatus {
     pub functions_workflow_sid: Option<String>,
     pub baseline: Option<Baseline>,
     pub latest_deployment: Option<String>,
+    /// When Twilio says the latest deployment was created (ms since the epoch).
+    #[serde(skip)]
+    pub latest_deployment_at_ms: Option<i64>,
+    /// When `statistics` were last read (ms since the epoch), so stale ones decide nothing.
+    #[serde(skip)]
+    pub statistics_at_ms: Option<i64>,
     pub problems: Vec<Corruption>,
     /// `None` until the first poll that could tell.
     pub config_ok: Option<bool>,

@@ -1,13 +1,17 @@
 //! transfer-guard: watches ConnieRTC conversation transfers per CBO. `App::start` wires the pieces together.
 
+pub mod actions;
 pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod decisions;
 pub mod demo;
 pub mod event;
+pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod rules;
 pub mod sid;
 pub mod sim;
 pub mod sources;
@@ -29,21 +33,27 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::Fleet;
 
-/// How often open transfers are checked for their timeout.
+/// How often open transfers are checked for their timeout and the rules are evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
 
 /// What every handler and task shares.
 pub struct Shared {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub fleet: Fleet,
     pub clock: Clock,
     pub ready: AtomicBool,
     /// CBOs whose first poll has not finished; `/readyz` waits for them.
     pub awaiting_first_poll: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    pub engine: std::sync::Mutex<rules::Engine>,
+    pub actions: Arc<actions::Actions>,
 }
 
 impl Shared {
+    pub fn engine(&self) -> std::sync::MutexGuard<'_, rules::Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn poll_done(&self, key: &str) {
         self.awaiting_first_poll
             .lock()
@@ -67,6 +77,8 @@ impl Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("state_dir: {0}")]
+    State(#[from] decisions::LogError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -92,13 +104,25 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let fleet = Fleet::new(&config, &metrics);
         let addr = config.server.listen;
+        let config = Arc::new(config);
+        let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
+        let clients = sources::poll::clients(&config);
+        let actions = Arc::new(actions::Actions::new(
+            config.clone(),
+            log,
+            metrics.clone(),
+            clock,
+            clients.clone(),
+        ));
         let shared = Arc::new(Shared {
+            engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),
             config,
             metrics,
             fleet,
             clock,
             ready: AtomicBool::new(false),
             awaiting_first_poll: Default::default(),
+            actions,
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -127,6 +151,7 @@ impl App {
         let mut until = stopped.clone();
         let start = tokio::time::Instant::now();
         tasks.spawn(async move {
+            let mut memory = guard::Memory::default();
             // Sweeps on whole ticks from start (not an interval that drifts after a stall),
             // so a transfer times out at the first tick at or after its deadline.
             loop {
@@ -134,14 +159,13 @@ impl App {
                 let next = start + TICK * ticks as u32;
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {
-                        ticker_shared.fleet.sweep(ticker_shared.clock.now_ms());
+                        guard::tick(&ticker_shared, &mut memory, ticker_shared.clock.now_ms());
                     }
                     _ = until.changed() => break,
                 }
             }
         });
 
-        let clients = sources::poll::clients(&shared.config);
         for cbo in &shared.config.cbos {
             let poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
             let key = cbo.key.to_string();

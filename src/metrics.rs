@@ -75,6 +75,9 @@ pub struct Metrics {
     pub taskrouter_tasks_in_workflow: IntGaugeVec,
     pub workflow_config_ok: IntGaugeVec,
     pub workflow_problem: IntGaugeVec,
+    pub rule_state: IntGaugeVec,
+    pub actions_total: IntCounterVec,
+    pub transfers_disabled: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -238,6 +241,27 @@ impl Metrics {
                 ),
                 &["cbo", "problem"]
             )),
+            rule_state: reg!(IntGaugeVec::new(
+                opts(
+                    "rule_state",
+                    "1 for each rule's current state (ok, pending, breached, inconclusive), 0 for the others."
+                ),
+                &["cbo", "rule", "state"]
+            )),
+            actions_total: reg!(IntCounterVec::new(
+                opts(
+                    "actions_total",
+                    "Action decisions and attempts, by integration (or rollback/disable/alert) and result."
+                ),
+                &["cbo", "action", "result"]
+            )),
+            transfers_disabled: reg!(IntGaugeVec::new(
+                opts(
+                    "transfers_disabled",
+                    "1 while transfer-guard's switch has transfers disabled for the CBO."
+                ),
+                &["cbo"]
+            )),
             registry,
         };
         m.build_info
@@ -275,6 +299,15 @@ impl Metrics {
                 .with_label_values(&[cbo, result.as_str()]);
         }
         self.taskrouter_bad_requests.with_label_values(&[cbo]);
+        self.transfers_disabled.with_label_values(&[cbo]);
+        for rule in crate::rules::RuleId::ALL {
+            for state in crate::rules::RuleState::ALL {
+                let v = i64::from(state == crate::rules::RuleState::Ok);
+                self.rule_state
+                    .with_label_values(&[cbo, rule.as_str(), state.as_str()])
+                    .set(v);
+            }
+        }
     }
 
     pub fn reject(&self, cbo: &str, reason: Reject) {

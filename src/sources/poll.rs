@@ -49,6 +49,7 @@ pub struct Cycle {
     pub real_time: Option<RealTimeStatistics>,
     pub functions_workflow_sid: Option<String>,
     pub latest_deployment: Option<String>,
+    pub latest_deployment_at_ms: Option<i64>,
     pub new_deployment: bool,
     pub baseline: Option<Baseline>,
     pub duration: Duration,
@@ -68,6 +69,7 @@ pub struct Poller {
     functions_sid: Option<String>,
     baseline: Option<Baseline>,
     last_deployment: Option<String>,
+    last_deployment_at_ms: Option<i64>,
 }
 
 /// The workflow variable the template's functions read: the per-CBO one, else the shared one.
@@ -106,6 +108,7 @@ impl Poller {
             functions_sid: None,
             baseline: None,
             last_deployment: None,
+            last_deployment_at_ms: None,
         }
     }
 
@@ -245,10 +248,21 @@ impl Poller {
             }
             match sl.deployments(&zs, &ze).await {
                 Ok(deployments) => {
-                    let latest = deployments
-                        .iter()
-                        .max_by(|a, b| a.date_created.cmp(&b.date_created))
-                        .and_then(|d| d.sid.clone());
+                    // Twilio lists newest first; on equal timestamps the listing order decides.
+                    let newest = deployments.iter().reduce(|best, d| {
+                        if d.date_created > best.date_created {
+                            d
+                        } else {
+                            best
+                        }
+                    });
+                    let latest = newest.and_then(|d| d.sid.clone());
+                    if let Some(at) = newest
+                        .and_then(|d| d.date_created.as_deref())
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    {
+                        self.last_deployment_at_ms = Some(at.timestamp_millis());
+                    }
                     cycle.new_deployment = self.last_deployment.is_some()
                         && latest.is_some()
                         && latest != self.last_deployment;
@@ -298,6 +312,7 @@ impl Poller {
         cycle.result.get_or_insert(PollResult::Ok);
         cycle.functions_workflow_sid = self.functions_sid.clone();
         cycle.latest_deployment = self.last_deployment.clone();
+        cycle.latest_deployment_at_ms = self.last_deployment_at_ms;
         cycle.baseline = self.baseline.clone();
         cycle.duration = started.elapsed();
         cycle
@@ -392,13 +407,20 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
         functions_workflow_sid: cycle.functions_workflow_sid.clone(),
         baseline: cycle.baseline.clone(),
         latest_deployment: cycle.latest_deployment.clone(),
+        latest_deployment_at_ms: cycle.latest_deployment_at_ms,
+        statistics_at_ms: if cycle.statistics.is_some() {
+            Some(shared.clock.now_ms())
+        } else {
+            st.statistics_at_ms
+        },
         problems: cycle.problems.clone(),
         config_ok: cycle.config_ok.or(st.config_ok),
     };
 }
 
 /// Polls one CBO until `stop`: first within a second of start (readiness waits for it), the
-/// second after a random part of `poll_interval` so CBOs spread out, then every interval ±10 %.
+/// second after a random half to whole `poll_interval` so CBOs spread out, then every interval
+/// ±10 %.
 pub async fn run(
     shared: Arc<Shared>,
     mut poller: Poller,
@@ -427,7 +449,7 @@ pub async fn run(
         shared.poll_done(&key);
         cycles += 1;
         wait = if cycles == 1 {
-            interval.mul_f64(fastrand::f64())
+            interval.mul_f64(0.5 + 0.5 * fastrand::f64())
         } else {
             interval.mul_f64(0.9 + 0.2 * fastrand::f64())
         };

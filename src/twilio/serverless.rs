@@ -73,3 +73,22 @@ impl Serverless<'_> {
         Ok(page.deployments)
     }
 }
+
+impl Serverless<'_> {
+    /// Deploys `build` to the environment (a rollback is a new deployment of an earlier build).
+    pub async fn create_deployment(
+        &self,
+        service: &ServiceSid,
+        env: &EnvironmentSid,
+        build: &str,
+    ) -> Result<Deployment, TwilioError> {
+        let resource = format!("environment {env} deployments");
+        self.client
+            .post_form(
+                &self.url(service, env, "/Deployments"),
+                &[("BuildSid", build.to_string())],
+                &resource,
+            )
+            .await
+    }
+}

@@ -18,13 +18,20 @@ pub fn config_text(extra: &str) -> String {
     config_text_with(NO_TWILIO, extra)
 }
 
-/// The same with every Twilio base URL at `twilio`.
+/// The same with every Twilio base URL at `twilio`, and a fresh state directory.
 pub fn config_text_with(twilio: &str, extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap().keep();
+    config_text_in(&dir, twilio, extra)
+}
+
+/// The same with the state directory `state_dir` (to restart on the same state).
+pub fn config_text_in(state_dir: &std::path::Path, twilio: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_token_env = "ADMIN"
+state_dir = "{}"
 
 [twilio]
 taskrouter_url = "{twilio}"
@@ -47,7 +54,8 @@ auth_token_env = "TWILIO"
 workspace_sid = "WS0000000000000000000000000000000b"
 workflow_sid = "WW0000000000000000000000000000000b"
 {extra}
-"#
+"#,
+        state_dir.display()
     )
 }
 

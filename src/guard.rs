@@ -1,0 +1,174 @@
+//! The tick: sweep transfers, evaluate every rule of every CBO, log state changes, and hand breaches to the actions.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::Shared;
+use crate::actions::{ActionKind, Decision};
+use crate::clock::rfc3339;
+use crate::config::RuleAction;
+use crate::decisions::{Entry, Kind};
+use crate::rules::{Inputs, RuleId, RuleState, Transition};
+
+/// What the tick remembers between runs.
+#[derive(Default)]
+pub struct Memory {
+    /// config_corruption breaches (cbo, breached at) already escalated to disable.
+    escalated: HashSet<(String, i64)>,
+}
+
+/// One evaluation at `now_ms`.
+pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
+    shared.fleet.sweep(now_ms);
+    let statuses: Vec<_> = shared
+        .fleet
+        .iter()
+        .map(|c| (c.key.clone(), c.taskrouter().clone()))
+        .collect();
+    let transitions = {
+        let stats: Vec<_> = shared
+            .fleet
+            .iter()
+            .map(|c| move |w: Duration| c.stats(now_ms, w))
+            .collect();
+        let inputs = statuses.iter().zip(&stats).map(|((key, tr), stats)| {
+            (
+                key.as_str(),
+                Inputs {
+                    stats,
+                    taskrouter: tr,
+                    poll_interval: shared.config.twilio.poll_interval,
+                    now_ms,
+                },
+            )
+        });
+        shared.engine().tick(inputs, now_ms)
+    };
+
+    let mut entries = Vec::new();
+    for t in &transitions {
+        let m = &shared.metrics.rule_state;
+        m.with_label_values(&[&t.cbo, t.rule.as_str(), t.from.as_str()])
+            .set(0);
+        m.with_label_values(&[&t.cbo, t.rule.as_str(), t.to.as_str()])
+            .set(1);
+        let mut e = Entry::new(&t.cbo, Kind::State, now_ms);
+        e.rule = Some(t.rule.as_str().into());
+        e.from = Some(t.from.as_str().into());
+        e.to = Some(t.to.as_str().into());
+        e.evidence = serde_json::json!({"measured": t.evidence, "params": t.params});
+        entries.push(e);
+        if t.to == RuleState::Ok {
+            shared.actions.recovered(&t.cbo, t.rule);
+        }
+        if matches!(t.to, RuleState::Breached | RuleState::Pending) {
+            tracing::warn!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), evidence = %t.evidence, "rule state changed");
+        } else {
+            tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), "rule state changed");
+        }
+    }
+    // The state changes are durable before any action they cause is reported.
+    if let Err(e) = shared.actions.log.append_all(entries) {
+        tracing::error!(error = %e, "cannot write the decision log");
+    }
+    for t in transitions.iter().filter(|t| t.to == RuleState::Breached) {
+        act(shared, t, &statuses, now_ms);
+    }
+    escalate(shared, memory, &statuses, now_ms);
+}
+
+fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms: i64) -> Decision {
+    Decision {
+        cbo: t.cbo.clone(),
+        rule: t.rule,
+        kind,
+        evidence: t.evidence.clone(),
+        deployment,
+        decided_at: rfc3339(now_ms),
+    }
+}
+
+fn act(
+    shared: &Shared,
+    t: &Transition,
+    statuses: &[(String, crate::health::TaskRouterStatus)],
+    now_ms: i64,
+) {
+    let tr = statuses.iter().find(|(k, _)| *k == t.cbo).map(|(_, s)| s);
+    let deployment = tr.and_then(|s| s.latest_deployment.clone());
+    let kind = match t.params.action {
+        RuleAction::Rollback => ActionKind::Rollback,
+        RuleAction::Disable => ActionKind::Disable,
+        RuleAction::Alert => ActionKind::Alert,
+    };
+    if t.rule == RuleId::CrossCbo {
+        // Page on-call always; roll back only the CBOs deployed recently (a common release).
+        shared
+            .actions
+            .decide(decision(t, ActionKind::Alert, deployment.clone(), now_ms));
+        if kind == ActionKind::Alert {
+            return;
+        }
+        let recent = tr
+            .and_then(|s| s.latest_deployment_at_ms)
+            .is_some_and(|at| now_ms - at < t.params.deploy_window.as_millis() as i64);
+        if !recent {
+            let mut e = Entry::new(&t.cbo, Kind::Action, now_ms);
+            e.rule = Some(t.rule.as_str().into());
+            e.action = Some(kind.as_str().into());
+            e.integration = Some(kind.as_str().into());
+            e.result = Some("suppressed".into());
+            e.detail = Some(format!(
+                "no deployment younger than {} (a shared cause elsewhere, such as a Twilio incident)",
+                humantime::format_duration(t.params.deploy_window)
+            ));
+            e.deployment = deployment;
+            e.evidence = t.evidence.clone();
+            shared
+                .metrics
+                .actions_total
+                .with_label_values(&[&t.cbo, kind.as_str(), "suppressed"])
+                .inc();
+            shared.actions.record(e);
+            return;
+        }
+    }
+    shared.actions.decide(decision(t, kind, deployment, now_ms));
+}
+
+/// `config_corruption` that outlives its rollback by `escalate_after` turns transfers off.
+fn escalate(
+    shared: &Shared,
+    memory: &mut Memory,
+    statuses: &[(String, crate::health::TaskRouterStatus)],
+    now_ms: i64,
+) {
+    let engine = shared.engine();
+    for (cbo, tr) in statuses {
+        let Some(t) = engine.state(cbo, RuleId::ConfigCorruption) else {
+            continue;
+        };
+        let params = engine
+            .params(cbo, RuleId::ConfigCorruption)
+            .expect("every rule has params");
+        if t.state != RuleState::Breached
+            || params.action != RuleAction::Rollback
+            || now_ms - t.changed_at_ms < params.escalate_after.as_millis() as i64
+            || !memory.escalated.insert((cbo.clone(), t.changed_at_ms))
+        {
+            continue;
+        }
+        shared.actions.decide(Decision {
+            cbo: cbo.clone(),
+            rule: RuleId::ConfigCorruption,
+            kind: ActionKind::Disable,
+            evidence: serde_json::json!({
+                "breached_since": rfc3339(t.changed_at_ms),
+                "escalate_after": humantime::format_duration(params.escalate_after).to_string(),
+                "measured": t.evidence,
+            }),
+            deployment: tr.latest_deployment.clone(),
+            decided_at: rfc3339(now_ms),
+        });
+    }
+}
