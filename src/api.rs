@@ -12,10 +12,13 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::Shared;
+use crate::actions::Switch;
 use crate::config::WorkflowSource;
 use crate::health::TaskRouterStatus;
+use crate::rules::{RuleId, RuleState};
 use crate::sources;
 use crate::window::WindowStats;
+use axum::extract::{Path, Query};
 
 /// Who is calling, by bearer token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +53,28 @@ pub fn caller(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
     found
 }
 
+/// `None` for the admin token, else the refusal: 401 (no valid token) or 403 (a CBO's token).
+fn refuse_unless_admin(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    match caller(shared, headers) {
+        Some(Caller::Admin) => None,
+        Some(Caller::Cbo(_)) => Some(json_error(
+            StatusCode::FORBIDDEN,
+            "this needs the admin token",
+        )),
+        None => Some(json_error(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+        )),
+    }
+}
+
+fn unknown_cbo(cbo: &str) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        &format!("no CBO {cbo:?} is configured"),
+    )
+}
+
 pub fn json_error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
@@ -61,6 +86,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/events", post(sources::http::ingest))
+        .route("/v1/switch/{cbo}", get(get_switch).put(put_switch))
+        .route("/v1/cbos/{cbo}/ack", post(ack))
+        .route("/v1/decisions", get(decisions))
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
 }
@@ -117,6 +145,8 @@ struct CboStatus {
     open_transfers: usize,
     workflow: WorkflowStatus,
     taskrouter: TaskRouterStatus,
+    rules: BTreeMap<&'static str, crate::rules::Tracked>,
+    switch: Option<Switch>,
     windows: BTreeMap<&'static str, WindowStats>,
 }
 
@@ -159,6 +189,8 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
                     problem: cbo.workflow.sid.as_ref().err().cloned(),
                 },
                 taskrouter: state.taskrouter().clone(),
+                rules: shared.engine().states(cbo.key.as_str()),
+                switch: shared.actions.switch(cbo.key.as_str()),
                 windows,
             },
         );
@@ -171,5 +203,165 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         now,
         cbos,
     })
+    .into_response()
+}
+
+async fn get_switch(State(shared): State<Arc<Shared>>, Path(cbo): Path<String>) -> Response {
+    match shared.actions.switch(&cbo) {
+        Some(s) => Json(s).into_response(),
+        None => unknown_cbo(&cbo),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SwitchChange {
+    transfers_enabled: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// On-call turns transfers back on (restoring the Flex flags seen before) or off by hand.
+async fn put_switch(
+    State(shared): State<Arc<Shared>>,
+    Path(cbo): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = refuse_unless_admin(&shared, &headers) {
+        return refused;
+    }
+    let Some(config) = shared.config.cbo(&cbo).cloned() else {
+        return unknown_cbo(&cbo);
+    };
+    let change: SwitchChange = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("body must be {{\"transfers_enabled\": true|false}}: {e}"),
+            );
+        }
+    };
+    if change.transfers_enabled {
+        let reason = change
+            .reason
+            .unwrap_or_else(|| "re-enabled by on-call".into());
+        match shared.actions.enable(&config, reason).await {
+            Ok(s) => Json(s).into_response(),
+            Err(e) => json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot restore the Flex flags: {e}"),
+            ),
+        }
+    } else {
+        let reason = change
+            .reason
+            .unwrap_or_else(|| "disabled by on-call".into());
+        shared.actions.set_switch(&cbo, false, reason, None);
+        Json(shared.actions.switch(&cbo)).into_response()
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct AckBody {
+    #[serde(default)]
+    rule: Option<String>,
+}
+
+/// Silences the actions of a CBO's breached rules (or the one named) until each recovers.
+async fn ack(
+    State(shared): State<Arc<Shared>>,
+    Path(cbo): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = refuse_unless_admin(&shared, &headers) {
+        return refused;
+    }
+    if shared.config.cbo(&cbo).is_none() {
+        return unknown_cbo(&cbo);
+    }
+    let body: AckBody = if body.is_empty() {
+        AckBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("body must be {{\"rule\": \"…\"}} or empty: {e}"),
+                );
+            }
+        }
+    };
+    let rules: Vec<RuleId> = match &body.rule {
+        Some(name) => match RuleId::parse(name) {
+            Some(r) => vec![r],
+            None => return json_error(StatusCode::BAD_REQUEST, &format!("no rule {name:?}")),
+        },
+        None => {
+            let engine = shared.engine();
+            RuleId::ALL
+                .into_iter()
+                .filter(|r| {
+                    engine.state(&cbo, *r).is_some_and(|t| {
+                        matches!(t.state, RuleState::Breached | RuleState::Pending)
+                    })
+                })
+                .collect()
+        }
+    };
+    if rules.is_empty() {
+        return json_error(
+            StatusCode::CONFLICT,
+            "no rule of this CBO is pending or breached",
+        );
+    }
+    shared.actions.ack(&cbo, &rules, "the admin token");
+    Json(serde_json::json!({
+        "cbo": cbo,
+        "acknowledged": rules.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct DecisionQuery {
+    cbo: Option<String>,
+    since: Option<String>,
+}
+
+/// The decision log, oldest first; a CBO's token reads only that CBO's part.
+async fn decisions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<DecisionQuery>,
+) -> Response {
+    let cbo = match (caller(&shared, &headers), q.cbo) {
+        (None, _) => {
+            return json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+        }
+        (Some(Caller::Admin), cbo) => cbo,
+        (Some(Caller::Cbo(own)), Some(asked)) if asked != own => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "a CBO's token reads only its own decisions",
+            );
+        }
+        (Some(Caller::Cbo(own)), _) => Some(own),
+    };
+    let since = match q.since.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
+        None => None,
+        Some(Ok(t)) => Some(t.timestamp_millis()),
+        Some(Err(e)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("since must be RFC 3339: {e}"),
+            );
+        }
+    };
+    Json(serde_json::json!({
+        "decisions": shared.actions.log.query(cbo.as_deref(), since),
+    }))
     .into_response()
 }

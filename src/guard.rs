@@ -71,7 +71,32 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
     if let Err(e) = shared.actions.log.append_all(entries) {
         tracing::error!(error = %e, "cannot write the decision log");
     }
+    let shared_cause: HashSet<String> = {
+        let engine = shared.engine();
+        statuses
+            .iter()
+            .filter(|(k, _)| {
+                engine
+                    .state(k, RuleId::CrossCbo)
+                    .is_some_and(|t| t.state == RuleState::Breached)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
     for t in transitions.iter().filter(|t| t.to == RuleState::Breached) {
+        let per_cbo = matches!(t.rule, RuleId::SuccessRate | RuleId::BadRequests);
+        if per_cbo && t.params.action != RuleAction::Alert && shared_cause.contains(&t.cbo) {
+            // Several CBOs at once: cross_cbo decides who is rolled back.
+            suppress(
+                shared,
+                t,
+                None,
+                now_ms,
+                "cross_cbo is breached: it decides, rolling back only recently deployed CBOs"
+                    .into(),
+            );
+            continue;
+        }
         act(shared, t, &statuses, now_ms);
     }
     escalate(shared, memory, &statuses, now_ms);
@@ -113,27 +138,39 @@ fn act(
             .and_then(|s| s.latest_deployment_at_ms)
             .is_some_and(|at| now_ms - at < t.params.deploy_window.as_millis() as i64);
         if !recent {
-            let mut e = Entry::new(&t.cbo, Kind::Action, now_ms);
-            e.rule = Some(t.rule.as_str().into());
-            e.action = Some(kind.as_str().into());
-            e.integration = Some(kind.as_str().into());
-            e.result = Some("suppressed".into());
-            e.detail = Some(format!(
+            let why = format!(
                 "no deployment younger than {} (a shared cause elsewhere, such as a Twilio incident)",
                 humantime::format_duration(t.params.deploy_window)
-            ));
-            e.deployment = deployment;
-            e.evidence = t.evidence.clone();
-            shared
-                .metrics
-                .actions_total
-                .with_label_values(&[&t.cbo, kind.as_str(), "suppressed"])
-                .inc();
-            shared.actions.record(e);
+            );
+            suppress(shared, t, deployment, now_ms, why);
             return;
         }
     }
     shared.actions.decide(decision(t, kind, deployment, now_ms));
+}
+
+/// Records that a breach's action was held back, and why.
+fn suppress(shared: &Shared, t: &Transition, deployment: Option<String>, now_ms: i64, why: String) {
+    let action = match t.params.action {
+        RuleAction::Rollback => "rollback",
+        RuleAction::Disable => "disable",
+        RuleAction::Alert => "alert",
+    };
+    tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), action, why, "action suppressed");
+    let mut e = Entry::new(&t.cbo, Kind::Action, now_ms);
+    e.rule = Some(t.rule.as_str().into());
+    e.action = Some(action.into());
+    e.integration = Some(action.into());
+    e.result = Some("suppressed".into());
+    e.detail = Some(why);
+    e.deployment = deployment;
+    e.evidence = t.evidence.clone();
+    shared
+        .metrics
+        .actions_total
+        .with_label_values(&[&t.cbo, action, "suppressed"])
+        .inc();
+    shared.actions.record(e);
 }
 
 /// `config_corruption` that outlives its rollback by `escalate_after` turns transfers off.

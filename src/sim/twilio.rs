@@ -408,6 +408,23 @@ impl SimTwilio {
         self.state().account(account).flex_configuration.clone()
     }
 
+    /// A plugin configuration named `name`, released now; returns the configuration's SID.
+    pub fn release_plugin_configuration(&self, account: &str, name: &str) -> String {
+        let created = self.now();
+        let mut s = self.state();
+        let config = s.sid("FJ");
+        let release = s.sid("FK");
+        let acc = s.account(account);
+        acc.plugin_configurations
+            .push((config.clone(), name.into(), created.clone()));
+        acc.releases.push(Release {
+            sid: release,
+            configuration_sid: config.clone(),
+            created,
+        });
+        config
+    }
+
     pub fn releases(&self, account: &str) -> Vec<Release> {
         self.state().account(account).releases.clone()
     }
