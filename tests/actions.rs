@@ -266,14 +266,56 @@ async fn a_taskrouter_error_rate_over_5_percent_for_15_minutes_rolls_back() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_deploy_that_resets_the_workflow_sid_rolls_back_then_disables_with_other_flex_values_untouched()
- {
+async fn a_deploy_that_resets_the_workflow_sid_is_rolled_back_and_the_configuration_recovers() {
+    let sim = sim().await;
+    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(state(&app, "a", "config_corruption"), "ok");
+    let good_build = sim
+        .deployments(AC_A, ZS_A, ZE_A)
+        .last()
+        .unwrap()
+        .build_sid
+        .clone();
+    sim.deploy(AC_A, ZS_A, ZE_A, Some("WW00000000000000000000000000000bad"));
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(actions(&app, "a", "serverless", "fired"), 1.0);
+    let redeployed = sim
+        .deployments(AC_A, ZS_A, ZE_A)
+        .last()
+        .unwrap()
+        .build_sid
+        .clone();
+    assert_eq!(redeployed, good_build, "the build before the bad deploy");
+    let var = sim.variable(AC_A, ZS_A, ZE_A, "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID");
+    assert_eq!(
+        var.as_deref(),
+        Some(WW_A),
+        "its variables came back with it"
+    );
+    let log = app.shared.actions.log.query(Some("a"), None);
+    let states: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|e| e.kind == Kind::State && e.rule.as_deref() == Some("config_corruption"))
+        .map(|e| (e.from.as_deref().unwrap(), e.to.as_deref().unwrap()))
+        .collect();
+    assert!(
+        states.ends_with(&[("ok", "breached"), ("breached", "ok")]),
+        "{states:?}"
+    );
+    assert_eq!(state(&app, "a", "config_corruption"), "ok");
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn corruption_a_rollback_cannot_fix_disables_transfers_with_other_flex_values_untouched() {
     let sim = sim().await;
     let app = start(&text(&fresh_dir(), &sim, "", "")).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(state(&app, "a", "config_corruption"), "ok");
     let flex_before = sim.flex_configuration(AC_A);
-    sim.deploy(AC_A, ZS_A, ZE_A, Some("WW00000000000000000000000000000bad"));
+    // Someone deletes the workflow in the console: no redeploy brings it back.
+    sim.remove_workflow(AC_A, WS_A, WW_A);
     tokio::time::sleep(Duration::from_secs(40)).await;
     assert_eq!(state(&app, "a", "config_corruption"), "breached");
     assert_eq!(actions(&app, "a", "serverless", "fired"), 1.0);
@@ -282,7 +324,7 @@ async fn a_deploy_that_resets_the_workflow_sid_rolls_back_then_disables_with_oth
         0.0,
         "no disable before escalate_after"
     );
-    // The rollback did not bring the variable back: after 10 minutes, transfers go off.
+    // The rollback did not bring the workflow back: after 10 minutes, transfers go off.
     tokio::time::sleep(Duration::from_secs(11 * 60)).await;
     assert_eq!(actions(&app, "a", "flex_flag", "fired"), 1.0);
     let flex_after = sim.flex_configuration(AC_A);

@@ -55,3 +55,56 @@ impl Integration for Command {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actions::{ActionKind, Decision};
+    use crate::rules::RuleId;
+
+    fn decision() -> Decision {
+        Decision {
+            cbo: "nss".into(),
+            rule: RuleId::BadRequests,
+            kind: ActionKind::Rollback,
+            evidence: serde_json::json!({"minutes_with_bad_requests": 3}),
+            deployment: Some("ZD1".into()),
+            decided_at: "2026-11-26T00:00:00Z".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_command_gets_the_decision_in_its_environment_and_its_exit_code_is_recorded() {
+        let ok = Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo $TRANSFER_GUARD_CBO $TRANSFER_GUARD_RULE $TRANSFER_GUARD_DEPLOYMENT".into(),
+            ],
+            timeout: Duration::from_secs(10),
+        };
+        assert_eq!(
+            ok.run(&decision()).await.unwrap(),
+            "sh exited 0: nss bad_requests ZD1"
+        );
+        let failing = Command {
+            argv: vec!["sh".into(), "-c".into(), "echo no >&2; exit 7".into()],
+            timeout: Duration::from_secs(10),
+        };
+        assert_eq!(
+            failing.run(&decision()).await.unwrap_err(),
+            "sh exited 7: no"
+        );
+        let missing = Command {
+            argv: vec!["/nonexistent/rollback".into()],
+            timeout: Duration::from_secs(10),
+        };
+        assert!(
+            missing
+                .run(&decision())
+                .await
+                .unwrap_err()
+                .starts_with("/nonexistent/rollback: ")
+        );
+    }
+}

@@ -85,6 +85,9 @@ struct Environment {
     created: String,
     deployments: Vec<Deployment>,
     variables: Vec<Variable>,
+    /// The variables each build was deployed with (`twilio serverless:deploy` uploads `.env`
+    /// with the build), so redeploying an earlier build brings its variables back.
+    build_variables: HashMap<String, Vec<Variable>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -303,6 +306,12 @@ impl SimTwilio {
             .entry(service.into())
             .or_default();
         svc.builds.push((build.clone(), created.clone()));
+        let variables = vec![Variable {
+            sid: variable,
+            key: crate::config::WORKFLOW_SID_VAR.into(),
+            value: workflow_sid.into(),
+            created: created.clone(),
+        }];
         svc.environments.insert(
             environment.into(),
             Environment {
@@ -310,15 +319,11 @@ impl SimTwilio {
                 created: created.clone(),
                 deployments: vec![Deployment {
                     sid: deployment,
-                    build_sid: build,
-                    created: created.clone(),
-                }],
-                variables: vec![Variable {
-                    sid: variable,
-                    key: crate::config::WORKFLOW_SID_VAR.into(),
-                    value: workflow_sid.into(),
+                    build_sid: build.clone(),
                     created,
                 }],
+                build_variables: HashMap::from([(build, variables.clone())]),
+                variables,
             },
         );
     }
@@ -394,6 +399,16 @@ impl SimTwilio {
                 Some(sid),
             );
         }
+        let mut s = self.state();
+        let env = s
+            .account(account)
+            .services
+            .get_mut(service)
+            .and_then(|svc| svc.environments.get_mut(environment))
+            .expect("the environment was added");
+        let vars = env.variables.clone();
+        env.build_variables
+            .insert(deployment.build_sid.clone(), vars);
         deployment
     }
 
@@ -402,6 +417,26 @@ impl SimTwilio {
         s.account(account).services[service].environments[environment]
             .deployments
             .clone()
+    }
+
+    /// The value of an environment variable now.
+    pub fn variable(
+        &self,
+        account: &str,
+        service: &str,
+        environment: &str,
+        key: &str,
+    ) -> Option<String> {
+        let mut s = self.state();
+        s.account(account)
+            .services
+            .get(service)?
+            .environments
+            .get(environment)?
+            .variables
+            .iter()
+            .find(|v| v.key == key)
+            .map(|v| v.value.clone())
     }
 
     pub fn flex_configuration(&self, account: &str) -> Value {
@@ -802,6 +837,9 @@ fn route(
                         created: now,
                     };
                     env.deployments.push(d.clone());
+                    if let Some(vars) = env.build_variables.get(build) {
+                        env.variables = vars.clone();
+                    }
                     created(deployment_json(&d))
                 }
                 ("GET", "Variables") => {
