@@ -1,4 +1,4 @@
-//! `transfer-guard demo`: the daemon with an embedded two-CBO config, simulated traffic through the real ingest path, and a live summary.
+//! `transfer-guard demo`: the whole cycle on a simulated Twilio — healthy traffic on two CBOs, a deploy that resets nss's workflow SID, the breach, the rollback, the recovery — through the real ingest path, with a live terminal.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -6,35 +6,72 @@ use std::time::Duration;
 
 use crate::App;
 use crate::clock::Clock;
-use crate::config::{Config, check_str};
+use crate::config::{Config, WORKFLOW_SID_VAR, check_str};
+use crate::decisions::{Entry, Kind};
 use crate::sim::traffic::{self, Generator, Profile};
 use crate::sim::twilio::{SimTwilio, TaskEvent};
 
-/// The demo's two CBOs: their keys, ingest tokens and traffic.
-fn cbos() -> Vec<(&'static str, &'static str, Profile)> {
-    vec![
-        ("nss", "demo-token-nss", Profile::default()),
+pub const ADMIN_TOKEN: &str = "demo-admin-token";
+const TWILIO_TOKEN: &str = "demo-twilio-auth-token";
+const NSS_SERVICE: &str = "ZS00000000000000000000000000000001";
+const NSS_ENVIRONMENT: &str = "ZE00000000000000000000000000000001";
+/// What the bad deploy sets the functions' workflow variable to.
+const WRONG_WORKFLOW: &str = "WW000000000000000000000000000000ff";
+/// The Bad Request share of nss's transfers while its functions use the wrong workflow.
+const BROKEN_BAD_REQUESTS: f64 = 0.6;
+
+/// The demo CBOs: key, ingest token, account, workspace, workflow, healthy traffic.
+fn cbos() -> [(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Profile,
+); 2] {
+    let healthy = Profile {
+        bad_request: 0.0,
+        cancelled: 0.01,
+        history_lost: 0.0,
+        ..Profile::default()
+    };
+    [
+        (
+            "nss",
+            "demo-token-nss",
+            "AC00000000000000000000000000000001",
+            "WS00000000000000000000000000000001",
+            "WW00000000000000000000000000000001",
+            healthy.clone(),
+        ),
         (
             "clienta",
             "demo-token-clienta",
+            "AC00000000000000000000000000000002",
+            "WS00000000000000000000000000000002",
+            "WW00000000000000000000000000000002",
             Profile {
                 rate: 1.0,
-                bad_request: 0.01,
-                agent_unavailable: 0.04,
-                ..Profile::default()
+                agent_unavailable: 0.03,
+                ..healthy
             },
         ),
     ]
 }
 
-pub const ADMIN_TOKEN: &str = "demo-admin-token";
-
+/// Demo-sized windows: Bad Requests in the last minute for 10 s are enough, polls every 5 s
+/// (so the corrupted variable is usually seen first), and actions are live (against the
+/// simulator only).
 const CONFIG: &str = r#"
 [server]
 admin_token_env = "DEMO_ADMIN"
 
 [twilio]
 poll_interval = "5s"
+
+[actions]
+dry_run = false
+cooldown = "5m"
 
 [[cbo]]
 key = "nss"
@@ -45,6 +82,13 @@ workspace_sid = "WS00000000000000000000000000000001"
 workflow_sid = "WW00000000000000000000000000000001"
 serverless_service_sid = "ZS00000000000000000000000000000001"
 serverless_environment_sid = "ZE00000000000000000000000000000001"
+rollback = ["serverless"]
+disable = ["flex_flag"]
+
+[cbo.rules.bad_requests]
+minutes = 1
+window = "1m"
+for = "10s"
 
 [[cbo]]
 key = "clienta"
@@ -54,23 +98,6 @@ auth_token_env = "DEMO_TWILIO_TOKEN"
 workspace_sid = "WS00000000000000000000000000000002"
 workflow_sid = "WW00000000000000000000000000000002"
 "#;
-
-/// The demo CBOs' Twilio accounts, workspaces, workflows and (for nss) serverless environment.
-const ACCOUNTS: [(&str, &str, &str, &str); 2] = [
-    (
-        "nss",
-        "AC00000000000000000000000000000001",
-        "WS00000000000000000000000000000001",
-        "WW00000000000000000000000000000001",
-    ),
-    (
-        "clienta",
-        "AC00000000000000000000000000000002",
-        "WS00000000000000000000000000000002",
-        "WW00000000000000000000000000000002",
-    ),
-];
-const TWILIO_TOKEN: &str = "demo-twilio-auth-token";
 
 /// The embedded configuration, listening on `listen`, with Twilio at `twilio`. Its secrets are
 /// the demo's own, not the environment's.
@@ -93,29 +120,23 @@ pub fn config(listen: SocketAddr, twilio: &str) -> Config {
     config
 }
 
-/// A simulated Twilio holding the demo CBOs' accounts, each with a sound workflow.
+/// A simulated Twilio holding the demo CBOs' accounts, each with a sound workflow; nss's
+/// functions have two good builds deployed in turn.
 pub async fn twilio(clock: Clock) -> SimTwilio {
     let sim = SimTwilio::start(clock).await;
-    for (key, account, workspace, workflow) in ACCOUNTS {
+    for (key, _, account, workspace, workflow, _) in cbos() {
         sim.add_account(account, TWILIO_TOKEN);
         sim.add_workflow(account, workspace, workflow);
         if key == "nss" {
-            sim.add_service(
-                account,
-                "ZS00000000000000000000000000000001",
-                "ZE00000000000000000000000000000001",
-                workflow,
-            );
+            sim.add_service(account, NSS_SERVICE, NSS_ENVIRONMENT, workflow);
+            sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, None);
         }
     }
     sim
 }
 
 /// What TaskRouter would have seen of a transfer event: the invite's task and its reservation.
-fn record_task(sim: &SimTwilio, cbo: &str, line: &str) {
-    let Some((_, account, _, workflow)) = ACCOUNTS.iter().find(|a| a.0 == cbo) else {
-        return;
-    };
+fn record_task(sim: &SimTwilio, account: &str, workflow: &str, line: &str) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
         return;
     };
@@ -132,8 +153,39 @@ fn record_task(sim: &SimTwilio, cbo: &str, line: &str) {
     sim.record_tasks(account, workflow, event, 1);
 }
 
-/// Runs the demo until Ctrl-C / SIGTERM, or for `duration` when given.
-pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), crate::StartError> {
+/// One line of the terminal for a decision-log entry worth showing.
+fn describe(e: &Entry) -> Option<String> {
+    let rule = e.rule.as_deref().unwrap_or("");
+    match e.kind {
+        Kind::State => {
+            let (from, to) = (e.from.as_deref()?, e.to.as_deref()?);
+            let interesting = matches!(to, "pending" | "breached") || from == "breached";
+            interesting.then(|| format!("{}: rule {rule} {from} -> {to}", e.cbo))
+        }
+        Kind::Action => Some(format!(
+            "{}: {} ({}) for {rule}: {}: {}",
+            e.cbo,
+            e.action.as_deref().unwrap_or(""),
+            e.integration.as_deref().unwrap_or(""),
+            e.result.as_deref().unwrap_or(""),
+            e.detail.as_deref().unwrap_or("")
+        )),
+        Kind::Switch => Some(format!(
+            "{}: transfers switch -> {}",
+            e.cbo,
+            e.action.as_deref().unwrap_or("")
+        )),
+        Kind::Ack => Some(format!("{}: {rule} acknowledged", e.cbo)),
+    }
+}
+
+/// Runs the demo until Ctrl-C / SIGTERM, or for `duration` when given; the bad deploy comes
+/// `breach_after` in.
+pub async fn run(
+    listen: SocketAddr,
+    duration: Option<Duration>,
+    breach_after: Duration,
+) -> Result<(), crate::StartError> {
     let clock = Clock::new();
     let sim = twilio(clock).await;
     let app = App::start(config(listen, &sim.url())).await?;
@@ -145,15 +197,26 @@ pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), c
     println!("  metrics: {server}/metrics");
     println!("  status:  curl -H 'Authorization: Bearer {ADMIN_TOKEN}' {server}/v1/status");
     println!("  stop:    Ctrl-C");
+    println!(
+        "  the story: healthy traffic; after {} a deploy resets nss's {WORKFLOW_SID_VAR} and Bad Requests start; transfer-guard rolls it back",
+        humantime::format_duration(breach_after)
+    );
 
     let client = reqwest::Client::new();
-    let mut generators: Vec<(&str, &str, Generator)> = cbos()
+    let started = clock.now_ms();
+    let mut generators: Vec<_> = cbos()
         .into_iter()
         .enumerate()
-        .map(|(i, (key, token, profile))| {
+        .map(|(i, (key, token, account, _, workflow, profile))| {
             // Ten minutes of history first, so the windows and panels have data at once.
-            let start = clock.now_ms() - 10 * 60 * 1000;
-            (key, token, Generator::new(profile, 42 + i as u64, start))
+            let start = started - 10 * 60 * 1000;
+            (
+                key,
+                token,
+                account,
+                workflow,
+                Generator::new(profile, 42 + i as u64, start),
+            )
         })
         .collect();
 
@@ -165,63 +228,96 @@ pub async fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<(), c
     };
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let every = Duration::from_secs(5);
+    let every = Duration::from_secs(10);
     let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut deployed = false;
+    let mut shown = app.shared.actions.log.entries().last().map_or(0, |e| e.seq);
+    let elapsed = |now: i64| {
+        let s = (now - started) / 1000;
+        format!("[{:02}:{:02}]", s / 60, s % 60)
+    };
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
                 let now = clock.now_ms();
-                for (key, token, g) in &mut generators {
+                if !deployed && now - started >= breach_after.as_millis() as i64 {
+                    deployed = true;
+                    let (_, _, account, ..) = generators[0];
+                    let d = sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, Some(WRONG_WORKFLOW));
+                    println!("{} scenario: nss deploys build {} and it resets {WORKFLOW_SID_VAR} to {WRONG_WORKFLOW}", elapsed(now), d.build_sid);
+                }
+                for (key, token, account, workflow, g) in &mut generators {
+                    if *key == "nss" {
+                        // The functions route with whatever the variable says now.
+                        let broken = sim.variable(account, NSS_SERVICE, NSS_ENVIRONMENT, WORKFLOW_SID_VAR).as_deref() != Some(*workflow);
+                        g.profile.bad_request = if broken { BROKEN_BAD_REQUESTS } else { 0.0 };
+                    }
                     g.start_until(now);
                     let lines = g.due(now);
                     for line in &lines {
-                        record_task(&sim, key, line);
+                        record_task(&sim, account, workflow, line);
                     }
                     if let Err(e) = traffic::post(&client, &server, token, &lines).await {
                         eprintln!("demo traffic for {key}: {e}");
                     }
                 }
+                let since = shown;
+                for e in app.shared.actions.log.entries().into_iter().filter(|e| e.seq > since) {
+                    shown = e.seq;
+                    if let Some(line) = describe(&e) {
+                        println!("{} {line}", elapsed(now));
+                    }
+                }
             }
-            _ = summary.tick() => print_summary(&app),
+            _ = summary.tick() => print_summary(&app, elapsed(clock.now_ms())),
         }
     }
     app.shutdown().await;
     Ok(())
 }
 
-fn print_summary(app: &App) {
+fn print_summary(app: &App, at: String) {
     let now = app.shared.clock.now_ms();
     let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}s"));
     for cbo in app.shared.fleet.iter() {
-        let s = cbo.stats(now, Duration::from_secs(300));
+        let s = cbo.stats(now, Duration::from_secs(60));
         let tr = cbo.taskrouter().clone();
         let rate = s
             .success_rate
             .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
+        let workflow = match tr.config_ok {
+            Some(true) => "ok".to_string(),
+            Some(false) => tr
+                .problems
+                .iter()
+                .map(|p| p.id())
+                .collect::<Vec<_>>()
+                .join(","),
+            None => "?".to_string(),
+        };
+        let breached: Vec<&str> = app
+            .shared
+            .engine()
+            .states(&cbo.key)
+            .into_iter()
+            .filter(|(_, t)| t.state == crate::rules::RuleState::Breached)
+            .map(|(r, _)| r)
+            .collect();
         println!(
-            "{:<8} 5m: {:>4} transfers  success {:>6}  bad requests {:>2}  failed {:>2}  timed out {:>2}  cold p95 {:>6}  notify p95 {:>5}  history lost {}  open {}  | TaskRouter errors {}  workflow {}",
+            "{at} {:<8} last 1m: {:>3} transfers, success {:>6}, bad requests {:>2}, cold p95 {:>5}, notify p95 {:>5} | TaskRouter errors {} | workflow {workflow} | breached: {}",
             cbo.key,
             s.counts.decided() + s.counts.cancelled,
             rate,
             s.counts.bad_request,
-            s.counts.failed,
-            s.counts.timed_out,
             secs(s.cold_completion_p95),
             secs(s.notification_p95),
-            s.counts.history_lost,
-            cbo.open_transfers(),
             tr.error_ratio
                 .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0)),
-            match tr.config_ok {
-                Some(true) => "ok".to_string(),
-                Some(false) => tr
-                    .problems
-                    .iter()
-                    .map(|p| p.id())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                None => "?".to_string(),
+            if breached.is_empty() {
+                "none".to_string()
+            } else {
+                breached.join(",")
             },
         );
     }

@@ -42,6 +42,9 @@ enum Command {
         /// Stop after this long (e.g. "2m"); default: until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
+        /// When the bad deploy comes (e.g. "45s").
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "45s")]
+        breach_after: std::time::Duration,
     },
     /// Check a configuration file: one line per problem, exit 1 if any.
     Check {
@@ -91,7 +94,11 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { listen, duration } => match demo::run(listen, duration).await {
+        Command::Demo {
+            listen,
+            duration,
+            breach_after,
+        } => match demo::run(listen, duration, breach_after).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("transfer-guard demo: {e}");

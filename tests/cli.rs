@@ -406,3 +406,39 @@ async fn check_online_asks_twilio_and_names_each_problem() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
+    let out = tg()
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--breach-after",
+            "3s",
+            "--duration",
+            "30s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let at = |needle: &str| {
+        stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{stdout}"))
+    };
+    let deploy = at("scenario: nss deploys build");
+    let breach = at("nss: rule config_corruption ok -> breached");
+    let rollback = at("fired: redeployed build");
+    let recovered = at("nss: rule config_corruption breached -> ok");
+    assert!(
+        deploy < breach && breach < rollback && rollback < recovered,
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("clienta: rollback"),
+        "clienta is left alone: {stdout}"
+    );
+}

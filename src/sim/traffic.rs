@@ -54,8 +54,8 @@ pub struct Generator {
     pub profile: Profile,
     due: BinaryHeap<Reverse<(i64, u64, String)>>,
     seq: u64,
-    /// Event time up to which transfers have been started.
-    started_until_ms: i64,
+    /// When the next transfer starts (Poisson arrivals), in event time.
+    next_start_ms: i64,
 }
 
 fn hex(rng: &mut fastrand::Rng) -> String {
@@ -77,7 +77,7 @@ impl Generator {
             profile,
             due: BinaryHeap::new(),
             seq: 0,
-            started_until_ms: start_ms,
+            next_start_ms: start_ms,
         }
     }
 
@@ -166,15 +166,14 @@ impl Generator {
         );
     }
 
-    /// Starts transfers at the profile's rate (Poisson arrivals) from where it left off up to `until_ms`.
+    /// Starts transfers at the profile's rate (Poisson arrivals) up to `until_ms`; the arrival
+    /// after it waits for the next call.
     pub fn start_until(&mut self, until_ms: i64) {
         let rate = self.profile.rate.max(1e-6);
-        while self.started_until_ms < until_ms {
+        while self.next_start_ms <= until_ms {
+            self.transfer(self.next_start_ms);
             let gap = -(1.0 - self.rng.f64()).ln() / rate;
-            self.started_until_ms += (gap * 1000.0).max(1.0) as i64;
-            if self.started_until_ms < until_ms {
-                self.transfer(self.started_until_ms);
-            }
+            self.next_start_ms += (gap * 1000.0).max(1.0) as i64;
         }
     }
 
@@ -224,6 +223,21 @@ pub async fn post(
 mod tests {
     use super::*;
     use crate::event::parse_line;
+
+    #[test]
+    fn many_small_steps_start_as_many_transfers_as_one_big_one() {
+        let start = 1_800_000_000_000;
+        let mut once = Generator::new(Profile::default(), 7, start);
+        once.start_until(start + 600_000);
+        let mut stepped = Generator::new(Profile::default(), 7, start);
+        for t in (0..=600_000).step_by(250) {
+            stepped.start_until(start + t);
+        }
+        let (a, b) = (once.due(i64::MAX).len(), stepped.due(i64::MAX).len());
+        assert_eq!(a, b);
+        // 2 transfers a second for 10 minutes, about 5 events each.
+        assert!((4000..8000).contains(&a), "{a}");
+    }
 
     #[test]
     fn every_generated_line_is_a_valid_event() {
