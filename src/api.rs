@@ -89,6 +89,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/switch/{cbo}", get(get_switch).put(put_switch))
         .route("/v1/cbos/{cbo}/ack", post(ack))
         .route("/v1/decisions", get(decisions))
+        .route(
+            "/v1/validations",
+            get(list_validations).post(start_validation),
+        )
+        .route("/v1/validations/{id}", get(get_validation))
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
 }
@@ -147,6 +152,7 @@ struct CboStatus {
     taskrouter: TaskRouterStatus,
     rules: BTreeMap<&'static str, crate::rules::Tracked>,
     switch: Option<Switch>,
+    validation: Option<crate::validation::Validation>,
     windows: BTreeMap<&'static str, WindowStats>,
 }
 
@@ -191,6 +197,11 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
                 taskrouter: state.taskrouter().clone(),
                 rules: shared.engine().states(cbo.key.as_str()),
                 switch: shared.actions.switch(cbo.key.as_str()),
+                validation: shared
+                    .validations
+                    .list(Some(cbo.key.as_str()))
+                    .into_iter()
+                    .max_by_key(|v| v.start_ms),
                 windows,
             },
         );
@@ -364,4 +375,121 @@ async fn decisions(
         "decisions": shared.actions.log.query(cbo.as_deref(), since),
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartValidation {
+    cbo: String,
+    deployment: String,
+    #[serde(default)]
+    duration: Option<String>,
+}
+
+/// Starts a post-deploy validation window (admin token).
+async fn start_validation(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = refuse_unless_admin(&shared, &headers) {
+        return refused;
+    }
+    let req: StartValidation = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("body must be {{\"cbo\", \"deployment\", \"duration\"}}: {e}"),
+            );
+        }
+    };
+    if shared.config.cbo(&req.cbo).is_none() {
+        return unknown_cbo(&req.cbo);
+    }
+    if req.deployment.trim().is_empty() {
+        return json_error(StatusCode::BAD_REQUEST, "deployment is empty");
+    }
+    let duration = match req.duration.as_deref().map(humantime::parse_duration) {
+        None => shared.config.validation.duration,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return json_error(StatusCode::BAD_REQUEST, &format!("duration: {e}"));
+        }
+    };
+    let max = shared.config.transfers.max_window;
+    if duration.is_zero() || duration > max {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "duration must be within 1s..={}",
+                humantime::format_duration(max)
+            ),
+        );
+    }
+    let v = shared.validations.start(
+        &req.cbo,
+        req.deployment.trim(),
+        duration,
+        shared.config.validation.min_samples,
+        "api",
+        shared.clock.now_ms(),
+    );
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+/// Who may read validations of `cbo`: the admin, or that CBO's token.
+fn may_read(
+    shared: &Shared,
+    headers: &HeaderMap,
+    cbo: Option<&str>,
+) -> Result<Option<String>, Box<Response>> {
+    match (caller(shared, headers), cbo) {
+        (None, _) => Err(Box::new(json_error(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+        ))),
+        (Some(Caller::Admin), cbo) => Ok(cbo.map(str::to_string)),
+        (Some(Caller::Cbo(own)), Some(asked)) if asked != own => Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            "a CBO's token reads only its own validations",
+        ))),
+        (Some(Caller::Cbo(own)), _) => Ok(Some(own)),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ValidationQuery {
+    cbo: Option<String>,
+}
+
+async fn list_validations(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ValidationQuery>,
+) -> Response {
+    match may_read(&shared, &headers, q.cbo.as_deref()) {
+        Err(refused) => *refused,
+        Ok(cbo) => Json(serde_json::json!({
+            "validations": shared.validations.list(cbo.as_deref()),
+        }))
+        .into_response(),
+    }
+}
+
+async fn get_validation(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(v) = shared.validations.get(&id) else {
+        return match caller(&shared, &headers) {
+            None => json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token"),
+            Some(_) => json_error(StatusCode::NOT_FOUND, &format!("no validation {id:?}")),
+        };
+    };
+    match may_read(&shared, &headers, Some(&v.cbo)) {
+        Err(refused) => *refused,
+        Ok(_) => Json(v).into_response(),
+    }
 }

@@ -100,6 +100,64 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
         act(shared, t, &statuses, now_ms);
     }
     escalate(shared, memory, &statuses, now_ms);
+    validate(shared, &statuses, now_ms);
+}
+
+/// Rules whose breach is a rollback trigger (and so fails a validation window at once).
+const TRIGGERS: [RuleId; 5] = [
+    RuleId::SuccessRate,
+    RuleId::BadRequests,
+    RuleId::TaskrouterErrorRate,
+    RuleId::ConfigCorruption,
+    RuleId::CrossCbo,
+];
+
+fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatus)], now_ms: i64) {
+    let stats = |cbo: &str, since: i64| {
+        shared
+            .fleet
+            .get(cbo)
+            .map(|c| c.stats_since(now_ms, since))
+            .unwrap_or_default()
+    };
+    let config_ok = |cbo: &str| {
+        statuses
+            .iter()
+            .find(|(k, _)| k == cbo)
+            .and_then(|(_, s)| s.config_ok)
+    };
+    let triggers = |cbo: &str, since: i64| {
+        let engine = shared.engine();
+        TRIGGERS
+            .into_iter()
+            .filter(|r| {
+                engine
+                    .state(cbo, *r)
+                    .is_some_and(|t| t.state == RuleState::Breached && t.changed_at_ms >= since)
+            })
+            .map(|r| r.as_str().to_string())
+            .collect()
+    };
+    shared
+        .validations
+        .tick(now_ms, &stats, &config_ok, &triggers);
+    // validation_state follows each CBO's latest window.
+    let mut latest: std::collections::HashMap<String, crate::validation::Validation> =
+        Default::default();
+    for v in shared.validations.list(None) {
+        if latest.get(&v.cbo).is_none_or(|l| l.start_ms <= v.start_ms) {
+            latest.insert(v.cbo.clone(), v);
+        }
+    }
+    for (cbo, v) in latest {
+        for state in crate::validation::State::ALL {
+            shared
+                .metrics
+                .validation_state
+                .with_label_values(&[&cbo, state.as_str()])
+                .set(i64::from(state == v.state));
+        }
+    }
 }
 
 fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms: i64) -> Decision {

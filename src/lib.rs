@@ -18,6 +18,7 @@ pub mod sources;
 pub mod state;
 pub mod tracker;
 pub mod twilio;
+pub mod validation;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -47,6 +48,7 @@ pub struct Shared {
     pub awaiting_first_poll: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub engine: std::sync::Mutex<rules::Engine>,
     pub actions: Arc<actions::Actions>,
+    pub validations: validation::Validations,
 }
 
 impl Shared {
@@ -79,6 +81,8 @@ impl Shared {
 pub enum StartError {
     #[error("state_dir: {0}")]
     State(#[from] decisions::LogError),
+    #[error("state_dir: {0}")]
+    Validations(#[from] validation::ValidationError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -114,7 +118,9 @@ impl App {
             clock,
             clients.clone(),
         ));
+        let validations = validation::Validations::open(&config.server.state_dir, clock.now_ms())?;
         let shared = Arc::new(Shared {
+            validations,
             engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),
             config,
             metrics,

@@ -54,6 +54,30 @@ enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Start (or follow) a post-deploy validation window and wait for its verdict: exit 0
+    /// passed, 1 failed, 2 inconclusive, 3 could not run.
+    Validate {
+        /// The daemon, e.g. http://127.0.0.1:9843
+        #[arg(long)]
+        server: String,
+        #[arg(long, required_unless_present = "id")]
+        cbo: Option<String>,
+        /// The deployment being validated (any id: a Serverless deployment SID, a release tag).
+        #[arg(long, required_unless_present = "id")]
+        deployment: Option<String>,
+        /// The window's length (default: the daemon's [validation] duration, 15m).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Follow an existing window instead of starting one.
+        #[arg(long, conflicts_with_all = ["cbo", "deployment", "duration"])]
+        id: Option<String>,
+        /// Environment variable holding the admin token (a CBO's token can follow with --id).
+        #[arg(long, default_value = "TRANSFER_GUARD_ADMIN_TOKEN")]
+        token_env: String,
+        /// Print the final result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a log file or standard input (`-`) to a running daemon.
     Ingest {
         /// The daemon, e.g. http://127.0.0.1:9843
@@ -115,6 +139,40 @@ async fn main() -> ExitCode {
             token_env,
             input,
         } => ingest(&server, &token_env, &input).await,
+        Command::Validate {
+            server,
+            cbo,
+            deployment,
+            duration,
+            id,
+            token_env,
+            json,
+        } => {
+            let Some(token) = std::env::var(&token_env).ok().filter(|t| !t.is_empty()) else {
+                eprintln!("transfer-guard validate: environment variable {token_env} is not set");
+                return ExitCode::from(COULD_NOT_RUN);
+            };
+            use std::io::IsTerminal;
+            let target = match id {
+                Some(id) => cli::validate::Target::Follow { id },
+                None => cli::validate::Target::Start {
+                    cbo: cbo.unwrap_or_default(),
+                    deployment: deployment.unwrap_or_default(),
+                    duration,
+                },
+            };
+            let opts = cli::validate::Options {
+                server,
+                token: Secret::new(token),
+                target,
+                json,
+                tty: std::io::stderr().is_terminal(),
+                poll: std::time::Duration::from_secs(2),
+            };
+            let code =
+                cli::validate::run(opts, &mut std::io::stdout(), &mut std::io::stderr()).await;
+            ExitCode::from(code as u8)
+        }
     }
 }
 

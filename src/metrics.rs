@@ -78,6 +78,7 @@ pub struct Metrics {
     pub rule_state: IntGaugeVec,
     pub actions_total: IntCounterVec,
     pub transfers_disabled: IntGaugeVec,
+    pub validation_state: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -261,6 +262,13 @@ impl Metrics {
                     "1 while transfer-guard's switch has transfers disabled for the CBO."
                 ),
                 &["cbo"]
+            )),
+            validation_state: reg!(IntGaugeVec::new(
+                opts(
+                    "validation_state",
+                    "1 for the state of the CBO's latest post-deploy validation window (running, passed, failed, inconclusive), 0 for the others."
+                ),
+                &["cbo", "state"]
             )),
             registry,
         };

@@ -199,6 +199,10 @@ impl CboState {
         self.lock().windows.record_taskrouter_bad_request(now_ms);
     }
 
+    pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
+        self.lock().windows.stats_since(now_ms, since_ms)
+    }
+
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
         self.lock().windows.stats(now_ms, window)
     }

@@ -205,7 +205,20 @@ impl Windows {
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
         let now_epoch = now_ms.div_euclid(BUCKET_MS);
         let n = ceil_div(window.as_millis() as i64, BUCKET_MS).clamp(1, self.span);
-        let oldest = now_epoch - n + 1;
+        self.stats_from(now_epoch - n + 1)
+    }
+
+    /// Sums the buckets from the one holding `since_ms` on (a validation window's start).
+    pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
+        let now_epoch = now_ms.div_euclid(BUCKET_MS);
+        self.stats_from(
+            since_ms
+                .div_euclid(BUCKET_MS)
+                .max(now_epoch - self.span + 1),
+        )
+    }
+
+    fn stats_from(&self, oldest: i64) -> WindowStats {
         let mut counts = Counts::default();
         let mut minutes: Vec<i64> = Vec::new();
         let mut cold: Option<DDSketch> = None;

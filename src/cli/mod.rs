@@ -1,4 +1,5 @@
-//! The subcommands that do more than start the daemon: `check` and `ingest`.
+//! The subcommands that do more than start the daemon: `check`, `ingest` and `validate`.
 
 pub mod check;
 pub mod ingest;
+pub mod validate;

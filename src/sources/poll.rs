@@ -51,6 +51,8 @@ pub struct Cycle {
     pub latest_deployment: Option<String>,
     pub latest_deployment_at_ms: Option<i64>,
     pub new_deployment: bool,
+    /// A Flex plugin release seen for the first time (not at start): its SID.
+    pub new_release: Option<String>,
     pub baseline: Option<Baseline>,
     pub duration: Duration,
 }
@@ -70,6 +72,10 @@ pub struct Poller {
     baseline: Option<Baseline>,
     last_deployment: Option<String>,
     last_deployment_at_ms: Option<i64>,
+    flex_url: String,
+    /// Polled only for CBOs that roll back plugin releases (they deploy through Flex plugins).
+    watch_releases: bool,
+    last_release: Option<String>,
 }
 
 /// The workflow variable the template's functions read: the per-CBO one, else the shared one.
@@ -109,6 +115,11 @@ impl Poller {
             baseline: None,
             last_deployment: None,
             last_deployment_at_ms: None,
+            flex_url: config.twilio.flex_url.clone(),
+            watch_releases: cbo
+                .rollback
+                .contains(&crate::config::RollbackKind::PluginRelease),
+            last_release: None,
         }
     }
 
@@ -274,17 +285,48 @@ impl Poller {
             }
         }
 
+        if let (true, Some(client)) = (self.watch_releases, self.client.clone()) {
+            let flex = crate::twilio::flex::Flex {
+                client: &client,
+                base_url: &self.flex_url,
+            };
+            match flex.releases().await {
+                Ok(releases) => {
+                    let newest = releases
+                        .iter()
+                        .reduce(|best, r| {
+                            if r.date_created > best.date_created {
+                                r
+                            } else {
+                                best
+                            }
+                        })
+                        .and_then(|r| r.sid.clone());
+                    if self.last_release.is_some()
+                        && newest.is_some()
+                        && newest != self.last_release
+                    {
+                        cycle.new_release = newest.clone();
+                    }
+                    if newest.is_some() {
+                        self.last_release = newest;
+                    }
+                }
+                Err(e) => fail(&mut cycle, e),
+            }
+        }
+
         // The baseline is the SID the functions use, taken at start and at each new deployment.
         let effective = self
             .functions_sid
             .clone()
             .or_else(|| self.cbo.workflow.raw.clone());
         if let Some(sid) = &effective
-            && (self.baseline.is_none() || cycle.new_deployment)
+            && (self.baseline.is_none() || cycle.new_deployment || cycle.new_release.is_some())
         {
             self.baseline = Some(Baseline {
                 workflow_sid: sid.clone(),
-                deployment: self.last_deployment.clone(),
+                deployment: cycle.new_release.clone().or(self.last_deployment.clone()),
                 taken_at: now.to_string(),
             });
         }
@@ -378,6 +420,27 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     }
     for e in &cycle.errors {
         tracing::warn!(cbo = key, result = e.poll_result().as_str(), error = %e, "TaskRouter poll failed");
+    }
+    // A new deployment or plugin release opens its post-deploy validation window.
+    let seen = [
+        cycle
+            .latest_deployment
+            .clone()
+            .filter(|_| cycle.new_deployment),
+        cycle.new_release.clone(),
+    ];
+    for deployment in seen.into_iter().flatten() {
+        if !shared.validations.running_for(key, &deployment) {
+            let v = &shared.config.validation;
+            shared.validations.start(
+                key,
+                &deployment,
+                v.duration,
+                v.min_samples,
+                "deployment_seen",
+                shared.clock.now_ms(),
+            );
+        }
     }
     let Some(state) = shared.fleet.get(key) else {
         return;

@@ -1,0 +1,413 @@
+//! Post-deploy validation windows (SPEC §6): the seed's success metrics over a window after a deployment, failed at once by a rollback trigger, kept across restarts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::rfc3339;
+use crate::window::WindowStats;
+
+pub const FILE_NAME: &str = "validations.json";
+
+/// The seed's "Success Metrics" as validation thresholds.
+pub const MIN_SUCCESS_RATE: f64 = 0.95;
+pub const MAX_COLD_P95: f64 = 10.0;
+pub const MAX_NOTIFICATION_P95: f64 = 5.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Running,
+    Passed,
+    Failed,
+    Inconclusive,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [
+        State::Running,
+        State::Passed,
+        State::Failed,
+        State::Inconclusive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Passed => "passed",
+            State::Failed => "failed",
+            State::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// One criterion's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Met,
+    Missed,
+    /// Nothing measured yet (no cold transfer, no notification).
+    NoData,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Criterion {
+    pub name: String,
+    /// What was measured, as shown (`97.4 %`, `0`, `6.1 s`).
+    pub value: String,
+    pub threshold: String,
+    pub verdict: Verdict,
+}
+
+/// What a window has measured; kept with the window so a restart loses nothing before it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    pub completed: u64,
+    pub decided: u64,
+    pub bad_requests: u64,
+    pub history_lost: u64,
+    pub cold_p95: Option<f64>,
+    pub notification_p95: Option<f64>,
+    pub config_ok: Option<bool>,
+}
+
+impl Measured {
+    fn from_stats(s: &WindowStats, config_ok: Option<bool>) -> Measured {
+        Measured {
+            completed: s.counts.completed,
+            decided: s.counts.decided(),
+            bad_requests: s.counts.bad_request + s.counts.taskrouter_bad_request,
+            history_lost: s.counts.history_lost,
+            cold_p95: s.cold_completion_p95,
+            notification_p95: s.notification_p95,
+            config_ok,
+        }
+    }
+
+    /// What was carried over a restart plus what was measured since. Counts add; a p95 takes
+    /// the worse of the two (a bound, since the sketches of the first part are gone).
+    fn plus(&self, later: &Measured) -> Measured {
+        let worse = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Measured {
+            completed: self.completed + later.completed,
+            decided: self.decided + later.decided,
+            bad_requests: self.bad_requests + later.bad_requests,
+            history_lost: self.history_lost + later.history_lost,
+            cold_p95: worse(self.cold_p95, later.cold_p95),
+            notification_p95: worse(self.notification_p95, later.notification_p95),
+            config_ok: later.config_ok.or(self.config_ok),
+        }
+    }
+
+    pub fn criteria(&self) -> Vec<Criterion> {
+        let rate = (self.decided > 0).then(|| self.completed as f64 / self.decided as f64);
+        let c = |name: &str, value: String, threshold: &str, verdict| Criterion {
+            name: name.into(),
+            value,
+            threshold: threshold.into(),
+            verdict,
+        };
+        let under = |v: Option<f64>, max: f64| match v {
+            None => Verdict::NoData,
+            Some(v) if v < max => Verdict::Met,
+            Some(_) => Verdict::Missed,
+        };
+        let secs = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} s"));
+        vec![
+            c(
+                "success_rate",
+                rate.map_or("-".into(), |r| {
+                    format!("{:.1} % of {}", r * 100.0, self.decided)
+                }),
+                "> 95 %",
+                match rate {
+                    None => Verdict::NoData,
+                    Some(r) if r > MIN_SUCCESS_RATE => Verdict::Met,
+                    Some(_) => Verdict::Missed,
+                },
+            ),
+            c(
+                "bad_requests",
+                self.bad_requests.to_string(),
+                "0",
+                if self.bad_requests == 0 {
+                    Verdict::Met
+                } else {
+                    Verdict::Missed
+                },
+            ),
+            c(
+                "cold_completion_p95",
+                secs(self.cold_p95),
+                "< 10 s",
+                under(self.cold_p95, MAX_COLD_P95),
+            ),
+            c(
+                "notification_p95",
+                secs(self.notification_p95),
+                "< 5 s",
+                under(self.notification_p95, MAX_NOTIFICATION_P95),
+            ),
+            c(
+                "history_preserved",
+                if self.completed == 0 {
+                    "-".into()
+                } else {
+                    format!(
+                        "{:.1} %",
+                        100.0 * (1.0 - self.history_lost as f64 / self.completed as f64)
+                    )
+                },
+                "100 %",
+                if self.history_lost == 0 {
+                    Verdict::Met
+                } else {
+                    Verdict::Missed
+                },
+            ),
+            c(
+                "configuration_sound",
+                match self.config_ok {
+                    Some(true) => "sound".into(),
+                    Some(false) => "corrupted".into(),
+                    None => "unknown".into(),
+                },
+                "sound",
+                match self.config_ok {
+                    Some(true) | None => {
+                        if self.config_ok.is_some() {
+                            Verdict::Met
+                        } else {
+                            Verdict::NoData
+                        }
+                    }
+                    Some(false) => Verdict::Missed,
+                },
+            ),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    pub id: String,
+    pub cbo: String,
+    pub deployment: String,
+    /// `api` or `deployment_seen`.
+    pub started_by: String,
+    pub state: State,
+    pub start: String,
+    pub end: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub min_samples: u64,
+    pub criteria: Vec<Criterion>,
+    pub reason: Option<String>,
+    /// What was measured before the last restart, and from when measuring resumed.
+    #[serde(default)]
+    pub carried: Measured,
+    #[serde(default)]
+    pub resumed_ms: Option<i64>,
+    #[serde(default)]
+    pub measured: Measured,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    #[error("validations {path}: {message}")]
+    Store { path: PathBuf, message: String },
+}
+
+/// Every validation window, persisted in `state_dir/validations.json`.
+pub struct Validations {
+    path: PathBuf,
+    windows: Mutex<BTreeMap<String, Validation>>,
+}
+
+impl Validations {
+    /// Loads what the state directory holds; running windows resume measuring now, carrying
+    /// what they had measured.
+    pub fn open(state_dir: &Path, now_ms: i64) -> Result<Validations, ValidationError> {
+        let path = state_dir.join(FILE_NAME);
+        let err = |message: String| ValidationError::Store {
+            path: path.clone(),
+            message,
+        };
+        let mut windows: BTreeMap<String, Validation> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        for v in windows.values_mut().filter(|v| v.state == State::Running) {
+            v.carried = v.carried.plus(&v.measured);
+            v.measured = Measured::default();
+            v.resumed_ms = Some(now_ms);
+        }
+        Ok(Validations {
+            path,
+            windows: Mutex::new(windows),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Validation>> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the whole set atomically (temporary file, fsync, rename).
+    fn save(&self, windows: &BTreeMap<String, Validation>) {
+        let tmp = self.path.with_extension("json.tmp");
+        let result = (|| -> std::io::Result<()> {
+            let bytes = serde_json::to_vec_pretty(windows).expect("validations serialize");
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = result {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot save validation windows");
+        }
+    }
+
+    pub fn start(
+        &self,
+        cbo: &str,
+        deployment: &str,
+        duration: Duration,
+        min_samples: u64,
+        started_by: &str,
+        now_ms: i64,
+    ) -> Validation {
+        let mut windows = self.lock();
+        let id = format!("v{}-{}", now_ms, windows.len() + 1);
+        let end_ms = now_ms + duration.as_millis() as i64;
+        let v = Validation {
+            id: id.clone(),
+            cbo: cbo.into(),
+            deployment: deployment.into(),
+            started_by: started_by.into(),
+            state: State::Running,
+            start: rfc3339(now_ms),
+            end: rfc3339(end_ms),
+            start_ms: now_ms,
+            end_ms,
+            duration,
+            min_samples,
+            criteria: Measured::default().criteria(),
+            reason: None,
+            carried: Measured::default(),
+            resumed_ms: None,
+            measured: Measured::default(),
+        };
+        windows.insert(id, v.clone());
+        self.save(&windows);
+        tracing::info!(cbo, deployment, id = %v.id, end = %v.end, started_by, "validation window started");
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<Validation> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn list(&self, cbo: Option<&str>) -> Vec<Validation> {
+        self.lock()
+            .values()
+            .filter(|v| cbo.is_none_or(|c| v.cbo == c))
+            .cloned()
+            .collect()
+    }
+
+    pub fn running_for(&self, cbo: &str, deployment: &str) -> bool {
+        self.lock()
+            .values()
+            .any(|v| v.cbo == cbo && v.deployment == deployment)
+    }
+
+    /// Updates every running window at `now_ms`: `stats(cbo, since_ms)` reads a CBO's windows
+    /// from `since_ms` on,
+    /// `config_ok(cbo)` its configuration, `triggers(cbo, since_ms)` the rollback rules
+    /// breached since `since_ms`. Returns the windows that ended.
+    pub fn tick(
+        &self,
+        now_ms: i64,
+        stats: &dyn Fn(&str, i64) -> WindowStats,
+        config_ok: &dyn Fn(&str) -> Option<bool>,
+        triggers: &dyn Fn(&str, i64) -> Vec<String>,
+    ) -> Vec<Validation> {
+        let mut windows = self.lock();
+        let mut ended = Vec::new();
+        for v in windows.values_mut().filter(|v| v.state == State::Running) {
+            let s = stats(&v.cbo, v.resumed_ms.unwrap_or(v.start_ms));
+            v.measured = Measured::from_stats(&s, config_ok(&v.cbo));
+            let total = v.carried.plus(&v.measured);
+            v.criteria = total.criteria();
+            let missed = |name: &str| {
+                v.criteria
+                    .iter()
+                    .any(|c| c.name == name && c.verdict == Verdict::Missed)
+            };
+            let fired = triggers(&v.cbo, v.start_ms);
+            let (state, reason) = if !fired.is_empty() {
+                (
+                    State::Failed,
+                    Some(format!("rollback trigger: {} breached", fired.join(", "))),
+                )
+            } else if missed("bad_requests") || missed("history_preserved") {
+                // These cannot recover within the window: fail now.
+                let which: Vec<&str> = v
+                    .criteria
+                    .iter()
+                    .filter(|c| {
+                        c.verdict == Verdict::Missed
+                            && matches!(c.name.as_str(), "bad_requests" | "history_preserved")
+                    })
+                    .map(|c| c.name.as_str())
+                    .collect();
+                (State::Failed, Some(format!("missed: {}", which.join(", "))))
+            } else if now_ms < v.end_ms {
+                (State::Running, None)
+            } else if total.decided < v.min_samples {
+                (
+                    State::Inconclusive,
+                    Some(format!(
+                        "{} transfers, fewer than min_samples {}",
+                        total.decided, v.min_samples
+                    )),
+                )
+            } else if v.criteria.iter().any(|c| c.verdict == Verdict::Missed) {
+                let which: Vec<&str> = v
+                    .criteria
+                    .iter()
+                    .filter(|c| c.verdict == Verdict::Missed)
+                    .map(|c| c.name.as_str())
+                    .collect();
+                (State::Failed, Some(format!("missed: {}", which.join(", "))))
+            } else {
+                (State::Passed, None)
+            };
+            if state != State::Running {
+                v.state = state;
+                v.reason = reason;
+                if now_ms < v.end_ms {
+                    v.end_ms = now_ms;
+                    v.end = rfc3339(now_ms);
+                }
+                tracing::warn!(id = %v.id, cbo = %v.cbo, deployment = %v.deployment, state = state.as_str(), reason = v.reason.as_deref().unwrap_or(""), "validation window ended");
+                ended.push(v.clone());
+            }
+        }
+        // Persist on endings, and every ten seconds so a restart loses little.
+        if !ended.is_empty() || (now_ms / 1000) % 10 == 0 {
+            self.save(&windows);
+        }
+        ended
+    }
+}
