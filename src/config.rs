@@ -130,6 +130,7 @@ pub struct ActionsSection {
     pub attempts: u32,
     pub webhook: Option<WebhookSection>,
     pub command: Option<CommandSection>,
+    pub alertmanager: Option<AlertmanagerSection>,
 }
 
 impl Default for ActionsSection {
@@ -140,6 +141,7 @@ impl Default for ActionsSection {
             attempts: 3,
             webhook: None,
             command: None,
+            alertmanager: None,
         }
     }
 }
@@ -151,6 +153,16 @@ pub struct WebhookSection {
     pub url: String,
     /// Variable holding the HMAC-SHA256 key for `X-Transfer-Guard-Signature`.
     pub secret_env: String,
+    #[serde(default = "default_action_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// `[actions.alertmanager]`: rule breaches and recoveries posted to an Alertmanager v2 API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertmanagerSection {
+    /// The Alertmanager's base URL, e.g. `http://127.0.0.1:9093`.
+    pub url: String,
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }

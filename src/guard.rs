@@ -15,6 +15,8 @@ use crate::rules::{Inputs, RuleId, RuleState, Transition};
 pub struct Memory {
     /// config_corruption breaches (cbo, breached at) already escalated to disable.
     escalated: HashSet<(String, i64)>,
+    /// When each breached rule was last sent to Alertmanager.
+    notified: std::collections::HashMap<(String, RuleId), i64>,
 }
 
 /// One evaluation at `now_ms`.
@@ -101,6 +103,52 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
     }
     escalate(shared, memory, &statuses, now_ms);
     validate(shared, &statuses, now_ms);
+    notify(shared, memory, &transitions, now_ms);
+}
+
+/// Breaches go to Alertmanager when they start and every minute while they last; recoveries
+/// resolve them.
+fn notify(shared: &Shared, memory: &mut Memory, transitions: &[Transition], now_ms: i64) {
+    use crate::actions::alertmanager::{RESEND_EVERY, alert};
+    if shared.config.actions.alertmanager.is_none() {
+        return;
+    }
+    let generator = format!("http://{}/v1/status", shared.config.server.listen);
+    let mut alerts = Vec::new();
+    for t in transitions.iter().filter(|t| t.from == RuleState::Breached) {
+        memory.notified.remove(&(t.cbo.clone(), t.rule));
+        alerts.push(alert(&t.cbo, t.rule, &t.evidence, true, now_ms, &generator));
+    }
+    let engine = shared.engine();
+    for cbo in shared.fleet.iter() {
+        for rule in RuleId::ALL {
+            let Some(t) = engine
+                .state(&cbo.key, rule)
+                .filter(|t| t.state == RuleState::Breached)
+            else {
+                continue;
+            };
+            let key = (cbo.key.clone(), rule);
+            if memory
+                .notified
+                .get(&key)
+                .is_some_and(|at| now_ms - at < RESEND_EVERY.as_millis() as i64)
+            {
+                continue;
+            }
+            memory.notified.insert(key, now_ms);
+            alerts.push(alert(
+                &cbo.key,
+                rule,
+                &t.evidence,
+                false,
+                now_ms,
+                &generator,
+            ));
+        }
+    }
+    drop(engine);
+    shared.actions.notify(alerts);
 }
 
 /// Rules whose breach is a rollback trigger (and so fails a validation window at once).

@@ -38,6 +38,16 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Reasons a CBO's own events or requests can be rejected for.
+    pub const PER_CBO: [Reject; 6] = [
+        Reject::Malformed,
+        Reject::Invalid,
+        Reject::TooOld,
+        Reject::InFuture,
+        Reject::TooLarge,
+        Reject::UnsupportedMediaType,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reject::Malformed => "malformed",
@@ -275,6 +285,9 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Requests without a valid token belong to no CBO.
+        m.events_rejected
+            .with_label_values(&["", Reject::Unauthorized.as_str()]);
         m
     }
 
@@ -299,6 +312,10 @@ impl Metrics {
         }
         self.notification_seconds.with_label_values(&[cbo]);
         self.history_lost.with_label_values(&[cbo]);
+        for reason in Reject::PER_CBO {
+            self.events_rejected
+                .with_label_values(&[cbo, reason.as_str()]);
+        }
         self.events_duplicate.with_label_values(&[cbo]);
         self.transfers_evicted.with_label_values(&[cbo]);
         self.open_transfers.with_label_values(&[cbo]);

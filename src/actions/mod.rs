@@ -1,5 +1,6 @@
 //! Actions (SPEC §5): the `Integration` trait, and the one pipeline around every integration that adds acks, once per deployment, cooldown, dry run, retries with backoff and the decision log.
 
+pub mod alertmanager;
 pub mod command;
 pub mod flex;
 pub mod serverless;
@@ -572,6 +573,32 @@ impl Actions {
         Ok(self
             .switch(cbo.key.as_str())
             .expect("every cbo has a switch"))
+    }
+
+    /// Sends breaches and recoveries to the configured Alertmanager, on its own task. These are
+    /// notifications, not actions on Twilio: they are sent in dry run too.
+    pub fn notify(self: &Arc<Self>, alerts: Vec<Value>) {
+        let Some(am) = self.config.actions.alertmanager.clone() else {
+            return;
+        };
+        if alerts.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let cbos: Vec<String> = alerts
+                .iter()
+                .filter_map(|a| a["labels"]["cbo"].as_str().map(str::to_string))
+                .collect();
+            let result = alertmanager::post(&this.http, &am.url, am.timeout, &alerts).await;
+            let label = if result.is_ok() { "fired" } else { "failed" };
+            for cbo in &cbos {
+                this.count(cbo, "alertmanager", label);
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, alerts = alerts.len(), "cannot notify Alertmanager");
+            }
+        });
     }
 
     pub fn evidence_of(&self, d: &Decision) -> Value {
