@@ -270,13 +270,14 @@ pub fn parse_json(text: &str) -> Result<Event, EventError> {
 /// Parses one line: the plugin's `[ConversationTransfer] <event>: {json}` or a bare JSON object.
 pub fn parse_line(line: &str) -> Result<Event, EventError> {
     let line = line.trim();
+    if line.starts_with('{') {
+        return parse_json(line);
+    }
     if let Some(rest) = line.find(LOG_MARKER).map(|i| &line[i + LOG_MARKER.len()..]) {
         let (name, json) = rest.split_once(':').ok_or_else(|| {
             EventError::Malformed(format!("log line has no `<event>:` after {LOG_MARKER}"))
         })?;
         parse_with_kind(json.trim(), Some(name.trim()))
-    } else if line.starts_with('{') {
-        parse_json(line)
     } else {
         Err(EventError::Malformed(format!(
             "neither a JSON object nor a {LOG_MARKER} log line"
@@ -343,6 +344,79 @@ fn leak_field_name(path: &str) -> &'static str {
     NAMES.into_iter().find(|n| *n == snake).unwrap_or("(event)")
 }
 
+/// The common shapes `2026-11-26T01:00:00Z`, `…:00.123Z`, `…:00+01:00` in a few dozen
+/// instructions; anything else (or anything odd) goes to chrono, which also explains errors.
+fn fast_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        b[r].iter().try_fold(0i64, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=28).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        // Days 29-31 are valid only in some months: let chrono judge them.
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || i - start > 9 {
+            return None;
+        }
+        let digits = num(start..(start + 3).min(i))?;
+        millis = digits * 10i64.pow(3 - ((start + 3).min(i) - start) as u32);
+    }
+    let offset_secs = match &b[i..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digits = [*h1, *h2, *m1, *m2];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let (h, m) = (
+                i64::from(h1 - b'0') * 10 + i64::from(h2 - b'0'),
+                i64::from(m1 - b'0') * 10 + i64::from(m2 - b'0'),
+            );
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let off = h * 3600 + m * 60;
+            if *sign == b'+' { off } else { -off }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs) * 1000 + millis)
+}
+
 fn number(field: &'static str, n: Option<RawNumber>) -> Result<Option<i64>, EventError> {
     match n {
         None => Ok(None),
@@ -378,14 +452,17 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
     let ts = raw
         .timestamp
         .ok_or_else(|| EventError::field("timestamp", "missing"))?;
-    let timestamp_ms = chrono::DateTime::parse_from_rfc3339(&ts)
-        .map_err(|e| {
-            EventError::field(
-                "timestamp",
-                format!("{ts:?} is not RFC 3339 with an offset ({e})"),
-            )
-        })?
-        .timestamp_millis();
+    let timestamp_ms = match fast_rfc3339_ms(&ts) {
+        Some(ms) => ms,
+        None => chrono::DateTime::parse_from_rfc3339(&ts)
+            .map_err(|e| {
+                EventError::field(
+                    "timestamp",
+                    format!("{ts:?} is not RFC 3339 with an offset ({e})"),
+                )
+            })?
+            .timestamp_millis(),
+    };
 
     let conversation = raw
         .conversation_sid
@@ -608,6 +685,32 @@ mod tests {
                 Err(EventError::Field { field: f, .. }) => assert_eq!(f, field, "{text}"),
                 other => panic!("{text}: expected a `{field}` rejection, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_fast_timestamp_path_agrees_with_chrono() {
+        for ts in [
+            "2026-11-26T01:00:00Z",
+            "2026-11-26T01:00:00.123Z",
+            "2026-11-26T01:00:00.1Z",
+            "2026-11-26T01:00:00.123456789+05:30",
+            "2024-02-28T23:59:59-08:00",
+            "1999-12-28T23:59:59.999Z",
+            "2000-03-01T00:00:00+00:00",
+        ] {
+            let chrono = chrono::DateTime::parse_from_rfc3339(ts)
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(fast_rfc3339_ms(ts), Some(chrono), "{ts}");
+        }
+        for odd in [
+            "2026-02-30T00:00:00Z",
+            "2026-11-26T01:00:00",
+            "2026-11-26 01:00:00Z",
+            "2026-13-01T00:00:00Z",
+        ] {
+            assert_eq!(fast_rfc3339_ms(odd), None, "{odd}");
         }
     }
 

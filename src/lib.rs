@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -78,6 +78,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the in-process pipeline, memory and scrape cost (figures for BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// Send a log file or standard input (`-`) to a running daemon.
     Ingest {
         /// The daemon, e.g. http://127.0.0.1:9843
@@ -88,6 +93,31 @@ enum Command {
         token_env: String,
         /// A file of NDJSON or `[ConversationTransfer]` lines, or `-` for standard input.
         input: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Parse + track + window on one thread, NDJSON batches of 1,000 typical events.
+    Pipeline {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Resident memory after feeding events over many CBOs.
+    Memory {
+        #[arg(long, default_value_t = 10_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+    },
+    /// Rendering /metrics with many CBOs.
+    Scrape {
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+        #[arg(long, default_value_t = 21)]
+        runs: usize,
     },
 }
 
@@ -139,6 +169,41 @@ async fn main() -> ExitCode {
             token_env,
             input,
         } => ingest(&server, &token_env, &input).await,
+        Command::Bench { what } => {
+            use transfer_guard::bench;
+            match what {
+                BenchWhat::Pipeline { events, runs } => {
+                    let (rate, len) = bench::pipeline(events, runs);
+                    println!(
+                        "pipeline: {events} events of {len:.0} bytes on average, median of {runs} runs: {rate:.0} events/s"
+                    );
+                    let (parse, track) = bench::phases(events, runs);
+                    println!(
+                        "  of which parsing alone: {parse:.0} events/s; tracking and windows alone: {track:.0} events/s"
+                    );
+                }
+                BenchWhat::Memory { events, cbos } => {
+                    let marks = [1_000_000, events];
+                    println!(
+                        "memory: RSS before: {} MiB",
+                        bench::rss_bytes().unwrap_or(0) / (1 << 20)
+                    );
+                    for (fed, rss) in bench::memory(events, cbos, &marks) {
+                        println!(
+                            "memory: {fed} events over {cbos} CBOs: RSS {:.1} MiB",
+                            rss as f64 / (1 << 20) as f64
+                        );
+                    }
+                }
+                BenchWhat::Scrape { cbos, runs } => {
+                    let (ms, size) = bench::scrape(cbos, runs);
+                    println!(
+                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms"
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Command::Validate {
             server,
             cbo,

@@ -30,6 +30,9 @@ struct Inner {
 /// Metric handles resolved once per CBO, so the hot path does no label lookups.
 struct Handles {
     ingested: [IntCounter; 7],
+    /// `transfers_total` by transfer type (cold, warm), target (worker, queue) and outcome; a
+    /// transfer whose `initiated` never came is counted by label lookup (rare).
+    transfers: Vec<IntCounter>,
     duplicate: IntCounter,
     evicted: IntCounter,
     history_lost: IntCounter,
@@ -56,6 +59,21 @@ impl CboState {
                     .events_ingested
                     .with_label_values(&[key, k.as_str()])
             }),
+            transfers: ["cold", "warm"]
+                .iter()
+                .flat_map(|tt| {
+                    ["worker", "queue"].iter().flat_map(move |target| {
+                        crate::tracker::Outcome::ALL
+                            .into_iter()
+                            .map(move |o| (*tt, *target, o))
+                    })
+                })
+                .map(|(tt, target, o)| {
+                    metrics
+                        .transfers
+                        .with_label_values(&[key, tt, target, o.as_str()])
+                })
+                .collect(),
             duplicate: metrics.events_duplicate.with_label_values(&[key]),
             evicted: metrics.transfers_evicted.with_label_values(&[key]),
             history_lost: metrics.history_lost.with_label_values(&[key]),
@@ -146,15 +164,22 @@ impl CboState {
                     class,
                     completion_secs,
                 } => {
-                    self.metrics
-                        .transfers
-                        .with_label_values(&[
-                            self.key.as_str(),
-                            transfer_type.map_or("unknown", |t| t.as_str()),
-                            target_type.map_or("unknown", |t| t.as_str()),
-                            outcome.as_str(),
-                        ])
-                        .inc();
+                    match (transfer_type, target_type) {
+                        (Some(tt), Some(target)) => {
+                            let i = (tt as usize * 2 + target as usize) * 4 + outcome as usize;
+                            self.handles.transfers[i].inc();
+                        }
+                        (tt, target) => self
+                            .metrics
+                            .transfers
+                            .with_label_values(&[
+                                self.key.as_str(),
+                                tt.map_or("unknown", |t| t.as_str()),
+                                target.map_or("unknown", |t| t.as_str()),
+                                outcome.as_str(),
+                            ])
+                            .inc(),
+                    }
                     if let Some(class) =
                         class.filter(|_| outcome == crate::tracker::Outcome::Failed)
                     {

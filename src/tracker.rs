@@ -1,6 +1,9 @@
 //! One transfer's events -> its outcome and latencies: correlation, duplicates, out-of-order events, timeouts, a memory cap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Transfer ids come from authenticated sources; a fast keyed hasher is enough.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::time::Duration;
 
 use crate::event::{ErrorClass, Event, EventKind, TargetType, TransferType};
@@ -162,7 +165,7 @@ impl Tracker {
         Tracker {
             timeout_ms: timeout.as_millis() as i64,
             max_open: max_open.max(1),
-            transfers: HashMap::new(),
+            transfers: HashMap::default(),
             order: VecDeque::new(),
             next_seq: 0,
         }
