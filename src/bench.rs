@@ -123,37 +123,40 @@ pub fn pipeline(events: usize, runs: usize) -> (f64, f64) {
     (median(rates), avg_len)
 }
 
-/// RSS after feeding `total` events over `cbos` CBOs, sampled at each of `marks`.
+/// RSS after feeding `total` events over `cbos` CBOs, sampled at each of `marks`. Time is
+/// simulated: every CBO sends a transfer a second (about five events), the clock moves one
+/// second per round, and transfers are swept every ten simulated seconds, as the daemon does.
 pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
-    let now = chrono::Utc::now().timestamp_millis();
+    let start = chrono::Utc::now().timestamp_millis();
     let config = config(cbos);
     let metrics = std::sync::Arc::new(Metrics::new());
     let fleet = Fleet::new(&config, &metrics);
     let states: Vec<_> = fleet.iter().cloned().collect();
-    // One shape reused with fresh ids, so the generator's own memory stays small.
-    let template = lines(100_000, now);
+    let mut generators: Vec<Generator> = (0..cbos)
+        .map(|i| Generator::new(Profile { rate: 1.0, ..Profile::default() }, i as u64, start))
+        .collect();
     let mut out = Vec::new();
     let mut rejected = Vec::new();
     let mut fed = 0;
-    let mut round = 0u64;
+    let mut now = start;
     while fed < total {
-        round += 1;
-        for (i, chunk) in template.chunks(1000).enumerate() {
-            let cbo = &states[(i + round as usize) % states.len()];
-            let events = chunk.iter().enumerate().filter_map(|(j, l)| {
-                let mut e = parse_line(l).ok()?;
-                e.transfer_id = e.transfer_id.map(|t| format!("{t}-{round}"));
-                Some((j, e))
-            });
-            cbo.ingest(events, now, &mut rejected);
-            fed += chunk.len();
-            if marks.iter().any(|m| fed >= *m && fed - chunk.len() < *m) {
-                fleet.sweep(now);
+        now += 1000;
+        for (g, cbo) in generators.iter_mut().zip(&states) {
+            g.start_until(now);
+            let lines = g.due(now);
+            let before = fed;
+            fed += lines.len();
+            cbo.ingest(
+                lines.iter().enumerate().filter_map(|(j, l)| parse_line(l).ok().map(|e| (j, e))),
+                now,
+                &mut rejected,
+            );
+            if marks.iter().any(|m| fed >= *m && before < *m) {
                 out.push((fed, rss_bytes().unwrap_or(0)));
             }
-            if fed >= total {
-                break;
-            }
+        }
+        if (now - start) % 10_000 == 0 {
+            fleet.sweep(now);
         }
         rejected.clear();
     }
