@@ -1,6 +1,6 @@
 //! `transfer-guard bench`: on-demand measurements (never assertions) of the in-process pipeline, memory, scrape cost and detection latency; figures for BENCHMARKS.md.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::{Config, check_str};
 use crate::event::parse_line;
@@ -133,7 +133,16 @@ pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
     let fleet = Fleet::new(&config, &metrics);
     let states: Vec<_> = fleet.iter().cloned().collect();
     let mut generators: Vec<Generator> = (0..cbos)
-        .map(|i| Generator::new(Profile { rate: 1.0, ..Profile::default() }, i as u64, start))
+        .map(|i| {
+            Generator::new(
+                Profile {
+                    rate: 1.0,
+                    ..Profile::default()
+                },
+                i as u64,
+                start,
+            )
+        })
         .collect();
     let mut out = Vec::new();
     let mut rejected = Vec::new();
@@ -147,7 +156,10 @@ pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
             let before = fed;
             fed += lines.len();
             cbo.ingest(
-                lines.iter().enumerate().filter_map(|(j, l)| parse_line(l).ok().map(|e| (j, e))),
+                lines
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, l)| parse_line(l).ok().map(|e| (j, e))),
                 now,
                 &mut rejected,
             );
@@ -191,8 +203,4 @@ pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
         times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
     (median(times), size)
-}
-
-pub fn print_duration(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }

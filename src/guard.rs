@@ -227,11 +227,7 @@ fn act(
 ) {
     let tr = statuses.iter().find(|(k, _)| *k == t.cbo).map(|(_, s)| s);
     let deployment = tr.and_then(|s| s.latest_deployment.clone());
-    let kind = match t.params.action {
-        RuleAction::Rollback => ActionKind::Rollback,
-        RuleAction::Disable => ActionKind::Disable,
-        RuleAction::Alert => ActionKind::Alert,
-    };
+    let kind = action_kind(t.params.action);
     if t.rule == RuleId::CrossCbo {
         // Page on-call always; roll back only the CBOs deployed recently (a common release).
         shared
@@ -257,26 +253,16 @@ fn act(
 
 /// Records that a breach's action was held back, and why.
 fn suppress(shared: &Shared, t: &Transition, deployment: Option<String>, now_ms: i64, why: String) {
-    let action = match t.params.action {
-        RuleAction::Rollback => "rollback",
-        RuleAction::Disable => "disable",
-        RuleAction::Alert => "alert",
-    };
-    tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), action, why, "action suppressed");
-    let mut e = Entry::new(&t.cbo, Kind::Action, now_ms);
-    e.rule = Some(t.rule.as_str().into());
-    e.action = Some(action.into());
-    e.integration = Some(action.into());
-    e.result = Some("suppressed".into());
-    e.detail = Some(why);
-    e.deployment = deployment;
-    e.evidence = t.evidence.clone();
-    shared
-        .metrics
-        .actions_total
-        .with_label_values(&[&t.cbo, action, "suppressed"])
-        .inc();
-    shared.actions.record(e);
+    let d = decision(t, action_kind(t.params.action), deployment, now_ms);
+    shared.actions.suppress(&d, why);
+}
+
+fn action_kind(action: RuleAction) -> ActionKind {
+    match action {
+        RuleAction::Rollback => ActionKind::Rollback,
+        RuleAction::Disable => ActionKind::Disable,
+        RuleAction::Alert => ActionKind::Alert,
+    }
 }
 
 /// `config_corruption` that outlives its rollback by `escalate_after` turns transfers off.

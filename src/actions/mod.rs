@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::{Cbo, Config, DisableKind, RollbackKind};
@@ -202,12 +202,6 @@ impl Actions {
         self.memory().switches.get(cbo).cloned()
     }
 
-    pub fn is_acked(&self, cbo: &str, rule: RuleId) -> bool {
-        self.memory()
-            .acked
-            .contains(&(cbo.to_string(), rule.as_str().to_string()))
-    }
-
     /// A rule recovered: its ack ends.
     pub fn recovered(&self, cbo: &str, rule: RuleId) {
         self.memory()
@@ -311,6 +305,13 @@ impl Actions {
         out
     }
 
+    /// Records that a decision's action was held back, and why.
+    pub fn suppress(&self, d: &Decision, why: String) {
+        tracing::info!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action suppressed");
+        self.count(&d.cbo, d.kind.as_str(), "suppressed");
+        self.record(self.entry(d, d.kind.as_str(), "suppressed", why));
+    }
+
     /// Runs a decision through the pipeline: ack, once per deployment, cooldown, in flight,
     /// dry run; then each integration with retries, each attempt in the decision log. Returns
     /// at once; the integrations run on their own task so one CBO never waits for another.
@@ -319,11 +320,7 @@ impl Actions {
             return;
         };
         let now = self.clock.now_ms();
-        let suppressed = |why: String| {
-            tracing::info!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action suppressed");
-            self.count(&d.cbo, d.kind.as_str(), "suppressed");
-            self.record(self.entry(&d, d.kind.as_str(), "suppressed", why));
-        };
+        let suppressed = |why: String| self.suppress(&d, why);
         if d.kind == ActionKind::Alert {
             tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), evidence = %d.evidence, "rule breached: alert");
             self.count(&d.cbo, "alert", "fired");
@@ -599,9 +596,5 @@ impl Actions {
                 tracing::error!(error = %e, alerts = alerts.len(), "cannot notify Alertmanager");
             }
         });
-    }
-
-    pub fn evidence_of(&self, d: &Decision) -> Value {
-        json!({"cbo": d.cbo, "rule": d.rule.as_str(), "action": d.kind.as_str(), "deployment": d.deployment, "decided_at": d.decided_at, "evidence": d.evidence})
     }
 }
