@@ -204,3 +204,83 @@ pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
     }
     (median(times), size)
 }
+
+/// Detection latency: from posting the event that completes a breach (a Bad Request with
+/// `bad_requests` at one minute) to the rollback's `POST …/Deployments` reaching the simulated
+/// Twilio, once per CBO, `trials` CBOs in turn.
+pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
+    use crate::App;
+    use crate::clock::Clock;
+    use crate::sim::twilio::SimTwilio;
+    let sim = SimTwilio::start(Clock::new()).await;
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\n[actions]\ndry_run = false\n",
+        std::env::temp_dir().join(format!("tg-bench-{}", std::process::id())).display(),
+        url = sim.url()
+    );
+    for i in 0..trials {
+        let (ac, ws, ww, zs, ze) = (
+            format!("AC{i:032x}"),
+            format!("WS{i:032x}"),
+            format!("WW{i:032x}"),
+            format!("ZS{i:032x}"),
+            format!("ZE{i:032x}"),
+        );
+        sim.add_account(&ac, "bench");
+        sim.add_workflow(&ac, &ws, &ww);
+        sim.add_service(&ac, &zs, &ze, &ww);
+        sim.deploy(&ac, &zs, &ze, None);
+        text += &format!(
+            "[[cbo]]\nkey = \"c{i}\"\ningest_token_env = \"T\"\naccount_sid = \"{ac}\"\nauth_token_env = \"A\"\nworkspace_sid = \"{ws}\"\nworkflow_sid = \"{ww}\"\nserverless_service_sid = \"{zs}\"\nserverless_environment_sid = \"{ze}\"\nrollback = [\"serverless\"]\n[cbo.rules.bad_requests]\nminutes = 1\n"
+        );
+    }
+    // One ingest token shared by every CBO would be ambiguous; the admin token names the CBO.
+    let text = text.replace("ingest_token_env = \"T\"\n", "");
+    let text = text.replacen("[server]\n", "[server]\nadmin_token_env = \"ADMIN\"\n", 1);
+    let env = |k: &str| match k {
+        "ADMIN" => Some("bench-admin".to_string()),
+        "A" => Some("bench".to_string()),
+        _ => None,
+    };
+    let checked = check_str(&text, &env);
+    assert!(!checked.problems.iter().any(|p| p.fatal), "{:?}", checked.problems);
+    let app = App::start(checked.config.expect("bench config")).await.expect("starts");
+    while !app.shared.not_ready().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for i in 0..trials {
+        // A random phase against the 1 s tick.
+        tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(0..1000))).await;
+        let now = chrono::Utc::now();
+        let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let body = format!(
+            "{{\"cbo\":\"c{i}\",\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}\n{{\"cbo\":\"c{i}\",\"event\":\"failed\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"error\":{{\"status\":400}}}}"
+        );
+        let sent = tokio::time::Instant::now();
+        let resp = http
+            .post(format!("{}/v1/events", app.url()))
+            .bearer_auth("bench-admin")
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .expect("ingest answers");
+        assert_eq!(resp.status().as_u16(), 202);
+        let service = format!("ZS{i:032x}");
+        loop {
+            let hit = sim
+                .requests()
+                .into_iter()
+                .find(|r| r.method == "POST" && r.path.contains(&service) && r.path.ends_with("/Deployments"));
+            if let Some(r) = hit {
+                out.push(r.at.saturating_duration_since(sent));
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    app.shutdown().await;
+    out
+}

@@ -112,6 +112,11 @@ enum BenchWhat {
         #[arg(long, default_value_t = 1000)]
         cbos: usize,
     },
+    /// Detection latency: breach-completing event to the rollback request at the simulated Twilio.
+    Detection {
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+    },
     /// Rendering /metrics with many CBOs.
     Scrape {
         #[arg(long, default_value_t = 1000)]
@@ -194,6 +199,21 @@ async fn main() -> ExitCode {
                             rss as f64 / (1 << 20) as f64
                         );
                     }
+                }
+                BenchWhat::Detection { trials } => {
+                    let mut ms: Vec<f64> = bench::detection(trials)
+                        .await
+                        .iter()
+                        .map(|d| d.as_secs_f64() * 1000.0)
+                        .collect();
+                    ms.sort_by(|a, b| a.total_cmp(b));
+                    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+                    println!(
+                        "detection: {trials} breaches, event to rollback request: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                        at(0.5),
+                        at(0.99),
+                        ms[ms.len() - 1]
+                    );
                 }
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
