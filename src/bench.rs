@@ -51,6 +51,29 @@ pub fn lines(n: usize, now_ms: i64) -> Vec<String> {
     out
 }
 
+/// Writes `lines` into files of `per_file` lines under `dir`; with `log_lines`, in the
+/// plugin's `[ConversationTransfer] <event>: {json}` form.
+pub fn write_lines(lines: &[String], per_file: usize, dir: &std::path::Path, log_lines: bool) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (n, chunk) in lines.chunks(per_file.max(1)).enumerate() {
+        let mut text = String::new();
+        for l in chunk {
+            if log_lines {
+                let v: serde_json::Value = serde_json::from_str(l).expect("generated JSON");
+                let kind = v["event"].as_str().unwrap_or("initiated").to_string();
+                let mut v = v;
+                v.as_object_mut().expect("an object").remove("event");
+                text += &format!("[ConversationTransfer] {kind}: {v}\n");
+            } else {
+                text += l;
+                text.push('\n');
+            }
+        }
+        std::fs::write(dir.join(format!("{n:06}.ndjson")), text)?;
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
@@ -283,4 +306,24 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     }
     app.shutdown().await;
     out
+}
+
+/// Reads a log file as a `[[sources.file]]` source does (follower, parse, track, windows) into
+/// one CBO: lines per second and how many lines were taken.
+pub fn logfile(path: &std::path::Path) -> std::io::Result<(f64, usize)> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let config = config(1);
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let fleet = Fleet::new(&config, &metrics);
+    let cbo = fleet.get("c0").expect("one cbo");
+    let start = Instant::now();
+    let mut follower = crate::sources::file::Follower::new(path, true);
+    let lines = follower.poll()?;
+    let mut rejected = Vec::new();
+    let mut taken = 0;
+    for batch in lines.chunks(1000) {
+        let events: Vec<_> = batch.iter().enumerate().filter_map(|(i, l)| parse_line(l).ok().map(|e| (i, e))).collect();
+        taken += cbo.ingest(events, now, &mut rejected);
+    }
+    Ok((lines.len() as f64 / start.elapsed().as_secs_f64(), taken))
 }

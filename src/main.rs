@@ -117,6 +117,23 @@ enum BenchWhat {
         #[arg(long, default_value_t = 50)]
         trials: usize,
     },
+    /// Write generated NDJSON event lines to files of `per_file` lines (for wrk and mtail).
+    Lines {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1000)]
+        per_file: usize,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Write the plugin's log-line form `[ConversationTransfer] <event>: {json}`.
+        #[arg(long)]
+        log_lines: bool,
+    },
+    /// Read a log file of `[ConversationTransfer]` lines as a file source does.
+    Logfile {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Rendering /metrics with many CBOs.
     Scrape {
         #[arg(long, default_value_t = 1000)]
@@ -215,6 +232,27 @@ async fn main() -> ExitCode {
                         ms[ms.len() - 1]
                     );
                 }
+                BenchWhat::Lines {
+                    events,
+                    per_file,
+                    dir,
+                    log_lines,
+                } => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let lines = bench::lines(events, now);
+                    if let Err(e) = bench::write_lines(&lines, per_file, &dir, log_lines) {
+                        eprintln!("bench lines: {}: {e}", dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                    println!("wrote {events} events to {}", dir.display());
+                }
+                BenchWhat::Logfile { file } => match bench::logfile(&file) {
+                    Ok((rate, taken)) => println!("logfile: {taken} events taken, {rate:.0} lines/s"),
+                    Err(e) => {
+                        eprintln!("bench logfile: {}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
                     println!(

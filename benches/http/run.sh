@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# HTTP ingest throughput with wrk (Debian's `wrk`), on loopback: NDJSON batches of 1,000 events
+# over keep-alive, and one event per request. Prints wrk's own summaries.
+#   usage: benches/http/run.sh [seconds]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-15}
+cargo build --release -q
+bin=target/release/transfer-guard
+work=$(mktemp -d)
+trap 'kill $(cat "$work/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/config.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+state_dir = "$work/state"
+max_body_bytes = 4194304
+[[cbo]]
+key = "bench"
+ingest_token_env = "TOKEN"
+TOML
+export TOKEN=bench-token
+"$bin" bench lines --events 200000 --per-file 1000 --dir "$work/batches"
+"$bin" bench lines --events 2000 --per-file 1 --dir "$work/singles"
+RUST_LOG=error "$bin" run --config "$work/config.toml" & echo $! > "$work/pid"
+until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
+echo "== NDJSON batches of 1,000 events, keep-alive, 2 threads, 8 connections, ${secs}s"
+BODIES="$work/batches" wrk -t2 -c8 -d"${secs}s" -s benches/http/ingest.lua "http://127.0.0.1:$port/v1/events"
+echo "== one event per request, keep-alive, 2 threads, 32 connections, ${secs}s"
+BODIES="$work/singles" wrk -t2 -c32 -d"${secs}s" -s benches/http/ingest.lua "http://127.0.0.1:$port/v1/events"
+curl -s "http://127.0.0.1:$port/metrics" | grep -E '^transfer_guard_events_(ingested|duplicate)_total' | awk '{s[$1 ~ /duplicate/]+=$2} END {printf "ingested %d events, %d of them repeats of a body already sent\n", s[0], s[1]}'
