@@ -18,9 +18,13 @@ fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
-/// Relative accuracy of the latency quantiles (1 %).
+/// Width of one quantile slot: latency sketches are kept per minute (each is ~0.5 KiB once
+/// used), counts per 10 s bucket.
+const SKETCH_MS: i64 = 60_000;
+
+/// Relative accuracy of the latency quantiles (2 %).
 fn sketch() -> Box<DDSketch> {
-    Box::new(DDSketch::new(SketchConfig::new(0.01, 1024, 1e-3)))
+    Box::new(DDSketch::new(SketchConfig::new(0.02, 512, 1e-3)))
 }
 
 /// Counts in one bucket or summed over a window.
@@ -65,24 +69,59 @@ impl Counts {
     }
 }
 
-struct Bucket {
-    /// `timestamp / BUCKET`; `i64::MIN` while unused.
-    epoch: i64,
-    counts: Counts,
+/// The latency sketches of one minute.
+#[derive(Default)]
+struct Sketches {
     cold: Option<Box<DDSketch>>,
     warm: Option<Box<DDSketch>>,
     notification: Option<Box<DDSketch>>,
 }
 
-impl Bucket {
-    fn empty() -> Bucket {
-        Bucket {
-            epoch: i64::MIN,
-            counts: Counts::default(),
-            cold: None,
-            warm: None,
-            notification: None,
+/// Fixed slots of `width_ms` over the longest window (and a minute ahead); a slot is reused,
+/// and reset, when time comes round to it again.
+struct Ring<T> {
+    width_ms: i64,
+    /// Slots older than this many behind "now" are out of every window.
+    span: i64,
+    slots: Vec<(i64, T)>,
+}
+
+impl<T: Default> Ring<T> {
+    fn new(width_ms: i64, max_window: Duration) -> Ring<T> {
+        let span = ceil_div(max_window.as_millis() as i64, width_ms);
+        let ahead = ceil_div(FUTURE_TOLERANCE.as_millis() as i64, width_ms) + 1;
+        Ring {
+            width_ms,
+            span,
+            slots: (0..span + ahead + 1).map(|_| (i64::MIN, T::default())).collect(),
         }
+    }
+
+    fn epoch(&self, ts_ms: i64) -> i64 {
+        ts_ms.div_euclid(self.width_ms)
+    }
+
+    /// The slot for `ts_ms`; `None` when `ts_ms` is outside what the ring keeps at `now_ms`.
+    fn slot(&mut self, ts_ms: i64, now_ms: i64) -> Option<&mut T> {
+        let (epoch, now_epoch) = (self.epoch(ts_ms), self.epoch(now_ms));
+        let len = self.slots.len() as i64;
+        if epoch <= now_epoch - self.span || epoch >= now_epoch - self.span + len {
+            return None;
+        }
+        let (at, value) = &mut self.slots[epoch.rem_euclid(len) as usize];
+        if *at != epoch {
+            if *at > epoch {
+                return None;
+            }
+            *at = epoch;
+            *value = T::default();
+        }
+        Some(value)
+    }
+
+    /// Slots whose epoch is at least `oldest`, with their epochs.
+    fn since(&self, oldest: i64) -> impl Iterator<Item = (i64, &T)> {
+        self.slots.iter().filter(move |(at, _)| *at >= oldest).map(|(at, v)| (*at, v))
     }
 }
 
@@ -101,42 +140,23 @@ pub struct WindowStats {
     pub notifications: u64,
 }
 
-/// The ring of buckets for one CBO. Memory is fixed by the longest window, not by traffic.
+/// The rings of one CBO: counts every 10 s, latency sketches every minute. Memory is fixed by
+/// the longest window, not by traffic.
 pub struct Windows {
-    buckets: Vec<Bucket>,
-    /// Buckets older than this many behind "now" are out of every window.
-    span: i64,
+    counts: Ring<Counts>,
+    sketches: Ring<Sketches>,
 }
 
 impl Windows {
     pub fn new(max_window: Duration) -> Windows {
-        let span = ceil_div(max_window.as_millis() as i64, BUCKET_MS);
-        let ahead = ceil_div(FUTURE_TOLERANCE.as_millis() as i64, BUCKET_MS) + 1;
-        let len = (span + ahead + 1) as usize;
         Windows {
-            buckets: (0..len).map(|_| Bucket::empty()).collect(),
-            span,
+            counts: Ring::new(BUCKET_MS, max_window),
+            sketches: Ring::new(SKETCH_MS, max_window),
         }
     }
 
-    /// The bucket for `ts_ms`, reset if it last held an older epoch; `None` when `ts_ms` is
-    /// outside what the ring keeps relative to `now_ms`.
-    fn bucket(&mut self, ts_ms: i64, now_ms: i64) -> Option<&mut Bucket> {
-        let epoch = ts_ms.div_euclid(BUCKET_MS);
-        let now_epoch = now_ms.div_euclid(BUCKET_MS);
-        let len = self.buckets.len() as i64;
-        if epoch <= now_epoch - self.span || epoch >= now_epoch - self.span + len {
-            return None;
-        }
-        let b = &mut self.buckets[epoch.rem_euclid(len) as usize];
-        if b.epoch != epoch {
-            if b.epoch > epoch {
-                return None;
-            }
-            *b = Bucket::empty();
-            b.epoch = epoch;
-        }
-        Some(b)
+    fn bucket(&mut self, ts_ms: i64, now_ms: i64) -> Option<&mut Counts> {
+        self.counts.slot(ts_ms, now_ms)
     }
 
     pub fn record_outcome(
@@ -146,10 +166,9 @@ impl Windows {
         outcome: Outcome,
         class: Option<ErrorClass>,
     ) {
-        let Some(b) = self.bucket(ts_ms, now_ms) else {
+        let Some(c) = self.bucket(ts_ms, now_ms) else {
             return;
         };
-        let c = &mut b.counts;
         match outcome {
             Outcome::Completed => c.completed += 1,
             Outcome::Failed => c.failed += 1,
@@ -172,10 +191,10 @@ impl Windows {
         transfer_type: Option<TransferType>,
         seconds: f64,
     ) {
-        if let Some(b) = self.bucket(ts_ms, now_ms) {
+        if let Some(m) = self.sketches.slot(ts_ms, now_ms) {
             let slot = match transfer_type {
-                Some(TransferType::Cold) => &mut b.cold,
-                Some(TransferType::Warm) => &mut b.warm,
+                Some(TransferType::Cold) => &mut m.cold,
+                Some(TransferType::Warm) => &mut m.warm,
                 None => return,
             };
             slot.get_or_insert_with(sketch).add(seconds);
@@ -183,59 +202,58 @@ impl Windows {
     }
 
     pub fn record_notification(&mut self, ts_ms: i64, now_ms: i64, seconds: f64) {
-        if let Some(b) = self.bucket(ts_ms, now_ms) {
-            b.notification.get_or_insert_with(sketch).add(seconds);
+        if let Some(m) = self.sketches.slot(ts_ms, now_ms) {
+            m.notification.get_or_insert_with(sketch).add(seconds);
         }
     }
 
     pub fn record_history_lost(&mut self, ts_ms: i64, now_ms: i64) {
-        if let Some(b) = self.bucket(ts_ms, now_ms) {
-            b.counts.history_lost += 1;
+        if let Some(c) = self.bucket(ts_ms, now_ms) {
+            c.history_lost += 1;
         }
     }
 
     pub fn record_taskrouter_bad_request(&mut self, now_ms: i64) {
-        if let Some(b) = self.bucket(now_ms, now_ms) {
-            b.counts.taskrouter_bad_request += 1;
+        if let Some(c) = self.bucket(now_ms, now_ms) {
+            c.taskrouter_bad_request += 1;
         }
     }
 
     /// Sums the buckets of the trailing `window` (the current bucket included, and the few
-    /// ahead that hold events stamped up to a minute in the future).
+    /// ahead that hold events stamped up to a minute in the future). Counts are exact to 10 s;
+    /// latency quantiles take the whole minutes the window touches.
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
-        let now_epoch = now_ms.div_euclid(BUCKET_MS);
-        let n = ceil_div(window.as_millis() as i64, BUCKET_MS).clamp(1, self.span);
-        self.stats_from(now_epoch - n + 1)
+        let n = ceil_div(window.as_millis() as i64, BUCKET_MS).clamp(1, self.counts.span);
+        self.stats_from((self.counts.epoch(now_ms) - n + 1) * BUCKET_MS)
     }
 
     /// Sums the buckets from the one holding `since_ms` on (a validation window's start).
     pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
-        let now_epoch = now_ms.div_euclid(BUCKET_MS);
-        self.stats_from(
-            since_ms
-                .div_euclid(BUCKET_MS)
-                .max(now_epoch - self.span + 1),
-        )
+        let oldest = (self.counts.epoch(now_ms) - self.counts.span + 1) * BUCKET_MS;
+        self.stats_from(since_ms.max(oldest))
     }
 
-    fn stats_from(&self, oldest: i64) -> WindowStats {
+    /// Everything from `from_ms` on.
+    fn stats_from(&self, from_ms: i64) -> WindowStats {
         let mut counts = Counts::default();
         let mut minutes: Vec<i64> = Vec::new();
-        let mut cold: Option<DDSketch> = None;
-        let mut warm: Option<DDSketch> = None;
-        let mut notification: Option<DDSketch> = None;
-        for b in self.buckets.iter().filter(|b| b.epoch >= oldest) {
-            counts.add(&b.counts);
-            if b.counts.bad_request + b.counts.taskrouter_bad_request > 0 {
-                let minute = b.epoch * BUCKET_MS / 60_000;
+        for (epoch, c) in self.counts.since(self.counts.epoch(from_ms)) {
+            counts.add(c);
+            if c.bad_request + c.taskrouter_bad_request > 0 {
+                let minute = epoch * BUCKET_MS / 60_000;
                 if !minutes.contains(&minute) {
                     minutes.push(minute);
                 }
             }
+        }
+        let mut cold: Option<DDSketch> = None;
+        let mut warm: Option<DDSketch> = None;
+        let mut notification: Option<DDSketch> = None;
+        for (_, m) in self.sketches.since(self.sketches.epoch(from_ms)) {
             for (acc, s) in [
-                (&mut cold, &b.cold),
-                (&mut warm, &b.warm),
-                (&mut notification, &b.notification),
+                (&mut cold, &m.cold),
+                (&mut warm, &m.warm),
+                (&mut notification, &m.notification),
             ] {
                 if let Some(s) = s {
                     match acc {
@@ -327,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn p95_of_latencies_is_within_one_percent() {
+    fn p95_of_latencies_is_within_two_percent() {
         let mut w = Windows::new(Duration::from_secs(3600));
         for i in 1..=100 {
             w.record_completion(T0 - i * 1000, T0, Some(TransferType::Cold), i as f64 / 10.0);
@@ -336,6 +354,6 @@ mod tests {
             .stats(T0, Duration::from_secs(300))
             .cold_completion_p95
             .unwrap();
-        assert!((p95 - 9.5).abs() <= 0.1, "{p95}");
+        assert!((p95 - 9.5).abs() <= 0.2, "{p95}");
     }
 }
