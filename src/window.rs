@@ -1,4 +1,4 @@
-//! Rolling windows per CBO in event time: fixed 10 s buckets of counts and mergeable quantile sketches.
+//! Rolling windows per CBO in event time: 10 s buckets of counts and per-minute mergeable quantile sketches.
 
 use std::time::Duration;
 
