@@ -53,7 +53,12 @@ pub fn lines(n: usize, now_ms: i64) -> Vec<String> {
 
 /// Writes `lines` into files of `per_file` lines under `dir`; with `log_lines`, in the
 /// plugin's `[ConversationTransfer] <event>: {json}` form.
-pub fn write_lines(lines: &[String], per_file: usize, dir: &std::path::Path, log_lines: bool) -> std::io::Result<()> {
+pub fn write_lines(
+    lines: &[String],
+    per_file: usize,
+    dir: &std::path::Path,
+    log_lines: bool,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (n, chunk) in lines.chunks(per_file.max(1)).enumerate() {
         let mut text = String::new();
@@ -238,7 +243,9 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     let sim = SimTwilio::start(Clock::new()).await;
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\n[actions]\ndry_run = false\n",
-        std::env::temp_dir().join(format!("tg-bench-{}", std::process::id())).display(),
+        std::env::temp_dir()
+            .join(format!("tg-bench-{}", std::process::id()))
+            .display(),
         url = sim.url()
     );
     for i in 0..trials {
@@ -266,8 +273,14 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
         _ => None,
     };
     let checked = check_str(&text, &env);
-    assert!(!checked.problems.iter().any(|p| p.fatal), "{:?}", checked.problems);
-    let app = App::start(checked.config.expect("bench config")).await.expect("starts");
+    assert!(
+        !checked.problems.iter().any(|p| p.fatal),
+        "{:?}",
+        checked.problems
+    );
+    let app = App::start(checked.config.expect("bench config"))
+        .await
+        .expect("starts");
     while !app.shared.not_ready().is_empty() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -293,10 +306,9 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
         assert_eq!(resp.status().as_u16(), 202);
         let service = format!("ZS{i:032x}");
         loop {
-            let hit = sim
-                .requests()
-                .into_iter()
-                .find(|r| r.method == "POST" && r.path.contains(&service) && r.path.ends_with("/Deployments"));
+            let hit = sim.requests().into_iter().find(|r| {
+                r.method == "POST" && r.path.contains(&service) && r.path.ends_with("/Deployments")
+            });
             if let Some(r) = hit {
                 out.push(r.at.saturating_duration_since(sent));
                 break;
@@ -322,7 +334,11 @@ pub fn logfile(path: &std::path::Path) -> std::io::Result<(f64, usize)> {
     let mut rejected = Vec::new();
     let mut taken = 0;
     for batch in lines.chunks(1000) {
-        let events: Vec<_> = batch.iter().enumerate().filter_map(|(i, l)| parse_line(l).ok().map(|e| (i, e))).collect();
+        let events: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| parse_line(l).ok().map(|e| (i, e)))
+            .collect();
         taken += cbo.ingest(events, now, &mut rejected);
     }
     Ok((lines.len() as f64 / start.elapsed().as_secs_f64(), taken))

@@ -247,7 +247,9 @@ async fn main() -> ExitCode {
                     println!("wrote {events} events to {}", dir.display());
                 }
                 BenchWhat::Logfile { file } => match bench::logfile(&file) {
-                    Ok((rate, taken)) => println!("logfile: {taken} events taken, {rate:.0} lines/s"),
+                    Ok((rate, taken)) => {
+                        println!("logfile: {taken} events taken, {rate:.0} lines/s")
+                    }
                     Err(e) => {
                         eprintln!("bench logfile: {}: {e}", file.display());
                         return ExitCode::FAILURE;

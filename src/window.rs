@@ -93,7 +93,9 @@ impl<T: Default> Ring<T> {
         Ring {
             width_ms,
             span,
-            slots: (0..span + ahead + 1).map(|_| (i64::MIN, T::default())).collect(),
+            slots: (0..span + ahead + 1)
+                .map(|_| (i64::MIN, T::default()))
+                .collect(),
         }
     }
 
@@ -121,7 +123,10 @@ impl<T: Default> Ring<T> {
 
     /// Slots whose epoch is at least `oldest`, with their epochs.
     fn since(&self, oldest: i64) -> impl Iterator<Item = (i64, &T)> {
-        self.slots.iter().filter(move |(at, _)| *at >= oldest).map(|(at, v)| (*at, v))
+        self.slots
+            .iter()
+            .filter(move |(at, _)| *at >= oldest)
+            .map(|(at, v)| (*at, v))
     }
 }
 
