@@ -210,12 +210,52 @@ impl fmt::Display for EventError {
 
 impl std::error::Error for EventError {}
 
+/// A JSON string borrowed from the input when it has no escapes (serde's own `Cow<str>` would
+/// allocate inside an `Option`).
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+impl Text<'_> {
+    fn into_owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawNumber<'a> {
     Int(i64),
     #[serde(borrow)]
-    Text(Cow<'a, str>),
+    Text(Text<'a>),
 }
 
 #[derive(Deserialize)]
@@ -225,7 +265,7 @@ struct RawErrorObject<'a> {
     #[serde(default, borrow)]
     status: Option<RawNumber<'a>>,
     #[serde(default, borrow)]
-    message: Option<Cow<'a, str>>,
+    message: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -233,33 +273,33 @@ struct RawErrorObject<'a> {
 enum RawError<'a> {
     #[serde(borrow)]
     Object(RawErrorObject<'a>),
-    Message(Cow<'a, str>),
+    Message(Text<'a>),
 }
 
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(default, borrow, alias = "eventType", alias = "event_type")]
-    event: Option<Cow<'a, str>>,
+    event: Option<Text<'a>>,
     #[serde(default, borrow)]
-    timestamp: Option<Cow<'a, str>>,
+    timestamp: Option<Text<'a>>,
     #[serde(default, borrow, alias = "conversationSid")]
-    conversation_sid: Option<Cow<'a, str>>,
+    conversation_sid: Option<Text<'a>>,
     #[serde(default, borrow, alias = "transferId")]
-    transfer_id: Option<Cow<'a, str>>,
+    transfer_id: Option<Text<'a>>,
     #[serde(default, borrow, alias = "transferType")]
-    transfer_type: Option<Cow<'a, str>>,
+    transfer_type: Option<Text<'a>>,
     #[serde(default, borrow, alias = "targetType")]
-    target_type: Option<Cow<'a, str>>,
+    target_type: Option<Text<'a>>,
     #[serde(default, borrow, alias = "fromAgent")]
-    from_agent: Option<Cow<'a, str>>,
+    from_agent: Option<Text<'a>>,
     #[serde(default, borrow, alias = "toTarget")]
-    to_target: Option<Cow<'a, str>>,
+    to_target: Option<Text<'a>>,
     #[serde(default, borrow)]
     error: Option<RawError<'a>>,
     #[serde(default, alias = "historyPreserved")]
     history_preserved: Option<bool>,
     #[serde(default, borrow)]
-    cbo: Option<Cow<'a, str>>,
+    cbo: Option<Text<'a>>,
 }
 
 /// Parses one JSON object.
@@ -532,7 +572,7 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
         Some(RawError::Object(obj)) => Some(TransferError {
             code: number("error", obj.code)?,
             status: number("error", obj.status)?,
-            message: obj.message.map(Cow::into_owned),
+            message: obj.message.map(Text::into_owned),
         }),
     };
     if kind == EventKind::Failed && error.is_none() {
@@ -551,7 +591,7 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
         target_type,
         error,
         history_preserved: raw.history_preserved,
-        cbo: raw.cbo.map(Cow::into_owned),
+        cbo: raw.cbo.map(Text::into_owned),
     })
 }
 
@@ -712,6 +752,18 @@ mod tests {
         ] {
             assert_eq!(fast_rfc3339_ms(odd), None, "{odd}");
         }
+    }
+
+    #[test]
+    fn escaped_strings_parse_like_plain_ones() {
+        let plain = format!(
+            r#"{{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","transfer_id":"a/b","error":{{"message":"Bad Request"}}}}"#
+        );
+        let escaped = format!(
+            r#"{{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"C{}","transfer_id":"a\/b","error":{{"message":"Bad Request"}}}}"#,
+            &CH[1..]
+        );
+        assert_eq!(parse_json(&plain).unwrap(), parse_json(&escaped).unwrap());
     }
 
     #[test]

@@ -187,16 +187,17 @@ impl Tracker {
 
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
         let key = event.transfer_key();
-        let restart = self.transfers.get(key).is_some_and(|t| {
+        let known = self.transfers.get(key).map(|t| {
             // A conversation transferred again after its last transfer ended: a new transfer.
             t.finished
                 && event.kind == EventKind::Initiated
                 && t.ts(EventKind::Initiated) != Some(event.timestamp_ms)
         });
-        if restart || !self.transfers.contains_key(key) {
-            self.insert(key, now_ms, out);
-        }
-        let t = self.transfers.get_mut(key).expect("inserted above");
+        let t = match known {
+            Some(false) => self.transfers.get_mut(key).expect("looked up above"),
+            Some(true) => self.insert(key, true, now_ms, out),
+            None => self.insert(key, false, now_ms, out),
+        };
         t.touched_ms = now_ms;
         if let Some(ts) = t.ts(event.kind) {
             if ts == event.timestamp_ms {
@@ -223,8 +224,15 @@ impl Tracker {
         t.progress(out);
     }
 
-    fn insert(&mut self, key: &str, now_ms: i64, out: &mut Vec<Effect>) {
-        if !self.transfers.contains_key(key) {
+    /// A new record for `key` (`replacing` one that ended), evicting the oldest at the cap.
+    fn insert(
+        &mut self,
+        key: &str,
+        replacing: bool,
+        now_ms: i64,
+        out: &mut Vec<Effect>,
+    ) -> &mut Transfer {
+        if !replacing {
             while self.transfers.len() >= self.max_open {
                 let Some((seq, old)) = self.order.pop_front() else {
                     break;
@@ -237,16 +245,19 @@ impl Tracker {
                 }
             }
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let key: Box<str> = key.into();
-        self.order.push_back((seq, key.clone()));
-        self.transfers.insert(key, Transfer::new(seq, now_ms));
         if self.order.len() > 2 * self.transfers.len() + 64 {
             let transfers = &self.transfers;
             self.order
                 .retain(|(seq, k)| transfers.get(k).is_some_and(|t| t.seq == *seq));
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let key: Box<str> = key.into();
+        self.order.push_back((seq, key.clone()));
+        self.transfers
+            .entry(key)
+            .insert_entry(Transfer::new(seq, now_ms))
+            .into_mut()
     }
 
     /// Times out transfers whose `initiated` is older than the timeout, settles terminal events
