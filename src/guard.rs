@@ -189,23 +189,6 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
     shared
         .validations
         .tick(now_ms, &stats, &config_ok, &triggers);
-    // validation_state follows each CBO's latest window.
-    let mut latest: std::collections::HashMap<String, crate::validation::Validation> =
-        Default::default();
-    for v in shared.validations.list(None) {
-        if latest.get(&v.cbo).is_none_or(|l| l.start_ms <= v.start_ms) {
-            latest.insert(v.cbo.clone(), v);
-        }
-    }
-    for (cbo, v) in latest {
-        for state in crate::validation::State::ALL {
-            shared
-                .metrics
-                .validation_state
-                .with_label_values(&[&cbo, state.as_str()])
-                .set(i64::from(state == v.state));
-        }
-    }
 }
 
 fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms: i64) -> Decision {

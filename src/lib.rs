@@ -119,7 +119,11 @@ impl App {
             clock,
             clients.clone(),
         ));
-        let validations = validation::Validations::open(&config.server.state_dir, clock.now_ms())?;
+        let validations = validation::Validations::open(
+            &config.server.state_dir,
+            clock.now_ms(),
+            metrics.clone(),
+        )?;
         let shared = Arc::new(Shared {
             validations,
             engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),

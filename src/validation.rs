@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::rfc3339;
+use crate::metrics::Metrics;
 use crate::window::WindowStats;
 
 pub const FILE_NAME: &str = "validations.json";
@@ -231,12 +232,17 @@ pub enum ValidationError {
 pub struct Validations {
     path: PathBuf,
     windows: Mutex<BTreeMap<String, Validation>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Validations {
     /// Loads what the state directory holds; running windows resume measuring now, carrying
     /// what they had measured.
-    pub fn open(state_dir: &Path, now_ms: i64) -> Result<Validations, ValidationError> {
+    pub fn open(
+        state_dir: &Path,
+        now_ms: i64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Validations, ValidationError> {
         let path = state_dir.join(FILE_NAME);
         let err = |message: String| ValidationError::Store {
             path: path.clone(),
@@ -252,10 +258,35 @@ impl Validations {
             v.measured = Measured::default();
             v.resumed_ms = Some(now_ms);
         }
-        Ok(Validations {
+        let cbos: Vec<String> = windows.values().map(|v| v.cbo.clone()).collect();
+        let this = Validations {
             path,
             windows: Mutex::new(windows),
-        })
+            metrics,
+        };
+        let windows = this.lock();
+        for cbo in cbos {
+            this.publish(&windows, &cbo);
+        }
+        drop(windows);
+        Ok(this)
+    }
+
+    /// Sets `validation_state` of `cbo` from its latest window; called when a window starts or ends.
+    fn publish(&self, windows: &BTreeMap<String, Validation>, cbo: &str) {
+        let Some(latest) = windows
+            .values()
+            .filter(|v| v.cbo == cbo)
+            .max_by_key(|v| v.start_ms)
+        else {
+            return;
+        };
+        for state in State::ALL {
+            self.metrics
+                .validation_state
+                .with_label_values(&[cbo, state.as_str()])
+                .set(i64::from(state == latest.state));
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Validation>> {
@@ -309,6 +340,7 @@ impl Validations {
         };
         windows.insert(id, v.clone());
         self.save(&windows);
+        self.publish(&windows, cbo);
         tracing::info!(cbo, deployment, id = %v.id, end = %v.end, started_by, "validation window started");
         v
     }
@@ -325,7 +357,8 @@ impl Validations {
             .collect()
     }
 
-    pub fn running_for(&self, cbo: &str, deployment: &str) -> bool {
+    /// Whether a window (running or ended) was ever opened for this deployment.
+    pub fn exists_for(&self, cbo: &str, deployment: &str) -> bool {
         self.lock()
             .values()
             .any(|v| v.cbo == cbo && v.deployment == deployment)
@@ -404,8 +437,12 @@ impl Validations {
                 ended.push(v.clone());
             }
         }
-        // Persist on endings, and every ten seconds so a restart loses little.
-        if !ended.is_empty() || (now_ms / 1000) % 10 == 0 {
+        for v in &ended {
+            self.publish(&windows, &v.cbo);
+        }
+        // Persist on endings, and every ten seconds while a window runs, so a restart loses little.
+        let running = windows.values().any(|v| v.state == State::Running);
+        if !ended.is_empty() || (running && (now_ms / 1000) % 10 == 0) {
             self.save(&windows);
         }
         ended

@@ -430,7 +430,7 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
         cycle.new_release.clone(),
     ];
     for deployment in seen.into_iter().flatten() {
-        if !shared.validations.running_for(key, &deployment) {
+        if !shared.validations.exists_for(key, &deployment) {
             let v = &shared.config.validation;
             shared.validations.start(
                 key,
