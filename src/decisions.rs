@@ -188,6 +188,19 @@ impl DecisionLog {
             .collect()
     }
 
+    /// The sequence number of the newest entry (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().entries.last().map_or(0, |e| e.seq)
+    }
+
+    /// Entries with a sequence number above `seq` (those written since one was read).
+    pub fn after(&self, seq: u64) -> Vec<Entry> {
+        let inner = self.lock();
+        // Sequence numbers only grow: the new entries are a tail.
+        let start = inner.entries.partition_point(|e| e.seq <= seq);
+        inner.entries[start..].to_vec()
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         self.lock().entries.clone()
     }

@@ -231,7 +231,7 @@ pub async fn run(
     let every = Duration::from_secs(10);
     let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut deployed = false;
-    let mut shown = app.shared.actions.log.entries().last().map_or(0, |e| e.seq);
+    let mut shown = app.shared.actions.log.last_seq();
     let elapsed = |now: i64| {
         let s = (now - started) / 1000;
         format!("[{:02}:{:02}]", s / 60, s % 60)
@@ -262,8 +262,7 @@ pub async fn run(
                         eprintln!("demo traffic for {key}: {e}");
                     }
                 }
-                let since = shown;
-                for e in app.shared.actions.log.entries().into_iter().filter(|e| e.seq > since) {
+                for e in app.shared.actions.log.after(shown) {
                     shown = e.seq;
                     if let Some(line) = describe(&e) {
                         println!("{} {line}", elapsed(now));
