@@ -61,10 +61,7 @@ fn refuse_unless_admin(shared: &Shared, headers: &HeaderMap) -> Option<Response>
             StatusCode::FORBIDDEN,
             "this needs the admin token",
         )),
-        None => Some(json_error(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid bearer token",
-        )),
+        None => Some(unauthorized()),
     }
 }
 
@@ -73,6 +70,11 @@ fn unknown_cbo(cbo: &str) -> Response {
         StatusCode::NOT_FOUND,
         &format!("no CBO {cbo:?} is configured"),
     )
+}
+
+/// 401 for a request without a valid token.
+pub fn unauthorized() -> Response {
+    json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")
 }
 
 pub fn json_error(status: StatusCode, message: &str) -> Response {
@@ -164,16 +166,15 @@ struct StatusReply {
 }
 
 async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let Some(who) = caller(&shared, &headers) else {
-        return json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    let only = match readable_cbo(&shared, &headers, None, "status") {
+        Ok(only) => only,
+        Err(refused) => return *refused,
     };
     let now_ms = shared.clock.now_ms();
     let max = shared.config.transfers.max_window;
     let mut cbos = BTreeMap::new();
     for cbo in &shared.config.cbos {
-        if let Caller::Cbo(k) = &who
-            && k != cbo.key.as_str()
-        {
+        if only.as_deref().is_some_and(|k| k != cbo.key.as_str()) {
             continue;
         }
         let state = shared
@@ -348,18 +349,9 @@ async fn decisions(
     headers: HeaderMap,
     Query(q): Query<DecisionQuery>,
 ) -> Response {
-    let cbo = match (caller(&shared, &headers), q.cbo) {
-        (None, _) => {
-            return json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-        }
-        (Some(Caller::Admin), cbo) => cbo,
-        (Some(Caller::Cbo(own)), Some(asked)) if asked != own => {
-            return json_error(
-                StatusCode::FORBIDDEN,
-                "a CBO's token reads only its own decisions",
-            );
-        }
-        (Some(Caller::Cbo(own)), _) => Some(own),
+    let cbo = match readable_cbo(&shared, &headers, q.cbo.as_deref(), "decisions") {
+        Ok(cbo) => cbo,
+        Err(refused) => return *refused,
     };
     let since = match q.since.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
         None => None,
@@ -438,21 +430,20 @@ async fn start_validation(
     (StatusCode::CREATED, Json(v)).into_response()
 }
 
-/// Who may read validations of `cbo`: the admin, or that CBO's token.
-fn may_read(
+/// The CBO whose part a caller may read (`None`: every CBO, for the admin token), given the one
+/// `asked` for; 401 without a valid token, 403 when a CBO's token asks for another CBO.
+fn readable_cbo(
     shared: &Shared,
     headers: &HeaderMap,
-    cbo: Option<&str>,
+    asked: Option<&str>,
+    what: &str,
 ) -> Result<Option<String>, Box<Response>> {
-    match (caller(shared, headers), cbo) {
-        (None, _) => Err(Box::new(json_error(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid bearer token",
-        ))),
-        (Some(Caller::Admin), cbo) => Ok(cbo.map(str::to_string)),
+    match (caller(shared, headers), asked) {
+        (None, _) => Err(Box::new(unauthorized())),
+        (Some(Caller::Admin), asked) => Ok(asked.map(str::to_string)),
         (Some(Caller::Cbo(own)), Some(asked)) if asked != own => Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
-            "a CBO's token reads only its own validations",
+            &format!("a CBO's token reads only its own {what}"),
         ))),
         (Some(Caller::Cbo(own)), _) => Ok(Some(own)),
     }
@@ -468,7 +459,7 @@ async fn list_validations(
     headers: HeaderMap,
     Query(q): Query<ValidationQuery>,
 ) -> Response {
-    match may_read(&shared, &headers, q.cbo.as_deref()) {
+    match readable_cbo(&shared, &headers, q.cbo.as_deref(), "validations") {
         Err(refused) => *refused,
         Ok(cbo) => Json(serde_json::json!({
             "validations": shared.validations.list(cbo.as_deref()),
@@ -484,11 +475,11 @@ async fn get_validation(
 ) -> Response {
     let Some(v) = shared.validations.get(&id) else {
         return match caller(&shared, &headers) {
-            None => json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token"),
+            None => unauthorized(),
             Some(_) => json_error(StatusCode::NOT_FOUND, &format!("no validation {id:?}")),
         };
     };
-    match may_read(&shared, &headers, Some(&v.cbo)) {
+    match readable_cbo(&shared, &headers, Some(&v.cbo), "validations") {
         Err(refused) => *refused,
         Ok(_) => Json(v).into_response(),
     }

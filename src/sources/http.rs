@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::Shared;
-use crate::api::{Caller, caller, json_error};
+use crate::api::{Caller, caller, json_error, unauthorized};
 use crate::event::{self, Event, EventError};
 use crate::metrics::Reject;
 use crate::state::Rejection;
@@ -95,7 +95,7 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     let metrics = &shared.metrics;
     let Some(who) = caller(&shared, &headers) else {
         metrics.reject("", Reject::Unauthorized);
-        return json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+        return unauthorized();
     };
     let who_cbo = match &who {
         Caller::Cbo(k) => k.as_str(),
