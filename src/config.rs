@@ -567,15 +567,33 @@ impl Resolver<'_> {
     }
 
     /// Reads the secret that variable `var` names; a missing or empty variable is named.
-    fn secret(&mut self, var: &Spanned<String>, cbo: Option<&str>, what: &str) -> Option<Secret> {
-        match (self.env)(var.get_ref()) {
+    /// Reads the secret that variable `var` names; a missing or empty variable is named, at
+    /// the line of `at` when the key's position is known.
+    fn secret(
+        &mut self,
+        var: &str,
+        at: Option<usize>,
+        cbo: Option<&str>,
+        what: &str,
+    ) -> Option<Secret> {
+        match (self.env)(var) {
             Some(v) if !v.is_empty() => Some(Secret(v)),
             _ => {
-                let message = format!("{what}: environment variable {} is not set", var.get_ref());
-                self.problem(Some(var.span().start), cbo, message, true);
+                let message = format!("{what}: environment variable {var} is not set");
+                self.problem(at, cbo, message, true);
                 None
             }
         }
+    }
+
+    /// `secret` for a key held as a `Spanned` string, at its line.
+    fn spanned_secret(
+        &mut self,
+        var: &Spanned<String>,
+        cbo: Option<&str>,
+        what: &str,
+    ) -> Option<Secret> {
+        self.secret(var.get_ref(), Some(var.span().start), cbo, what)
     }
 
     fn sid<T>(
@@ -671,7 +689,7 @@ impl Resolver<'_> {
         let ingest_token = section
             .ingest_token_env
             .as_ref()
-            .and_then(|var| self.secret(var, Some(k), "ingest_token_env"));
+            .and_then(|var| self.spanned_secret(var, Some(k), "ingest_token_env"));
         let account_sid = self.sid("account_sid", &section.account_sid, k, AccountSid::parse);
         let workspace_sid = self.sid(
             "workspace_sid",
@@ -698,11 +716,11 @@ impl Resolver<'_> {
             &section.api_key_secret_env,
         ) {
             (Some(var), None, None) => self
-                .secret(var, Some(k), "auth_token_env")
+                .spanned_secret(var, Some(k), "auth_token_env")
                 .map(Credentials::AuthToken),
             (None, Some(sid), Some(var)) => {
                 let sid = self.sid("api_key_sid", &Some(sid.clone()), k, ApiKeySid::parse);
-                let secret = self.secret(var, Some(k), "api_key_secret_env");
+                let secret = self.spanned_secret(var, Some(k), "api_key_secret_env");
                 sid.zip(secret)
                     .map(|(sid, secret)| Credentials::ApiKey { sid, secret })
             }
@@ -760,17 +778,11 @@ impl Resolver<'_> {
     }
 
     fn resolve(mut self, file: FileConfig) -> Checked {
-        let admin_token = file.server.admin_token_env.as_ref().and_then(|var| {
-            let var = Spanned::new(0..0, var.clone());
-            self.secret(&var, None, "server.admin_token_env")
-        });
-        // A missing admin variable cannot point at a line through serde's span (it is a plain
-        // String); drop the bogus line 1.
-        if let Some(p) = self.problems.last_mut()
-            && p.message.starts_with("server.admin_token_env")
-        {
-            p.line = None;
-        }
+        let admin_token = file
+            .server
+            .admin_token_env
+            .as_ref()
+            .and_then(|var| self.secret(var, None, None, "server.admin_token_env"));
         for (name, url) in [
             ("twilio.taskrouter_url", &file.twilio.taskrouter_url),
             ("twilio.serverless_url", &file.twilio.serverless_url),
@@ -806,14 +818,7 @@ impl Resolver<'_> {
                     true,
                 );
             }
-            let var = Spanned::new(0..0, w.secret_env.clone());
-            let secret = self.secret(&var, None, "actions.webhook.secret_env");
-            if let Some(p) = self.problems.last_mut()
-                && p.message.starts_with("actions.webhook.secret_env")
-            {
-                p.line = None;
-            }
-            secret
+            self.secret(&w.secret_env, None, None, "actions.webhook.secret_env")
         });
         if file
             .actions
