@@ -207,9 +207,7 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
             },
         );
     }
-    let now = chrono::DateTime::from_timestamp_millis(now_ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default();
+    let now = crate::clock::rfc3339(now_ms);
     Json(StatusReply {
         version: env!("CARGO_PKG_VERSION"),
         now,

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::clock::rfc3339;
+
 /// How one CBO's transfers behave. Probabilities are per transfer.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -62,12 +64,6 @@ fn hex(rng: &mut fastrand::Rng) -> String {
     (0..32)
         .map(|_| char::from_digit(rng.u32(0..16), 16).expect("a hex digit"))
         .collect()
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .expect("timestamps in range")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl Generator {

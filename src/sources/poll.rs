@@ -500,10 +500,7 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => break,
         }
-        let now = shared.clock.now_ms();
-        let now = chrono::DateTime::from_timestamp_millis(now)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-            .unwrap_or_default();
+        let now = crate::clock::rfc3339(shared.clock.now_ms());
         let cycle = tokio::select! {
             c = poller.cycle(&now) => c,
             _ = stop.changed() => break,
