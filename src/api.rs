@@ -267,7 +267,7 @@ async fn put_switch(
         let reason = change
             .reason
             .unwrap_or_else(|| "disabled by on-call".into());
-        shared.actions.set_switch(&cbo, false, reason, None);
+        shared.actions.set_switch(&cbo, false, reason);
         Json(shared.actions.switch(&cbo)).into_response()
     }
 }

@@ -75,6 +75,19 @@ pub struct Switch {
     pub previous_flags: Option<Value>,
 }
 
+impl Switch {
+    /// Transfers on, as every CBO starts.
+    fn on(cbo: &str) -> Switch {
+        Switch {
+            cbo: cbo.to_string(),
+            transfers_enabled: true,
+            reason: None,
+            since: None,
+            previous_flags: None,
+        }
+    }
+}
+
 /// Everything the pipeline remembers, rebuilt from the decision log on start.
 #[derive(Default)]
 struct Memory {
@@ -112,16 +125,9 @@ impl Actions {
     ) -> Actions {
         let mut memory = Memory::default();
         for cbo in &config.cbos {
-            memory.switches.insert(
-                cbo.key.to_string(),
-                Switch {
-                    cbo: cbo.key.to_string(),
-                    transfers_enabled: true,
-                    reason: None,
-                    since: None,
-                    previous_flags: None,
-                },
-            );
+            memory
+                .switches
+                .insert(cbo.key.to_string(), Switch::on(cbo.key.as_str()));
         }
         // Replay the log: what fired, when, what is acked, where each switch stands.
         for e in log.entries() {
@@ -410,7 +416,7 @@ impl Actions {
 
     async fn fire(self: Arc<Self>, d: Decision, integrations: Vec<Box<dyn Integration>>) {
         if d.kind == ActionKind::Disable {
-            self.set_switch(&d.cbo, false, format!("{} breached", d.rule.as_str()), None);
+            self.set_switch(&d.cbo, false, format!("{} breached", d.rule.as_str()));
             self.count(&d.cbo, "switch", "fired");
             self.record(self.entry(
                 &d,
@@ -480,29 +486,21 @@ impl Actions {
         m.in_flight.remove(&(d.cbo.clone(), d.kind));
     }
 
-    /// Sets the daemon's own switch and logs it; `previous_flags` are the Flex values to restore.
-    pub fn set_switch(
-        &self,
-        cbo: &str,
-        enabled: bool,
-        reason: String,
-        previous_flags: Option<Value>,
-    ) {
+    /// Sets the daemon's own switch and logs it. Turning it on forgets the Flex values kept
+    /// for restoring.
+    pub fn set_switch(&self, cbo: &str, enabled: bool, reason: String) {
         let now = self.clock.now_ms();
         let switch = {
             let mut m = self.memory();
-            let s = m.switches.entry(cbo.to_string()).or_insert_with(|| Switch {
-                cbo: cbo.to_string(),
-                transfers_enabled: true,
-                reason: None,
-                since: None,
-                previous_flags: None,
-            });
+            let s = m
+                .switches
+                .entry(cbo.to_string())
+                .or_insert_with(|| Switch::on(cbo));
             s.transfers_enabled = enabled;
-            s.reason = Some(reason.clone());
+            s.reason = Some(reason);
             s.since = Some(rfc3339(now));
-            if previous_flags.is_some() || enabled {
-                s.previous_flags = previous_flags;
+            if enabled {
+                s.previous_flags = None;
             }
             s.clone()
         };
@@ -510,33 +508,41 @@ impl Actions {
             .transfers_disabled
             .with_label_values(&[cbo])
             .set(i64::from(!enabled));
-        let mut e = Entry::new(cbo, Kind::Switch, now);
-        e.detail = Some(reason);
-        e.action = Some(if enabled { "enable" } else { "disable" }.into());
-        let mut evidence = serde_json::to_value(&switch).expect("switch serializes");
-        evidence["previous_flags"] = switch.previous_flags.clone().unwrap_or(Value::Null);
-        e.evidence = evidence;
-        self.record(e);
+        self.log_switch(&switch);
     }
 
     /// Remembers the Flex flags seen before the flag went off (for re-enabling).
     pub fn remember_flags(&self, cbo: &str, flags: Value) {
-        let mut m = self.memory();
-        if let Some(s) = m.switches.get_mut(cbo)
-            && s.previous_flags.is_none()
-        {
-            s.previous_flags = Some(flags.clone());
-        }
-        drop(m);
-        let mut e = Entry::new(cbo, Kind::Switch, self.clock.now_ms());
-        if let Some(s) = self.switch(cbo) {
-            let mut evidence = serde_json::to_value(&s).expect("switch serializes");
-            evidence["previous_flags"] = flags;
-            e.evidence = evidence;
-            e.detail = s.reason.clone();
-            e.action = Some("disable".into());
-            self.record(e);
-        }
+        let switch = {
+            let mut m = self.memory();
+            let Some(s) = m.switches.get_mut(cbo) else {
+                return;
+            };
+            if s.previous_flags.is_none() {
+                s.previous_flags = Some(flags);
+            }
+            s.clone()
+        };
+        self.log_switch(&switch);
+    }
+
+    /// A switch entry carries the whole switch, the flags to restore included, so a restart
+    /// rebuilds it from the last one.
+    fn log_switch(&self, switch: &Switch) {
+        let mut e = Entry::new(&switch.cbo, Kind::Switch, self.clock.now_ms());
+        e.detail = switch.reason.clone();
+        e.action = Some(
+            if switch.transfers_enabled {
+                "enable"
+            } else {
+                "disable"
+            }
+            .into(),
+        );
+        let mut evidence = serde_json::to_value(switch).expect("switch serializes");
+        evidence["previous_flags"] = switch.previous_flags.clone().unwrap_or(Value::Null);
+        e.evidence = evidence;
+        self.record(e);
     }
 
     /// On-call acknowledges `rules` of `cbo`: their actions stay silent until they recover.
@@ -566,7 +572,7 @@ impl Actions {
             flex::restore_flags(&client, &self.config.twilio.flex_url, &previous).await?;
             self.count(cbo.key.as_str(), "flex_flag", "fired");
         }
-        self.set_switch(cbo.key.as_str(), true, reason, None);
+        self.set_switch(cbo.key.as_str(), true, reason);
         Ok(self
             .switch(cbo.key.as_str())
             .expect("every cbo has a switch"))
