@@ -180,7 +180,6 @@ impl App {
         for cbo in &shared.config.cbos {
             let poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
             let key = cbo.key.to_string();
-            let problems = health::static_problems(&shared.config, cbo);
             if !poller.pollable() {
                 // Nothing to ask Twilio; what the config alone says is all there is.
                 shared
@@ -188,7 +187,7 @@ impl App {
                     .get(&key)
                     .expect("every cbo")
                     .taskrouter()
-                    .problems = problems;
+                    .problems = poller.config_problems().to_vec();
                 continue;
             }
             shared

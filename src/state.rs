@@ -164,6 +164,8 @@ impl CboState {
                     class,
                     completion_secs,
                 } => {
+                    // Only a failure has an error class (a `completed` may still carry an error).
+                    let class = class.filter(|_| outcome == crate::tracker::Outcome::Failed);
                     match (transfer_type, target_type) {
                         (Some(tt), Some(target)) => {
                             let i = (tt as usize * 2 + target as usize) * 4 + outcome as usize;
@@ -180,9 +182,7 @@ impl CboState {
                             ])
                             .inc(),
                     }
-                    if let Some(class) =
-                        class.filter(|_| outcome == crate::tracker::Outcome::Failed)
-                    {
+                    if let Some(class) = class {
                         self.metrics
                             .transfer_errors
                             .with_label_values(&[&self.key, class.as_str()])
@@ -198,7 +198,6 @@ impl CboState {
                             .windows
                             .record_completion(at_ms, now_ms, transfer_type, secs);
                     }
-                    let class = class.filter(|_| outcome == crate::tracker::Outcome::Failed);
                     inner.windows.record_outcome(at_ms, now_ms, outcome, class);
                 }
                 Effect::Notified { at_ms, secs } => {

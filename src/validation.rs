@@ -182,14 +182,9 @@ impl Measured {
                 },
                 "sound",
                 match self.config_ok {
-                    Some(true) | None => {
-                        if self.config_ok.is_some() {
-                            Verdict::Met
-                        } else {
-                            Verdict::NoData
-                        }
-                    }
+                    Some(true) => Verdict::Met,
                     Some(false) => Verdict::Missed,
+                    None => Verdict::NoData,
                 },
             ),
         ]

@@ -140,6 +140,11 @@ impl Poller {
         ))
     }
 
+    /// What the configuration alone says is wrong with the workflow SID.
+    pub fn config_problems(&self) -> &[Corruption] {
+        &self.static_problems
+    }
+
     pub fn pollable(&self) -> bool {
         self.client.is_some() && self.cbo.workspace_sid.is_some()
     }
