@@ -14,16 +14,8 @@ use transfer_guard::App;
 use transfer_guard::clock::Clock;
 use transfer_guard::config::check_str;
 use transfer_guard::decisions::Kind;
-use transfer_guard::event::parse_line;
 use transfer_guard::sim::twilio::{Fault, SimTwilio, TaskEvent};
 
-const T0: i64 = 1_800_000_000_000;
-const AC_A: &str = "AC0000000000000000000000000000000a";
-const AC_B: &str = "AC0000000000000000000000000000000b";
-const WS_A: &str = "WS0000000000000000000000000000000a";
-const WS_B: &str = "WS0000000000000000000000000000000b";
-const WW_A: &str = "WW0000000000000000000000000000000a";
-const WW_B: &str = "WW0000000000000000000000000000000b";
 const ZS_A: &str = "ZS0000000000000000000000000000000a";
 const ZE_A: &str = "ZE0000000000000000000000000000000a";
 const ZS_B: &str = "ZS0000000000000000000000000000000b";
@@ -56,32 +48,12 @@ fn text(state_dir: &Path, sim: &SimTwilio, a_extra: &str, extra: &str) -> String
         .replacen("[server]\n", "[actions]\ndry_run = false\n\n[server]\n", 1)
 }
 
-async fn start(text: &str) -> App {
-    let env = env();
-    let checked = check_str(text, &|k| env.get(k).map(|v| v.to_string()));
-    assert!(
-        !checked.problems.iter().any(|p| p.fatal),
-        "{:?}",
-        checked.problems
-    );
-    App::start_with_clock(checked.config.unwrap(), Clock::starting_at(T0))
-        .await
-        .unwrap()
-}
-
 fn now(app: &App) -> i64 {
     app.shared.clock.now_ms()
 }
 
 fn ingest(app: &App, cbo: &str, lines: Vec<String>) {
-    let events = lines.iter().map(|l| parse_line(l).unwrap()).enumerate();
-    let mut rejected = Vec::new();
-    app.shared
-        .fleet
-        .get(cbo)
-        .unwrap()
-        .ingest(events, now(app), &mut rejected);
-    assert!(rejected.is_empty(), "{rejected:?}");
+    ingest_lines(app, cbo, &lines);
 }
 
 /// One transfer of `cbo`: completed after 3 s, or failed with a Bad Request.
@@ -157,7 +129,7 @@ async fn bad_requests_in_three_minutes_roll_back_once_to_the_previous_build_and_
     let sim = sim().await;
     let before = sim.deployments(AC_A, ZS_A, ZE_A);
     let (first_build, current_build) = (before[0].build_sid.clone(), before[1].build_sid.clone());
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     let mut n = 0;
     // Healthy traffic, one Bad Request a minute from minute 2 on.
     run(&app, 600, |app, step| {
@@ -198,7 +170,7 @@ async fn bad_requests_in_three_minutes_roll_back_once_to_the_previous_build_and_
 #[tokio::test(start_paused = true)]
 async fn success_rate_at_85_percent_rolls_back_only_after_its_for() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     let mut n = 0;
     let mut pending_at = None;
     let mut fired_at = None;
@@ -249,7 +221,7 @@ async fn success_rate_at_85_percent_rolls_back_only_after_its_for() {
 #[tokio::test(start_paused = true)]
 async fn a_taskrouter_error_rate_over_5_percent_for_15_minutes_rolls_back() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     let mut n = 0;
     run(&app, 25 * 60, |app, _| {
         n += 1;
@@ -268,7 +240,7 @@ async fn a_taskrouter_error_rate_over_5_percent_for_15_minutes_rolls_back() {
 #[tokio::test(start_paused = true)]
 async fn a_deploy_that_resets_the_workflow_sid_is_rolled_back_and_the_configuration_recovers() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(state(&app, "a", "config_corruption"), "ok");
     let good_build = sim
@@ -310,7 +282,7 @@ async fn a_deploy_that_resets_the_workflow_sid_is_rolled_back_and_the_configurat
 #[tokio::test(start_paused = true)]
 async fn corruption_a_rollback_cannot_fix_disables_transfers_with_other_flex_values_untouched() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(state(&app, "a", "config_corruption"), "ok");
     let flex_before = sim.flex_configuration(AC_A);
@@ -428,7 +400,7 @@ async fn two_cbos_breached_at_once_page_and_roll_back_only_the_recently_deployed
 #[tokio::test(start_paused = true)]
 async fn two_failures_out_of_three_transfers_at_night_stay_inconclusive() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     let t = now(&app);
     ingest(
         &app,
@@ -469,7 +441,7 @@ async fn two_failures_out_of_three_transfers_at_night_stay_inconclusive() {
 #[tokio::test(start_paused = true)]
 async fn a_ten_minute_taskrouter_outage_with_healthy_transfers_fires_nothing() {
     let sim = sim().await;
-    let app = start(&text(&fresh_dir(), &sim, "", "")).await;
+    let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     let mut n = 0;
     run(&app, 60, |app, _| {
         n += 1;
@@ -510,7 +482,7 @@ async fn a_restart_right_after_a_rollback_does_not_roll_back_again() {
     let sim = sim().await;
     let dir = fresh_dir();
     let text = text(&dir, &sim, "", "");
-    let app = start(&text).await;
+    let app = start_at(&text, T0).await;
     let mut n = 0;
     let mut bad = |app: &App, step: u64| {
         n += 1;
@@ -521,7 +493,7 @@ async fn a_restart_right_after_a_rollback_does_not_roll_back_again() {
     let deployments = sim.deployments(AC_A, ZS_A, ZE_A).len();
     app.shutdown().await;
 
-    let app = start(&text).await;
+    let app = start_at(&text, T0).await;
     run(&app, 600, &mut bad).await;
     assert_eq!(state(&app, "a", "bad_requests"), "breached");
     assert_eq!(
@@ -548,7 +520,7 @@ async fn a_restart_right_after_a_rollback_does_not_roll_back_again() {
 async fn dry_run_reaches_nothing_and_counts_the_decisions() {
     let sim = sim().await;
     let text = text(&fresh_dir(), &sim, "", "").replacen("dry_run = false", "dry_run = true", 1);
-    let app = start(&text).await;
+    let app = start_at(&text, T0).await;
     let mut n = 0;
     run(&app, 600, |app, step| {
         n += 1;

@@ -7,9 +7,6 @@ use std::time::Duration;
 use common::*;
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
-use transfer_guard::event::parse_line;
-
-const T0: i64 = 1_800_000_000_000;
 
 /// Lets the daemon's tasks (ticker, file sources) run after the clock moved.
 async fn settle() {
@@ -19,14 +16,7 @@ async fn settle() {
 }
 
 async fn ingest(app: &App, cbo: &str, lines: &[String]) {
-    let events = lines.iter().map(|l| parse_line(l).unwrap()).enumerate();
-    let mut rejected = Vec::new();
-    app.shared
-        .fleet
-        .get(cbo)
-        .unwrap()
-        .ingest(events, app.shared.clock.now_ms(), &mut rejected);
-    assert!(rejected.is_empty(), "{rejected:?}");
+    ingest_lines(app, cbo, lines);
 }
 
 fn timed_out(app: &App) -> f64 {

@@ -10,16 +10,9 @@ use std::time::Duration;
 use common::*;
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
-use transfer_guard::config::{Config, check_str};
+use transfer_guard::config::check_str;
 use transfer_guard::sim::twilio::{Fault, SimTwilio, TaskEvent};
 
-const T0: i64 = 1_800_000_000_000;
-const AC_A: &str = "AC0000000000000000000000000000000a";
-const AC_B: &str = "AC0000000000000000000000000000000b";
-const WS_A: &str = "WS0000000000000000000000000000000a";
-const WS_B: &str = "WS0000000000000000000000000000000b";
-const WW_A: &str = "WW0000000000000000000000000000000a";
-const WW_B: &str = "WW0000000000000000000000000000000b";
 const ZS: &str = "ZS0000000000000000000000000000000b";
 const ZE: &str = "ZE0000000000000000000000000000000b";
 const TWILIO_SECRET: &str = "twilio-secret";
@@ -34,23 +27,8 @@ async fn sim() -> SimTwilio {
     sim
 }
 
-/// A config from `text` (built by `config_text_with`), keeping the non-fatal problems that the
-/// daemon must report rather than refuse.
-fn lenient(text: &str) -> Config {
-    let env = env();
-    let checked = check_str(text, &|k| env.get(k).map(|v| v.to_string()));
-    assert!(
-        !checked.problems.iter().any(|p| p.fatal),
-        "{:?}",
-        checked.problems
-    );
-    checked.config.unwrap()
-}
-
 async fn start(text: String) -> App {
-    App::start_with_clock(lenient(&text), Clock::starting_at(T0))
-        .await
-        .unwrap()
+    start_at(&text, T0).await
 }
 
 /// Lets virtual time pass while the daemon polls.

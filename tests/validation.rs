@@ -10,26 +10,11 @@ use std::time::Duration;
 use common::*;
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
-use transfer_guard::config::check_str;
 use transfer_guard::event::parse_line;
 use transfer_guard::sim::twilio::SimTwilio;
 use transfer_guard::validation::{State, Validation};
 
-const T0: i64 = 1_800_000_000_000;
 const MIN: Duration = Duration::from_secs(60);
-
-async fn start_at(text: &str, at_ms: i64) -> App {
-    let env = env();
-    let checked = check_str(text, &|k| env.get(k).map(|v| v.to_string()));
-    assert!(
-        !checked.problems.iter().any(|p| p.fatal),
-        "{:?}",
-        checked.problems
-    );
-    App::start_with_clock(checked.config.unwrap(), Clock::starting_at(at_ms))
-        .await
-        .unwrap()
-}
 
 fn ingest(app: &App, lines: Vec<String>) {
     let events = lines.iter().map(|l| parse_line(l).unwrap()).enumerate();

@@ -3,7 +3,21 @@
 
 use std::collections::HashMap;
 
+use transfer_guard::App;
+use transfer_guard::clock::Clock;
 use transfer_guard::config::{Config, check_str};
+use transfer_guard::event::parse_line;
+
+/// The instant paused-clock tests start at (2027-01-15).
+pub const T0: i64 = 1_800_000_000_000;
+
+/// The Twilio resources of the two CBOs of `config_text`.
+pub const AC_A: &str = "AC0000000000000000000000000000000a";
+pub const AC_B: &str = "AC0000000000000000000000000000000b";
+pub const WS_A: &str = "WS0000000000000000000000000000000a";
+pub const WS_B: &str = "WS0000000000000000000000000000000b";
+pub const WW_A: &str = "WW0000000000000000000000000000000a";
+pub const WW_B: &str = "WW0000000000000000000000000000000b";
 
 pub const ADMIN: &str = "admin-secret";
 pub const TOKEN_A: &str = "token-a";
@@ -79,6 +93,40 @@ pub fn config_with(twilio: &str, extra: &str) -> Config {
     });
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
     checked.config.unwrap()
+}
+
+/// A config from `text`, keeping the non-fatal problems (a bad workflow SID) that the daemon
+/// must report rather than refuse.
+pub fn lenient(text: &str) -> Config {
+    let env = env();
+    let checked = check_str(text, &|k| env.get(k).map(|v| v.to_string()));
+    assert!(
+        !checked.problems.iter().any(|p| p.fatal),
+        "{:?}",
+        checked.problems
+    );
+    checked.config.unwrap()
+}
+
+/// The daemon from `text`, its clock reading `at_ms` now.
+pub async fn start_at(text: &str, at_ms: i64) -> App {
+    App::start_with_clock(lenient(text), Clock::starting_at(at_ms))
+        .await
+        .unwrap()
+}
+
+/// Parses `lines` and hands them to `cbo` at the daemon's now, as an ingest path would; none may
+/// be rejected.
+pub fn ingest_lines(app: &App, cbo: &str, lines: &[String]) {
+    let events = lines.iter().map(|l| parse_line(l).unwrap()).enumerate();
+    let mut rejected = Vec::new();
+    let now = app.shared.clock.now_ms();
+    app.shared
+        .fleet
+        .get(cbo)
+        .unwrap()
+        .ingest(events, now, &mut rejected);
+    assert!(rejected.is_empty(), "{rejected:?}");
 }
 
 pub fn rfc3339(ms: i64) -> String {
