@@ -347,13 +347,7 @@ async fn two_cbos_breached_at_once_page_and_roll_back_only_the_recently_deployed
         &b_block,
         1,
     );
-    let env = env();
-    let config = check_str(&text, &|k| env.get(k).map(|v| v.to_string()))
-        .config
-        .unwrap();
-    let app = App::start_with_clock(config, Clock::starting_at(T0 + 2 * 3600 * 1000))
-        .await
-        .unwrap();
+    let app = start_at(&text, T0 + 2 * 3600 * 1000).await;
     let b_before = sim.deployments(AC_B, ZS_B, ZE_B).len();
     let a_before = sim.deployments(AC_A, ZS_A, ZE_A).len();
     let mut n = 0;

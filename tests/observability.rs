@@ -15,7 +15,6 @@ use serde_json::Value;
 use tokio::process::Command;
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
-use transfer_guard::config::check_str;
 use transfer_guard::sim::twilio::{SimTwilio, TaskEvent};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -95,15 +94,8 @@ async fn busy_daemon(extra: &str) -> (App, SimTwilio) {
         sim.record_tasks(ac, ww, TaskEvent::Entered, 50);
         sim.record_tasks(ac, ww, TaskEvent::Canceled, 1);
     }
-    let env = env();
     let text = config_text_with(&sim.url(), extra);
-    let checked = check_str(&text, &|k| env.get(k).map(|v| v.to_string()));
-    assert!(
-        !checked.problems.iter().any(|p| p.fatal),
-        "{:?}",
-        checked.problems
-    );
-    let app = App::start(checked.config.unwrap()).await.unwrap();
+    let app = App::start(lenient(&text)).await.unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     let mut lines = Vec::new();
     for (i, ago) in [150_000i64, 90_000, 30_000, 20_000, 10_000]
