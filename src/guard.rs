@@ -49,11 +49,9 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
 
     let mut entries = Vec::new();
     for t in &transitions {
-        let m = &shared.metrics.rule_state;
-        m.with_label_values(&[&t.cbo, t.rule.as_str(), t.from.as_str()])
-            .set(0);
-        m.with_label_values(&[&t.cbo, t.rule.as_str(), t.to.as_str()])
-            .set(1);
+        if let Some(m) = shared.metrics.cbo(&t.cbo) {
+            m.set_rule_state(t.rule, t.to);
+        }
         let mut e = Entry::new(&t.cbo, Kind::State, now_ms);
         e.rule = Some(t.rule.as_str().into());
         e.from = Some(t.from.as_str().into());

@@ -1,9 +1,21 @@
 //! Every exported Prometheus metric, named once (SPEC §8).
+//!
+//! Per-CBO series are fixed arrays of atomics in one [`CboSeries`] per CBO (label sets are
+//! known enums, so no label strings are stored per series), written straight to the text
+//! format by [`Metrics::render`]. The prometheus crate's registry holds what is not per CBO:
+//! `build_info` and the process collector (`process_resident_memory_bytes`, …).
 
-use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+
+use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::event::{ErrorClass, EventKind, TargetType, TransferType};
+use crate::health::Corruption;
+use crate::rules::{RuleId, RuleState};
+use crate::tracker::Outcome;
+use crate::twilio::PollResult;
 
 pub const NAMESPACE: &str = "transfer_guard";
 
@@ -15,6 +27,8 @@ pub const COMPLETION_BUCKETS: &[f64] = &[
 pub const NOTIFICATION_BUCKETS: &[f64] = &[
     0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 ];
+/// Poll-cycle duration buckets.
+pub const POLL_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Windows exported as `success_ratio{window}`.
 pub const RATIO_WINDOWS: [(&str, std::time::Duration); 2] = [
@@ -22,8 +36,12 @@ pub const RATIO_WINDOWS: [(&str, std::time::Duration); 2] = [
     ("15m", std::time::Duration::from_secs(900)),
 ];
 
+/// The `kind` values of `taskrouter_tasks` and `taskrouter_reservations`.
+pub const TASK_KINDS: [&str; 4] = ["entered", "completed", "canceled", "timed_out_in_workflow"];
+pub const RESERVATION_KINDS: [&str; 3] = ["accepted", "rejected", "timed_out"];
+
 /// Rejection reasons, the values of `events_rejected_total{reason}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reject {
     /// Not JSON, not an object, not a log line.
     Malformed,
@@ -31,14 +49,14 @@ pub enum Reject {
     Invalid,
     TooOld,
     InFuture,
-    UnknownCbo,
-    Unauthorized,
     TooLarge,
     UnsupportedMediaType,
+    UnknownCbo,
+    Unauthorized,
 }
 
 impl Reject {
-    /// Reasons a CBO's own events or requests can be rejected for.
+    /// Reasons a CBO's own events or requests can be rejected for (the first six variants).
     pub const PER_CBO: [Reject; 6] = [
         Reject::Malformed,
         Reject::Invalid,
@@ -62,288 +80,328 @@ impl Reject {
     }
 }
 
-pub struct Metrics {
-    pub registry: Registry,
-    pub events_ingested: IntCounterVec,
-    pub events_rejected: IntCounterVec,
-    pub events_duplicate: IntCounterVec,
-    pub transfers: IntCounterVec,
-    pub transfer_errors: IntCounterVec,
-    pub completion_seconds: HistogramVec,
-    pub notification_seconds: HistogramVec,
-    pub history_lost: IntCounterVec,
-    pub success_ratio: GaugeVec,
-    pub open_transfers: IntGaugeVec,
-    pub transfers_evicted: IntCounterVec,
-    pub build_info: IntGaugeVec,
-    pub taskrouter_polls: IntCounterVec,
-    pub taskrouter_poll_seconds: HistogramVec,
-    pub taskrouter_error_ratio: GaugeVec,
-    pub taskrouter_bad_requests: IntCounterVec,
-    pub taskrouter_tasks: IntGaugeVec,
-    pub taskrouter_reservations: IntGaugeVec,
-    pub taskrouter_tasks_in_workflow: IntGaugeVec,
-    pub workflow_config_ok: IntGaugeVec,
-    pub workflow_problem: IntGaugeVec,
-    pub rule_state: IntGaugeVec,
-    pub actions_total: IntCounterVec,
-    pub transfers_disabled: IntGaugeVec,
-    pub validation_state: IntGaugeVec,
+/// A Prometheus histogram: a count per bucket (not cumulative; the last is `+Inf`) and the sum.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    /// f64 bits.
+    sum: AtomicU64,
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(NAMESPACE)
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if v.is_nan() {
+            return;
+        }
+        // `le` buckets: the first bound at or above v.
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.buckets[i].fetch_add(1, Relaxed);
+        let _ = self.sum.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + v).to_bits())
+        });
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    pub fn sum(&self) -> f64 {
+        f64::from_bits(self.sum.load(Relaxed))
+    }
+}
+
+/// A gauge that may be absent (no series): f64 bits, NaN for absent.
+struct MaybeGauge(AtomicU64);
+
+impl MaybeGauge {
+    fn absent() -> MaybeGauge {
+        MaybeGauge(AtomicU64::new(f64::NAN.to_bits()))
+    }
+    fn set(&self, v: Option<f64>) {
+        self.0.store(v.unwrap_or(f64::NAN).to_bits(), Relaxed);
+    }
+    fn get(&self) -> Option<f64> {
+        Some(f64::from_bits(self.0.load(Relaxed))).filter(|v| !v.is_nan())
+    }
+}
+
+fn zeros<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
+}
+
+/// `transfers_total` slots: transfer type (cold, warm, unknown) × target (worker, queue,
+/// unknown) × outcome.
+const TYPE_VALUES: [&str; 3] = ["cold", "warm", "unknown"];
+const TARGET_VALUES: [&str; 3] = ["worker", "queue", "unknown"];
+
+fn transfer_slot(tt: Option<TransferType>, target: Option<TargetType>, outcome: Outcome) -> usize {
+    let tt = tt.map_or(2, |t| t as usize);
+    let target = target.map_or(2, |t| t as usize);
+    (tt * 3 + target) * 4 + outcome as usize
+}
+
+/// Every per-CBO series of one CBO.
+pub struct CboSeries {
+    pub key: String,
+    /// `cbo="…"`, escaped once.
+    label: String,
+    ingested: [AtomicU64; 7],
+    rejected: [AtomicU64; 6],
+    duplicate: AtomicU64,
+    evicted: AtomicU64,
+    history_lost: AtomicU64,
+    transfers: [AtomicU64; 36],
+    errors: [AtomicU64; 4],
+    completion: [Histogram; 2],
+    notification: Histogram,
+    success_ratio: [MaybeGauge; 2],
+    open: AtomicI64,
+    polls: [AtomicU64; 5],
+    poll_seconds: Histogram,
+    taskrouter_bad_requests: AtomicU64,
+    taskrouter_error_ratio: MaybeGauge,
+    /// Set once statistics were read: tasks and reservations by kind.
+    statistics: AtomicU8,
+    tasks: [AtomicU64; 4],
+    reservations: [AtomicU64; 3],
+    /// i64::MIN until real-time statistics were read.
+    tasks_in_workflow: AtomicI64,
+    /// 0 before the first check of the configuration, 1 sound, 2 corrupted.
+    config: AtomicU8,
+    /// Bit per `Corruption::IDS` entry present now.
+    problems: AtomicU16,
+    /// The current state of each rule (`RuleState` as u8).
+    rule_state: [AtomicU8; 8],
+    /// (action, result) → count; the actions are open-ended integration names.
+    actions: Mutex<BTreeMap<(String, String), u64>>,
+    disabled: AtomicU8,
+    /// 0 before any validation window, else 1 + the latest window's `State`.
+    validation: AtomicU8,
+}
+
+impl CboSeries {
+    fn new(key: &str) -> CboSeries {
+        CboSeries {
+            key: key.to_string(),
+            label: format!("cbo=\"{}\"", escape(key)),
+            ingested: zeros(),
+            rejected: zeros(),
+            duplicate: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            history_lost: AtomicU64::new(0),
+            transfers: zeros(),
+            errors: zeros(),
+            completion: [
+                Histogram::new(COMPLETION_BUCKETS),
+                Histogram::new(COMPLETION_BUCKETS),
+            ],
+            notification: Histogram::new(NOTIFICATION_BUCKETS),
+            success_ratio: [MaybeGauge::absent(), MaybeGauge::absent()],
+            open: AtomicI64::new(0),
+            polls: zeros(),
+            poll_seconds: Histogram::new(POLL_BUCKETS),
+            taskrouter_bad_requests: AtomicU64::new(0),
+            taskrouter_error_ratio: MaybeGauge::absent(),
+            statistics: AtomicU8::new(0),
+            tasks: zeros(),
+            reservations: zeros(),
+            tasks_in_workflow: AtomicI64::new(i64::MIN),
+            config: AtomicU8::new(0),
+            problems: AtomicU16::new(0),
+            rule_state: std::array::from_fn(|_| AtomicU8::new(RuleState::Ok as u8)),
+            actions: Mutex::new(BTreeMap::new()),
+            disabled: AtomicU8::new(0),
+            validation: AtomicU8::new(0),
+        }
+    }
+
+    pub fn ingested(&self, kind: EventKind) {
+        self.ingested[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn duplicate(&self) {
+        self.duplicate.fetch_add(1, Relaxed);
+    }
+
+    pub fn evicted(&self) {
+        self.evicted.fetch_add(1, Relaxed);
+    }
+
+    pub fn history_lost(&self) {
+        self.history_lost.fetch_add(1, Relaxed);
+    }
+
+    pub fn transfer(&self, tt: Option<TransferType>, target: Option<TargetType>, o: Outcome) {
+        self.transfers[transfer_slot(tt, target, o)].fetch_add(1, Relaxed);
+    }
+
+    pub fn error(&self, class: ErrorClass) {
+        self.errors[class as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn completion(&self, tt: TransferType, secs: f64) {
+        self.completion[tt as usize].observe(secs);
+    }
+
+    pub fn notification(&self, secs: f64) {
+        self.notification.observe(secs);
+    }
+
+    pub fn set_success_ratio(&self, window: usize, ratio: Option<f64>) {
+        self.success_ratio[window].set(ratio);
+    }
+
+    pub fn set_open(&self, n: usize) {
+        self.open.store(n as i64, Relaxed);
+    }
+
+    pub fn poll(&self, result: PollResult, seconds: f64) {
+        self.polls[result as usize].fetch_add(1, Relaxed);
+        self.poll_seconds.observe(seconds);
+    }
+
+    pub fn taskrouter_bad_request(&self) {
+        self.taskrouter_bad_requests.fetch_add(1, Relaxed);
+    }
+
+    /// The workflow's cumulative statistics: tasks and reservations by kind (in the order of
+    /// `TASK_KINDS` and `RESERVATION_KINDS`) and the error ratio.
+    pub fn set_statistics(&self, tasks: [i64; 4], reservations: [i64; 3], ratio: Option<f64>) {
+        for (slot, n) in self.tasks.iter().zip(tasks) {
+            slot.store(n as u64, Relaxed);
+        }
+        for (slot, n) in self.reservations.iter().zip(reservations) {
+            slot.store(n as u64, Relaxed);
+        }
+        self.taskrouter_error_ratio.set(ratio);
+        self.statistics.store(1, Relaxed);
+    }
+
+    pub fn set_tasks_in_workflow(&self, n: i64) {
+        self.tasks_in_workflow.store(n.max(i64::MIN + 1), Relaxed);
+    }
+
+    /// The configuration check: sound or not, and which `Corruption::IDS` are present.
+    pub fn set_config(&self, ok: bool, present: impl Fn(&str) -> bool) {
+        let bits = Corruption::IDS
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| present(id))
+            .fold(0u16, |b, (i, _)| b | 1 << i);
+        self.problems.store(bits, Relaxed);
+        self.config.store(if ok { 1 } else { 2 }, Relaxed);
+    }
+
+    pub fn set_rule_state(&self, rule: RuleId, state: RuleState) {
+        self.rule_state[rule as usize].store(state as u8, Relaxed);
+    }
+
+    pub fn action(&self, action: &str, result: &str) {
+        let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
+        *actions
+            .entry((action.to_string(), result.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn set_disabled(&self, disabled: bool) {
+        self.disabled.store(u8::from(disabled), Relaxed);
+    }
+
+    pub fn set_validation(&self, state: crate::validation::State) {
+        self.validation.store(1 + state as u8, Relaxed);
+    }
+}
+
+/// A label value in the text format: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub struct Metrics {
+    /// `build_info` and the process collector.
+    registry: Registry,
+    cbos: RwLock<BTreeMap<String, Arc<CboSeries>>>,
+    /// Rejections that belong to no configured CBO (unauthenticated, unknown CBO, admin
+    /// requests): (cbo, reason) → count.
+    other_rejects: Mutex<BTreeMap<(String, Reject), u64>>,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        macro_rules! reg {
-            ($m:expr) => {{
-                let m = $m.expect("metric definitions are valid");
-                registry
-                    .register(Box::new(m.clone()))
-                    .expect("metric names are unique");
-                m
-            }};
-        }
-        let m = Metrics {
-            events_ingested: reg!(IntCounterVec::new(
-                opts(
-                    "events_ingested_total",
-                    "Transfer events accepted, by event type."
-                ),
-                &["cbo", "event"]
-            )),
-            events_rejected: reg!(IntCounterVec::new(
-                opts(
-                    "events_rejected_total",
-                    "Transfer events or requests rejected, by reason (cbo empty when unauthenticated)."
-                ),
-                &["cbo", "reason"]
-            )),
-            events_duplicate: reg!(IntCounterVec::new(
-                opts(
-                    "events_duplicate_total",
-                    "Accepted events that repeated one already seen (same transfer, event and timestamp) and were ignored."
-                ),
-                &["cbo"]
-            )),
-            transfers: reg!(IntCounterVec::new(
-                opts(
-                    "transfers_total",
-                    "Transfers ended, by type, target and outcome."
-                ),
-                &["cbo", "transfer_type", "target_type", "outcome"]
-            )),
-            transfer_errors: reg!(IntCounterVec::new(
-                opts("transfer_errors_total", "Failed transfers by error class."),
-                &["cbo", "class"]
-            )),
-            completion_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "transfer_completion_seconds",
-                    "Time from initiated to completed."
-                )
-                .namespace(NAMESPACE)
-                .buckets(COMPLETION_BUCKETS.to_vec()),
-                &["cbo", "transfer_type"]
-            )),
-            notification_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "agent_notification_seconds",
-                    "Time from initiated to the target agent's reservation (notified)."
-                )
-                .namespace(NAMESPACE)
-                .buckets(NOTIFICATION_BUCKETS.to_vec()),
-                &["cbo"]
-            )),
-            history_lost: reg!(IntCounterVec::new(
-                opts(
-                    "history_lost_total",
-                    "Completed transfers whose conversation history was not carried over."
-                ),
-                &["cbo"]
-            )),
-            success_ratio: reg!(GaugeVec::new(
-                opts(
-                    "success_ratio",
-                    "completed / (completed + failed + timed_out) over the trailing window, in event time; absent without transfers."
-                ),
-                &["cbo", "window"]
-            )),
-            open_transfers: reg!(IntGaugeVec::new(
-                opts("open_transfers", "Transfers tracked and not ended yet."),
-                &["cbo"]
-            )),
-            transfers_evicted: reg!(IntCounterVec::new(
-                opts(
-                    "transfers_evicted_total",
-                    "Open transfers dropped because the per-CBO cap (transfers.max_open) was reached."
-                ),
-                &["cbo"]
-            )),
-            build_info: reg!(IntGaugeVec::new(
-                opts("build_info", "Always 1; the running version."),
-                &["version"]
-            )),
-            taskrouter_polls: reg!(IntCounterVec::new(
-                opts(
-                    "taskrouter_polls_total",
-                    "TaskRouter poll cycles, by result (ok, or the class of the first failure)."
-                ),
-                &["cbo", "result"]
-            )),
-            taskrouter_poll_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "taskrouter_poll_duration_seconds",
-                    "Time one poll cycle took, retries included."
-                )
-                .namespace(NAMESPACE)
-                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
-                &["cbo"]
-            )),
-            taskrouter_error_ratio: reg!(GaugeVec::new(
-                opts(
-                    "taskrouter_error_ratio",
-                    "(tasks canceled + tasks timed out in workflow) / tasks entered over the polled window; absent without tasks."
-                ),
-                &["cbo"]
-            )),
-            taskrouter_bad_requests: reg!(IntCounterVec::new(
-                opts(
-                    "taskrouter_bad_requests_total",
-                    "Polls where TaskRouter answered 400 Bad Request for the chat-transfer workflow."
-                ),
-                &["cbo"]
-            )),
-            taskrouter_tasks: reg!(IntGaugeVec::new(
-                opts(
-                    "taskrouter_tasks",
-                    "The workflow's tasks over the polled window (CumulativeStatistics), by kind."
-                ),
-                &["cbo", "kind"]
-            )),
-            taskrouter_reservations: reg!(IntGaugeVec::new(
-                opts(
-                    "taskrouter_reservations",
-                    "The workflow's reservations over the polled window (CumulativeStatistics), by kind."
-                ),
-                &["cbo", "kind"]
-            )),
-            taskrouter_tasks_in_workflow: reg!(IntGaugeVec::new(
-                opts(
-                    "taskrouter_tasks_in_workflow",
-                    "Tasks in the workflow now (RealTimeStatistics total_tasks)."
-                ),
-                &["cbo"]
-            )),
-            workflow_config_ok: reg!(IntGaugeVec::new(
-                opts(
-                    "workflow_config_ok",
-                    "1 when the chat-transfer workflow configuration is sound, 0 when corrupted (SPEC §3)."
-                ),
-                &["cbo"]
-            )),
-            workflow_problem: reg!(IntGaugeVec::new(
-                opts(
-                    "workflow_problem",
-                    "1 for each configuration-corruption case present now, by problem id."
-                ),
-                &["cbo", "problem"]
-            )),
-            rule_state: reg!(IntGaugeVec::new(
-                opts(
-                    "rule_state",
-                    "1 for each rule's current state (ok, pending, breached, inconclusive), 0 for the others."
-                ),
-                &["cbo", "rule", "state"]
-            )),
-            actions_total: reg!(IntCounterVec::new(
-                opts(
-                    "actions_total",
-                    "Action decisions and attempts, by integration (or rollback/disable/alert) and result."
-                ),
-                &["cbo", "action", "result"]
-            )),
-            transfers_disabled: reg!(IntGaugeVec::new(
-                opts(
-                    "transfers_disabled",
-                    "1 while transfer-guard's switch has transfers disabled for the CBO."
-                ),
-                &["cbo"]
-            )),
-            validation_state: reg!(IntGaugeVec::new(
-                opts(
-                    "validation_state",
-                    "1 for the state of the CBO's latest post-deploy validation window (running, passed, failed, inconclusive), 0 for the others."
-                ),
-                &["cbo", "state"]
-            )),
-            registry,
-        };
-        m.build_info
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; the running version.").namespace(NAMESPACE),
+            &["version"],
+        )
+        .expect("a valid definition");
+        build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("registered once");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("registered once");
         // Requests without a valid token belong to no CBO.
-        m.events_rejected
-            .with_label_values(&["", Reject::Unauthorized.as_str()]);
-        m
+        let other = BTreeMap::from([((String::new(), Reject::Unauthorized), 0)]);
+        Metrics {
+            registry,
+            cbos: RwLock::new(BTreeMap::new()),
+            other_rejects: Mutex::new(other),
+        }
     }
 
-    /// Creates every per-CBO series at zero so dashboards and `rate()` see them from the start.
-    pub fn init_cbo(&self, cbo: &str) {
-        for kind in crate::event::EventKind::ALL {
-            self.events_ingested
-                .with_label_values(&[cbo, kind.as_str()]);
+    /// The series of `cbo`, created (at zero) on first use.
+    pub fn init_cbo(&self, cbo: &str) -> Arc<CboSeries> {
+        if let Some(s) = self.cbo(cbo) {
+            return s;
         }
-        for class in crate::event::ErrorClass::ALL {
-            self.transfer_errors
-                .with_label_values(&[cbo, class.as_str()]);
-        }
-        for tt in ["cold", "warm"] {
-            for target in ["worker", "queue"] {
-                for outcome in crate::tracker::Outcome::ALL {
-                    self.transfers
-                        .with_label_values(&[cbo, tt, target, outcome.as_str()]);
-                }
-            }
-            self.completion_seconds.with_label_values(&[cbo, tt]);
-        }
-        self.notification_seconds.with_label_values(&[cbo]);
-        self.history_lost.with_label_values(&[cbo]);
-        for reason in Reject::PER_CBO {
-            self.events_rejected
-                .with_label_values(&[cbo, reason.as_str()]);
-        }
-        self.events_duplicate.with_label_values(&[cbo]);
-        self.transfers_evicted.with_label_values(&[cbo]);
-        self.open_transfers.with_label_values(&[cbo]);
-        for result in crate::twilio::PollResult::ALL {
-            self.taskrouter_polls
-                .with_label_values(&[cbo, result.as_str()]);
-        }
-        self.taskrouter_bad_requests.with_label_values(&[cbo]);
-        self.transfers_disabled.with_label_values(&[cbo]);
-        for rule in crate::rules::RuleId::ALL {
-            for state in crate::rules::RuleState::ALL {
-                let v = i64::from(state == crate::rules::RuleState::Ok);
-                self.rule_state
-                    .with_label_values(&[cbo, rule.as_str(), state.as_str()])
-                    .set(v);
-            }
-        }
+        let mut cbos = self.cbos.write().unwrap_or_else(|p| p.into_inner());
+        cbos.entry(cbo.to_string())
+            .or_insert_with(|| Arc::new(CboSeries::new(cbo)))
+            .clone()
+    }
+
+    /// The series of a configured CBO.
+    pub fn cbo(&self, cbo: &str) -> Option<Arc<CboSeries>> {
+        let cbos = self.cbos.read().unwrap_or_else(|p| p.into_inner());
+        cbos.get(cbo).cloned()
     }
 
     pub fn reject(&self, cbo: &str, reason: Reject) {
-        self.events_rejected
-            .with_label_values(&[cbo, reason.as_str()])
-            .inc();
+        if let Some(i) = Reject::PER_CBO.iter().position(|r| *r == reason)
+            && let Some(s) = self.cbo(cbo)
+        {
+            s.rejected[i].fetch_add(1, Relaxed);
+            return;
+        }
+        let mut other = self.other_rejects.lock().unwrap_or_else(|p| p.into_inner());
+        *other.entry((cbo.to_string(), reason)).or_default() += 1;
     }
 
-    /// The text exposition of everything registered.
+    /// The text exposition of every series.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
+        let cbos: Vec<Arc<CboSeries>> = {
+            let cbos = self.cbos.read().unwrap_or_else(|p| p.into_inner());
+            cbos.values().cloned().collect()
+        };
+        let mut w = Writer::new(cbos.len() * 12_000 + 4096);
+        render_cbos(&mut w, &cbos, self);
+        let mut buf = w.out;
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
@@ -354,5 +412,622 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The text format, written straight into one buffer.
+struct Writer {
+    out: Vec<u8>,
+    int: itoa::Buffer,
+    /// Where the current family's header starts, and whether it has a series yet.
+    family: (usize, bool),
+}
+
+impl Writer {
+    fn new(capacity: usize) -> Writer {
+        Writer {
+            out: Vec::with_capacity(capacity),
+            int: itoa::Buffer::new(),
+            family: (0, false),
+        }
+    }
+
+    fn begin(&mut self, name: &str, kind: &str, help: &str) {
+        self.family = (self.out.len(), false);
+        for part in ["# HELP ", NAMESPACE, "_", name, " ", help, "\n# TYPE "] {
+            self.out.extend_from_slice(part.as_bytes());
+        }
+        for part in [NAMESPACE, "_", name, " ", kind, "\n"] {
+            self.out.extend_from_slice(part.as_bytes());
+        }
+    }
+
+    /// Drops the header of a family that got no series.
+    fn end(&mut self) {
+        if !self.family.1 {
+            self.out.truncate(self.family.0);
+        }
+    }
+
+    /// `transfer_guard_<name><suffix>{<labels…>} ` (the value follows).
+    fn start(&mut self, name: &str, suffix: &str, labels: &[&str]) {
+        self.family.1 = true;
+        for part in [NAMESPACE, "_", name, suffix, "{"] {
+            self.out.extend_from_slice(part.as_bytes());
+        }
+        for part in labels {
+            self.out.extend_from_slice(part.as_bytes());
+        }
+        self.out.extend_from_slice(b"} ");
+    }
+
+    fn int(&mut self, name: &str, labels: &[&str], v: u64) {
+        self.start(name, "", labels);
+        self.u64(v);
+    }
+
+    fn u64(&mut self, v: u64) {
+        let s = self.int.format(v);
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.push(b'\n');
+    }
+
+    fn i64(&mut self, v: i64) {
+        let s = self.int.format(v);
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.push(b'\n');
+    }
+
+    fn f64(&mut self, v: f64) {
+        use std::io::Write;
+        if v.is_infinite() {
+            let s: &[u8] = if v > 0.0 { b"+Inf\n" } else { b"-Inf\n" };
+            self.out.extend_from_slice(s);
+        } else {
+            let _ = writeln!(self.out, "{v}");
+        }
+    }
+
+    /// One histogram's `_bucket`, `_sum` and `_count` lines; `labels` end with a comma.
+    fn histogram(&mut self, name: &str, labels: &[&str], h: &Histogram, les: &[String]) {
+        let mut labels_le: Vec<&str> = labels.to_vec();
+        labels_le.push("");
+        let last = labels_le.len() - 1;
+        let mut cumulative = 0;
+        for (i, b) in h.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            labels_le[last] = &les[i];
+            self.start(name, "_bucket", &labels_le);
+            self.u64(cumulative);
+        }
+        self.start(name, "_sum", labels);
+        self.f64(h.sum());
+        self.start(name, "_count", labels);
+        self.u64(cumulative);
+    }
+}
+
+/// `,le="…"` for each bound and `+Inf`.
+fn le_labels(bounds: &[f64]) -> Vec<String> {
+    bounds
+        .iter()
+        .map(|b| format!(",le=\"{b}\""))
+        .chain(std::iter::once(",le=\"+Inf\"".to_string()))
+        .collect()
+}
+
+/// `,<name>="<value>"` for each value.
+fn labels_of<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    values
+        .into_iter()
+        .map(|v| format!(",{name}=\"{v}\""))
+        .collect()
+}
+
+fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
+    w.begin(
+        "actions_total",
+        "counter",
+        "Action decisions and attempts, by integration (or rollback/disable/alert) and result.",
+    );
+    for c in cbos {
+        let actions = c.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ((action, result), n) in actions {
+            let (a, r) = (
+                format!("action=\"{}\",", escape(&action)),
+                format!(",result=\"{}\"", escape(&result)),
+            );
+            w.int("actions_total", &[&a, &c.label, &r], n);
+        }
+    }
+    w.end();
+
+    let les = le_labels(NOTIFICATION_BUCKETS);
+    w.begin(
+        "agent_notification_seconds",
+        "histogram",
+        "Time from initiated to the target agent's reservation (notified).",
+    );
+    for c in cbos {
+        w.histogram(
+            "agent_notification_seconds",
+            &[&c.label],
+            &c.notification,
+            &les,
+        );
+    }
+    w.end();
+
+    w.begin(
+        "events_duplicate_total",
+        "counter",
+        "Accepted events that repeated one already seen (same transfer, event and timestamp) and were ignored.",
+    );
+    for c in cbos {
+        w.int(
+            "events_duplicate_total",
+            &[&c.label],
+            c.duplicate.load(Relaxed),
+        );
+    }
+    w.end();
+
+    let events = labels_of("event", EventKind::ALL.map(|k| k.as_str()));
+    w.begin(
+        "events_ingested_total",
+        "counter",
+        "Transfer events accepted, by event type.",
+    );
+    for c in cbos {
+        for (i, l) in events.iter().enumerate() {
+            w.int(
+                "events_ingested_total",
+                &[&c.label, l],
+                c.ingested[i].load(Relaxed),
+            );
+        }
+    }
+    w.end();
+
+    let reasons = labels_of("reason", Reject::PER_CBO.map(|r| r.as_str()));
+    w.begin(
+        "events_rejected_total",
+        "counter",
+        "Transfer events or requests rejected, by reason (cbo empty when unauthenticated).",
+    );
+    let other = metrics
+        .other_rejects
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for ((cbo, reason), n) in other {
+        let (c, r) = (
+            format!("cbo=\"{}\"", escape(&cbo)),
+            format!(",reason=\"{}\"", reason.as_str()),
+        );
+        w.int("events_rejected_total", &[&c, &r], n);
+    }
+    for c in cbos {
+        for (i, l) in reasons.iter().enumerate() {
+            w.int(
+                "events_rejected_total",
+                &[&c.label, l],
+                c.rejected[i].load(Relaxed),
+            );
+        }
+    }
+    w.end();
+
+    w.begin(
+        "history_lost_total",
+        "counter",
+        "Completed transfers whose conversation history was not carried over.",
+    );
+    for c in cbos {
+        w.int(
+            "history_lost_total",
+            &[&c.label],
+            c.history_lost.load(Relaxed),
+        );
+    }
+    w.end();
+
+    w.begin(
+        "open_transfers",
+        "gauge",
+        "Transfers tracked and not ended yet.",
+    );
+    for c in cbos {
+        w.start("open_transfers", "", &[&c.label]);
+        w.i64(c.open.load(Relaxed));
+    }
+    w.end();
+
+    let mut rule_labels = Vec::new();
+    for rule in RuleId::ALL {
+        for state in RuleState::ALL {
+            rule_labels.push(format!(
+                ",rule=\"{}\",state=\"{}\"",
+                rule.as_str(),
+                state.as_str()
+            ));
+        }
+    }
+    w.begin(
+        "rule_state",
+        "gauge",
+        "1 for each rule's current state (ok, pending, breached, inconclusive), 0 for the others.",
+    );
+    for c in cbos {
+        for (r, states) in rule_labels.chunks(4).enumerate() {
+            let current = c.rule_state[r].load(Relaxed) as usize;
+            for (s, l) in states.iter().enumerate() {
+                w.int("rule_state", &[&c.label, l], u64::from(s == current));
+            }
+        }
+    }
+    w.end();
+
+    let windows = labels_of("window", RATIO_WINDOWS.map(|(n, _)| n));
+    w.begin(
+        "success_ratio",
+        "gauge",
+        "completed / (completed + failed + timed_out) over the trailing window, in event time; absent without transfers.",
+    );
+    for c in cbos {
+        for (i, l) in windows.iter().enumerate() {
+            if let Some(r) = c.success_ratio[i].get() {
+                w.start("success_ratio", "", &[&c.label, l]);
+                w.f64(r);
+            }
+        }
+    }
+    w.end();
+
+    w.begin(
+        "taskrouter_bad_requests_total",
+        "counter",
+        "Polls where TaskRouter answered 400 Bad Request for the chat-transfer workflow.",
+    );
+    for c in cbos {
+        w.int(
+            "taskrouter_bad_requests_total",
+            &[&c.label],
+            c.taskrouter_bad_requests.load(Relaxed),
+        );
+    }
+    w.end();
+
+    w.begin(
+        "taskrouter_error_ratio",
+        "gauge",
+        "(tasks canceled + tasks timed out in workflow) / tasks entered over the polled window; absent without tasks.",
+    );
+    for c in cbos {
+        if let Some(r) = c.taskrouter_error_ratio.get() {
+            w.start("taskrouter_error_ratio", "", &[&c.label]);
+            w.f64(r);
+        }
+    }
+    w.end();
+
+    let les = le_labels(POLL_BUCKETS);
+    w.begin(
+        "taskrouter_poll_duration_seconds",
+        "histogram",
+        "Time one poll cycle took, retries included.",
+    );
+    for c in cbos.iter().filter(|c| c.poll_seconds.count() > 0) {
+        w.histogram(
+            "taskrouter_poll_duration_seconds",
+            &[&c.label],
+            &c.poll_seconds,
+            &les,
+        );
+    }
+    w.end();
+
+    let results = labels_of("result", PollResult::ALL.map(|r| r.as_str()));
+    w.begin(
+        "taskrouter_polls_total",
+        "counter",
+        "TaskRouter poll cycles, by result (ok, or the class of the first failure).",
+    );
+    for c in cbos {
+        for (i, l) in results.iter().enumerate() {
+            w.int(
+                "taskrouter_polls_total",
+                &[&c.label, l],
+                c.polls[i].load(Relaxed),
+            );
+        }
+    }
+    w.end();
+
+    for (name, help, kinds, values) in [
+        (
+            "taskrouter_reservations",
+            "The workflow's reservations over the polled window (CumulativeStatistics), by kind.",
+            &RESERVATION_KINDS[..],
+            (|c: &CboSeries| &c.reservations[..]) as fn(&CboSeries) -> &[AtomicU64],
+        ),
+        (
+            "taskrouter_tasks",
+            "The workflow's tasks over the polled window (CumulativeStatistics), by kind.",
+            &TASK_KINDS[..],
+            |c: &CboSeries| &c.tasks[..],
+        ),
+    ] {
+        let kinds = labels_of("kind", kinds.iter().copied());
+        w.begin(name, "gauge", help);
+        for c in cbos.iter().filter(|c| c.statistics.load(Relaxed) == 1) {
+            for (l, v) in kinds.iter().zip(values(c)) {
+                w.start(name, "", &[&c.label, l]);
+                w.i64(v.load(Relaxed) as i64);
+            }
+        }
+        w.end();
+    }
+
+    w.begin(
+        "taskrouter_tasks_in_workflow",
+        "gauge",
+        "Tasks in the workflow now (RealTimeStatistics total_tasks).",
+    );
+    for c in cbos {
+        let n = c.tasks_in_workflow.load(Relaxed);
+        if n != i64::MIN {
+            w.start("taskrouter_tasks_in_workflow", "", &[&c.label]);
+            w.i64(n);
+        }
+    }
+    w.end();
+
+    let mut les = Vec::new();
+    for tt in ["cold", "warm"] {
+        les.push(
+            le_labels(COMPLETION_BUCKETS)
+                .into_iter()
+                .map(|le| format!(",transfer_type=\"{tt}\"{le}"))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let types = labels_of("transfer_type", ["cold", "warm"]);
+    w.begin(
+        "transfer_completion_seconds",
+        "histogram",
+        "Time from initiated to completed.",
+    );
+    for c in cbos {
+        for i in 0..2 {
+            // The type label goes before `le` in the bucket lines, and last in the others.
+            let mut cumulative = 0;
+            for (b, le) in c.completion[i].buckets.iter().zip(&les[i]) {
+                cumulative += b.load(Relaxed);
+                w.start("transfer_completion_seconds", "_bucket", &[&c.label, le]);
+                w.u64(cumulative);
+            }
+            w.start(
+                "transfer_completion_seconds",
+                "_sum",
+                &[&c.label, &types[i]],
+            );
+            w.f64(c.completion[i].sum());
+            w.start(
+                "transfer_completion_seconds",
+                "_count",
+                &[&c.label, &types[i]],
+            );
+            w.u64(cumulative);
+        }
+    }
+    w.end();
+
+    let classes = labels_of("class", ErrorClass::ALL.map(|c| c.as_str()));
+    w.begin(
+        "transfer_errors_total",
+        "counter",
+        "Failed transfers by error class.",
+    );
+    for c in cbos {
+        for (i, l) in classes.iter().enumerate() {
+            w.int(
+                "transfer_errors_total",
+                &[&c.label, l],
+                c.errors[i].load(Relaxed),
+            );
+        }
+    }
+    w.end();
+
+    w.begin(
+        "transfers_disabled",
+        "gauge",
+        "1 while transfer-guard's switch has transfers disabled for the CBO.",
+    );
+    for c in cbos {
+        w.int(
+            "transfers_disabled",
+            &[&c.label],
+            u64::from(c.disabled.load(Relaxed)),
+        );
+    }
+    w.end();
+
+    w.begin(
+        "transfers_evicted_total",
+        "counter",
+        "Open transfers dropped because the per-CBO cap (transfers.max_open) was reached.",
+    );
+    for c in cbos {
+        w.int(
+            "transfers_evicted_total",
+            &[&c.label],
+            c.evicted.load(Relaxed),
+        );
+    }
+    w.end();
+
+    let mut slots = Vec::new();
+    for (t, tt) in TYPE_VALUES.iter().enumerate() {
+        for (g, target) in TARGET_VALUES.iter().enumerate() {
+            for outcome in Outcome::ALL {
+                slots.push((
+                    t == 2 || g == 2,
+                    format!(
+                        ",outcome=\"{}\",target_type=\"{target}\",transfer_type=\"{tt}\"",
+                        outcome.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    w.begin(
+        "transfers_total",
+        "counter",
+        "Transfers ended, by type, target and outcome.",
+    );
+    for c in cbos {
+        for (i, (unknown, l)) in slots.iter().enumerate() {
+            let n = c.transfers[i].load(Relaxed);
+            // Transfers whose `initiated` never came have a series only once there is one.
+            if !unknown || n > 0 {
+                w.int("transfers_total", &[&c.label, l], n);
+            }
+        }
+    }
+    w.end();
+
+    let states = labels_of("state", crate::validation::State::ALL.map(|s| s.as_str()));
+    w.begin(
+        "validation_state",
+        "gauge",
+        "1 for the state of the CBO's latest post-deploy validation window (running, passed, failed, inconclusive), 0 for the others.",
+    );
+    for c in cbos {
+        let v = c.validation.load(Relaxed) as usize;
+        if v > 0 {
+            for (i, l) in states.iter().enumerate() {
+                w.int("validation_state", &[&c.label, l], u64::from(i + 1 == v));
+            }
+        }
+    }
+    w.end();
+
+    w.begin(
+        "workflow_config_ok",
+        "gauge",
+        "1 when the chat-transfer workflow configuration is sound, 0 when corrupted (SPEC §3).",
+    );
+    for c in cbos {
+        match c.config.load(Relaxed) {
+            0 => {}
+            v => w.int("workflow_config_ok", &[&c.label], u64::from(v == 1)),
+        }
+    }
+    w.end();
+
+    let problems = labels_of("problem", Corruption::IDS);
+    w.begin(
+        "workflow_problem",
+        "gauge",
+        "1 for each configuration-corruption case present now, by problem id.",
+    );
+    for c in cbos.iter().filter(|c| c.config.load(Relaxed) != 0) {
+        let bits = c.problems.load(Relaxed);
+        for (i, l) in problems.iter().enumerate() {
+            w.int("workflow_problem", &[&c.label, l], u64::from(bits >> i & 1));
+        }
+    }
+    w.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_is_the_inf_bucket() {
+        let m = Metrics::new();
+        let c = m.init_cbo("a");
+        for v in [0.4, 4.0, 5.0, 9.0, 500.0] {
+            c.completion(TransferType::Cold, v);
+        }
+        let text = m.render();
+        let line = |s: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(s)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {s}"))
+                .to_string()
+        };
+        let b =
+            "transfer_guard_transfer_completion_seconds_bucket{cbo=\"a\",transfer_type=\"cold\",";
+        assert_eq!(line(&format!("{b}le=\"0.5\"}}")), "1");
+        assert_eq!(line(&format!("{b}le=\"5\"}}")), "3");
+        assert_eq!(line(&format!("{b}le=\"10\"}}")), "4");
+        assert_eq!(line(&format!("{b}le=\"+Inf\"}}")), "5");
+        assert_eq!(
+            line(
+                "transfer_guard_transfer_completion_seconds_count{cbo=\"a\",transfer_type=\"cold\"}"
+            ),
+            "5"
+        );
+        assert_eq!(
+            line(
+                "transfer_guard_transfer_completion_seconds_sum{cbo=\"a\",transfer_type=\"cold\"}"
+            ),
+            "518.4"
+        );
+    }
+
+    #[test]
+    fn absent_gauges_have_no_series_and_empty_families_no_header() {
+        let m = Metrics::new();
+        let c = m.init_cbo("a");
+        let text = m.render();
+        assert!(!text.contains("transfer_guard_success_ratio"));
+        assert!(!text.contains("transfer_guard_validation_state"));
+        assert!(!text.contains("transfer_guard_workflow_config_ok"));
+        assert!(!text.contains("transfer_guard_actions_total"));
+        assert!(text.contains(
+            "transfer_guard_rule_state{cbo=\"a\",rule=\"success_rate\",state=\"ok\"} 1\n"
+        ));
+        c.set_success_ratio(0, Some(0.5));
+        c.set_rule_state(RuleId::SuccessRate, RuleState::Breached);
+        c.action("serverless", "fired");
+        let text = m.render();
+        assert!(text.contains("transfer_guard_success_ratio{cbo=\"a\",window=\"5m\"} 0.5\n"));
+        assert!(text.contains(
+            "transfer_guard_rule_state{cbo=\"a\",rule=\"success_rate\",state=\"ok\"} 0\n"
+        ));
+        assert!(text.contains(
+            "transfer_guard_rule_state{cbo=\"a\",rule=\"success_rate\",state=\"breached\"} 1\n"
+        ));
+        assert!(text.contains(
+            "transfer_guard_actions_total{action=\"serverless\",cbo=\"a\",result=\"fired\"} 1\n"
+        ));
+        c.set_success_ratio(0, None);
+        assert!(!m.render().contains("transfer_guard_success_ratio"));
+    }
+
+    #[test]
+    fn rejections_of_no_cbo_and_of_a_cbo_are_both_counted() {
+        let m = Metrics::new();
+        m.init_cbo("a");
+        m.reject("", Reject::UnknownCbo);
+        m.reject("a", Reject::TooOld);
+        m.reject("a", Reject::TooOld);
+        let text = m.render();
+        assert!(text.contains(
+            "transfer_guard_events_rejected_total{cbo=\"\",reason=\"unauthorized\"} 0\n"
+        ));
+        assert!(
+            text.contains(
+                "transfer_guard_events_rejected_total{cbo=\"\",reason=\"unknown_cbo\"} 1\n"
+            )
+        );
+        assert!(
+            text.contains("transfer_guard_events_rejected_total{cbo=\"a\",reason=\"too_old\"} 2\n")
+        );
     }
 }

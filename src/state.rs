@@ -4,12 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{Histogram, IntCounter};
-
 use crate::config::{Config, FUTURE_TOLERANCE};
-use crate::event::{Event, EventKind, TransferType};
+use crate::event::Event;
 use crate::health::TaskRouterStatus;
-use crate::metrics::{Metrics, RATIO_WINDOWS, Reject};
+use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject};
 use crate::tracker::{Effect, Tracker};
 use crate::window::{WindowStats, Windows};
 
@@ -27,60 +25,18 @@ struct Inner {
     effects: Vec<Effect>,
 }
 
-/// Metric handles resolved once per CBO, so the hot path does no label lookups.
-struct Handles {
-    ingested: [IntCounter; 7],
-    /// `transfers_total` by transfer type (cold, warm), target (worker, queue) and outcome; a
-    /// transfer whose `initiated` never came is counted by label lookup (rare).
-    transfers: Vec<IntCounter>,
-    duplicate: IntCounter,
-    evicted: IntCounter,
-    history_lost: IntCounter,
-    cold: Histogram,
-    warm: Histogram,
-    notification: Histogram,
-}
-
 pub struct CboState {
     pub key: String,
     inner: Mutex<Inner>,
     taskrouter: Mutex<TaskRouterStatus>,
-    handles: Handles,
+    series: Arc<CboSeries>,
     metrics: Arc<Metrics>,
     max_window_ms: i64,
 }
 
 impl CboState {
     fn new(key: &str, config: &Config, metrics: Arc<Metrics>) -> CboState {
-        metrics.init_cbo(key);
-        let handles = Handles {
-            ingested: EventKind::ALL.map(|k| {
-                metrics
-                    .events_ingested
-                    .with_label_values(&[key, k.as_str()])
-            }),
-            transfers: ["cold", "warm"]
-                .iter()
-                .flat_map(|tt| {
-                    ["worker", "queue"].iter().flat_map(move |target| {
-                        crate::tracker::Outcome::ALL
-                            .into_iter()
-                            .map(move |o| (*tt, *target, o))
-                    })
-                })
-                .map(|(tt, target, o)| {
-                    metrics
-                        .transfers
-                        .with_label_values(&[key, tt, target, o.as_str()])
-                })
-                .collect(),
-            duplicate: metrics.events_duplicate.with_label_values(&[key]),
-            evicted: metrics.transfers_evicted.with_label_values(&[key]),
-            history_lost: metrics.history_lost.with_label_values(&[key]),
-            cold: metrics.completion_seconds.with_label_values(&[key, "cold"]),
-            warm: metrics.completion_seconds.with_label_values(&[key, "warm"]),
-            notification: metrics.notification_seconds.with_label_values(&[key]),
-        };
+        let series = metrics.init_cbo(key);
         CboState {
             key: key.to_string(),
             inner: Mutex::new(Inner {
@@ -89,7 +45,7 @@ impl CboState {
                 effects: Vec::new(),
             }),
             taskrouter: Mutex::new(TaskRouterStatus::default()),
-            handles,
+            series,
             metrics,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
         }
@@ -134,7 +90,7 @@ impl CboState {
                 continue;
             }
             accepted += 1;
-            self.handles.ingested[event.kind as usize].inc();
+            self.series.ingested(event.kind);
             inner.tracker.apply(&event, now_ms, &mut inner.effects);
             self.drain(inner, now_ms);
         }
@@ -147,10 +103,7 @@ impl CboState {
         let inner = &mut *inner;
         inner.tracker.sweep(now_ms, &mut inner.effects);
         self.drain(inner, now_ms);
-        self.metrics
-            .open_transfers
-            .with_label_values(&[&self.key])
-            .set(inner.tracker.open() as i64);
+        self.series.set_open(inner.tracker.open());
     }
 
     fn drain(&self, inner: &mut Inner, now_ms: i64) {
@@ -166,33 +119,13 @@ impl CboState {
                 } => {
                     // Only a failure has an error class (a `completed` may still carry an error).
                     let class = class.filter(|_| outcome == crate::tracker::Outcome::Failed);
-                    match (transfer_type, target_type) {
-                        (Some(tt), Some(target)) => {
-                            let i = (tt as usize * 2 + target as usize) * 4 + outcome as usize;
-                            self.handles.transfers[i].inc();
-                        }
-                        (tt, target) => self
-                            .metrics
-                            .transfers
-                            .with_label_values(&[
-                                self.key.as_str(),
-                                tt.map_or("unknown", |t| t.as_str()),
-                                target.map_or("unknown", |t| t.as_str()),
-                                outcome.as_str(),
-                            ])
-                            .inc(),
-                    }
+                    self.series.transfer(transfer_type, target_type, outcome);
                     if let Some(class) = class {
-                        self.metrics
-                            .transfer_errors
-                            .with_label_values(&[&self.key, class.as_str()])
-                            .inc();
+                        self.series.error(class);
                     }
                     if let Some(secs) = completion_secs {
-                        match transfer_type {
-                            Some(TransferType::Cold) => self.handles.cold.observe(secs),
-                            Some(TransferType::Warm) => self.handles.warm.observe(secs),
-                            None => {}
+                        if let Some(tt) = transfer_type {
+                            self.series.completion(tt, secs);
                         }
                         inner
                             .windows
@@ -201,15 +134,15 @@ impl CboState {
                     inner.windows.record_outcome(at_ms, now_ms, outcome, class);
                 }
                 Effect::Notified { at_ms, secs } => {
-                    self.handles.notification.observe(secs);
+                    self.series.notification(secs);
                     inner.windows.record_notification(at_ms, now_ms, secs);
                 }
                 Effect::HistoryLost { at_ms } => {
-                    self.handles.history_lost.inc();
+                    self.series.history_lost();
                     inner.windows.record_history_lost(at_ms, now_ms);
                 }
-                Effect::Duplicate => self.handles.duplicate.inc(),
-                Effect::Evicted => self.handles.evicted.inc(),
+                Effect::Duplicate => self.series.duplicate(),
+                Effect::Evicted => self.series.evicted(),
             }
         }
     }
@@ -237,15 +170,15 @@ impl CboState {
 
     /// Sets the `success_ratio` gauges from the windows; a window without transfers has no series.
     pub fn refresh_gauges(&self, now_ms: i64) {
-        for (name, window) in RATIO_WINDOWS {
-            let labels = [self.key.as_str(), name];
-            match self.stats(now_ms, window).success_rate {
-                Some(r) => self.metrics.success_ratio.with_label_values(&labels).set(r),
-                None => {
-                    let _ = self.metrics.success_ratio.remove_label_values(&labels);
-                }
-            }
+        for (i, (_, window)) in RATIO_WINDOWS.iter().enumerate() {
+            let ratio = self.stats(now_ms, *window).success_rate;
+            self.series.set_success_ratio(i, ratio);
         }
+    }
+
+    /// This CBO's exported series.
+    pub fn series(&self) -> &CboSeries {
+        &self.series
     }
 }
 

@@ -276,11 +276,8 @@ impl Validations {
         else {
             return;
         };
-        for state in State::ALL {
-            self.metrics
-                .validation_state
-                .with_label_values(&[cbo, state.as_str()])
-                .set(i64::from(state == latest.state));
+        if let Some(m) = self.metrics.cbo(cbo) {
+            m.set_validation(latest.state);
         }
     }
 

@@ -184,10 +184,9 @@ impl Actions {
             }
         }
         for (cbo, s) in &memory.switches {
-            metrics
-                .transfers_disabled
-                .with_label_values(&[cbo])
-                .set(i64::from(!s.transfers_enabled));
+            if let Some(m) = metrics.cbo(cbo) {
+                m.set_disabled(!s.transfers_enabled);
+            }
         }
         Actions {
             config,
@@ -227,10 +226,9 @@ impl Actions {
     }
 
     fn count(&self, cbo: &str, integration: &str, result: &str) {
-        self.metrics
-            .actions_total
-            .with_label_values(&[cbo, integration, result])
-            .inc();
+        if let Some(m) = self.metrics.cbo(cbo) {
+            m.action(integration, result);
+        }
     }
 
     fn entry(&self, d: &Decision, integration: &str, result: &str, detail: String) -> Entry {
@@ -504,10 +502,9 @@ impl Actions {
             }
             s.clone()
         };
-        self.metrics
-            .transfers_disabled
-            .with_label_values(&[cbo])
-            .set(i64::from(!enabled));
+        if let Some(m) = self.metrics.cbo(cbo) {
+            m.set_disabled(!enabled);
+        }
         self.log_switch(&switch);
     }
 

@@ -368,60 +368,39 @@ impl Poller {
 
 /// Applies a cycle to the CBO's metrics and status.
 pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
-    let m = &shared.metrics;
+    let Some(m) = shared.metrics.cbo(key) else {
+        return;
+    };
     let result = cycle.result.unwrap_or(PollResult::Ok);
-    m.taskrouter_polls
-        .with_label_values(&[key, result.as_str()])
-        .inc();
-    m.taskrouter_poll_seconds
-        .with_label_values(&[key])
-        .observe(cycle.duration.as_secs_f64());
+    m.poll(result, cycle.duration.as_secs_f64());
     if cycle.bad_request {
-        m.taskrouter_bad_requests.with_label_values(&[key]).inc();
+        m.taskrouter_bad_request();
         if let Some(state) = shared.fleet.get(key) {
             state.record_taskrouter_bad_request(shared.clock.now_ms());
         }
     }
     if let Some(s) = &cycle.statistics {
-        for (kind, n) in [
-            ("entered", s.tasks_entered),
-            ("completed", s.tasks_completed),
-            ("canceled", s.tasks_canceled),
-            ("timed_out_in_workflow", s.tasks_timed_out_in_workflow),
-        ] {
-            m.taskrouter_tasks.with_label_values(&[key, kind]).set(n);
-        }
-        for (kind, n) in [
-            ("accepted", s.reservations_accepted),
-            ("rejected", s.reservations_rejected),
-            ("timed_out", s.reservations_timed_out),
-        ] {
-            m.taskrouter_reservations
-                .with_label_values(&[key, kind])
-                .set(n);
-        }
-        match s.error_ratio() {
-            Some(r) => m.taskrouter_error_ratio.with_label_values(&[key]).set(r),
-            None => {
-                let _ = m.taskrouter_error_ratio.remove_label_values(&[key]);
-            }
-        }
+        // In the order of `metrics::TASK_KINDS` and `metrics::RESERVATION_KINDS`.
+        m.set_statistics(
+            [
+                s.tasks_entered,
+                s.tasks_completed,
+                s.tasks_canceled,
+                s.tasks_timed_out_in_workflow,
+            ],
+            [
+                s.reservations_accepted,
+                s.reservations_rejected,
+                s.reservations_timed_out,
+            ],
+            s.error_ratio(),
+        );
     }
     if let Some(rt) = &cycle.real_time {
-        m.taskrouter_tasks_in_workflow
-            .with_label_values(&[key])
-            .set(rt.total_tasks);
+        m.set_tasks_in_workflow(rt.total_tasks);
     }
     if let Some(ok) = cycle.config_ok {
-        m.workflow_config_ok
-            .with_label_values(&[key])
-            .set(i64::from(ok));
-        for id in Corruption::IDS {
-            let present = cycle.problems.iter().any(|p| p.id() == id);
-            m.workflow_problem
-                .with_label_values(&[key, id])
-                .set(i64::from(present));
-        }
+        m.set_config(ok, |id| cycle.problems.iter().any(|p| p.id() == id));
     }
     for e in &cycle.errors {
         tracing::warn!(cbo = key, result = e.poll_result().as_str(), error = %e, "TaskRouter poll failed");
