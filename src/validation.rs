@@ -90,7 +90,7 @@ impl Measured {
     }
 
     /// What was carried over a restart plus what was measured since. Counts add; a p95 takes
-    /// the worse of the two (a bound, since the sketches of the first part are gone).
+    /// the worse of the two (a bound, since the histograms of the first part are gone).
     fn plus(&self, later: &Measured) -> Measured {
         let worse = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => Some(a.max(b)),

@@ -1,33 +1,153 @@
-//! Rolling windows per CBO in event time: 10 s buckets of counts and per-minute mergeable quantile sketches.
+//! Rolling windows per CBO in event time: counts and latency histograms in fixed rings, fine
+//! (10 s counts, 1 min latencies) over the last 20 minutes and coarse (1 min, 5 min) over the
+//! longest window.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use serde::Serialize;
-use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 
 use crate::config::FUTURE_TOLERANCE;
 use crate::event::{ErrorClass, TransferType};
 use crate::tracker::Outcome;
 
-/// Width of one bucket; a window's edge is exact to this much.
+/// Width of one fine count bucket; a window up to [`FINE_SPAN`] long is exact to this much.
 pub const BUCKET: Duration = Duration::from_secs(10);
-const BUCKET_MS: i64 = BUCKET.as_millis() as i64;
+/// How far back the fine rings reach. Windows and validation windows within it are exact to
+/// 10 s (counts) and 1 minute (latencies); longer ones to 1 minute and 5 minutes.
+pub const FINE_SPAN: Duration = Duration::from_secs(20 * 60);
+
+/// (count bucket, latency slot) widths of the fine and the coarse rings.
+const FINE: (i64, i64) = (10_000, 60_000);
+const COARSE: (i64, i64) = (60_000, 300_000);
 
 /// `a / b` rounded up, for non-negative `a` and positive `b`.
 fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
-/// Width of one quantile slot: latency sketches are kept per minute (each is ~0.5 KiB once
-/// used), counts per 10 s bucket.
-const SKETCH_MS: i64 = 60_000;
+/// Latency buckets: upper edges 10 s × 2^(j/6) for j in -33..=29 (0.22 s to 285 s, six per
+/// doubling, so a bucket is 12 % wide), below them one bucket from 0 and above them one
+/// open-ended bucket. 5 s and 10 s, the seed's bounds, are edges, so "p95 over 10 s" is decided
+/// exactly; between edges a quantile is interpolated.
+const LATENCY_BUCKETS: usize = 64;
+static EDGES: LazyLock<[f64; LATENCY_BUCKETS - 1]> = LazyLock::new(|| {
+    std::array::from_fn(|i| {
+        let j = i as i32 - 33;
+        10.0 * 2f64.powi(j.div_euclid(6)) * 2f64.powf(f64::from(j.rem_euclid(6)) / 6.0)
+    })
+});
 
-/// Relative accuracy of the latency quantiles (2 %).
-fn sketch() -> Box<DDSketch> {
-    Box::new(DDSketch::new(SketchConfig::new(0.02, 512, 1e-3)))
+/// The bucket of `seconds`: the first whose upper edge is at or above it.
+fn latency_bucket(seconds: f64) -> usize {
+    let edges = &*EDGES;
+    if seconds.is_nan() || seconds <= edges[0] {
+        return 0;
+    }
+    let guess = (6.0 * (seconds / 10.0).log2()).ceil() as i64 + 33;
+    let mut i = guess.clamp(0, LATENCY_BUCKETS as i64 - 1) as usize;
+    // The logarithm can be a hair off at an edge; settle on the exact bucket.
+    while i > 0 && seconds <= edges[i - 1] {
+        i -= 1;
+    }
+    while i < LATENCY_BUCKETS - 1 && seconds > edges[i] {
+        i += 1;
+    }
+    i
 }
 
-/// Counts in one bucket or summed over a window.
+/// One latency series of one slot: 16-bit counts kept inline (memory is fixed from the
+/// start), moved to 32-bit when one would overflow.
+struct Hist {
+    narrow: [u16; LATENCY_BUCKETS],
+    wide: Option<Box<[u32; LATENCY_BUCKETS]>>,
+}
+
+impl Default for Hist {
+    fn default() -> Hist {
+        Hist {
+            narrow: [0; LATENCY_BUCKETS],
+            wide: None,
+        }
+    }
+}
+
+impl Hist {
+    fn add(&mut self, seconds: f64) {
+        let i = latency_bucket(seconds);
+        match &mut self.wide {
+            Some(wide) => wide[i] = wide[i].saturating_add(1),
+            None if self.narrow[i] == u16::MAX => {
+                let mut wide = Box::new(self.narrow.map(u32::from));
+                wide[i] += 1;
+                self.wide = Some(wide);
+            }
+            None => self.narrow[i] += 1,
+        }
+    }
+
+    fn add_to(&self, acc: &mut Latencies) {
+        match &self.wide {
+            Some(wide) => add_counts(wide, acc),
+            None => add_counts(&self.narrow, acc),
+        }
+    }
+}
+
+fn add_counts<N: Copy + Into<u64>>(counts: &[N; LATENCY_BUCKETS], acc: &mut Latencies) {
+    for (a, n) in acc.0.iter_mut().zip(counts) {
+        *a += (*n).into();
+    }
+}
+
+/// Latency counts summed over a window.
+struct Latencies([u64; LATENCY_BUCKETS]);
+
+impl Latencies {
+    fn count(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// The `q` quantile (the ⌈q·n⌉-th smallest), interpolated inside its bucket; the lower
+    /// edge for the open-ended last bucket. `None` without samples.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = (q * n as f64).ceil().max(1.0) as u64;
+        let mut below = 0;
+        for (i, &c) in self.0.iter().enumerate() {
+            if below + c >= rank {
+                let lo = if i == 0 { 0.0 } else { EDGES[i - 1] };
+                if i == LATENCY_BUCKETS - 1 {
+                    return Some(lo);
+                }
+                let frac = (rank - below) as f64 / c as f64;
+                return Some(lo + (EDGES[i] - lo) * frac);
+            }
+            below += c;
+        }
+        unreachable!("rank is at most n")
+    }
+}
+
+/// Counts in one bucket.
+#[derive(Debug, Default, Clone, Copy)]
+struct Bucket {
+    completed: u32,
+    failed: u32,
+    timed_out: u32,
+    cancelled: u32,
+    bad_request: u32,
+    agent_unavailable: u32,
+    target_not_found: u32,
+    other_error: u32,
+    history_lost: u32,
+    taskrouter_bad_request: u32,
+}
+
+/// Counts summed over a window.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub completed: u64,
@@ -44,17 +164,17 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, o: &Counts) {
-        self.completed += o.completed;
-        self.failed += o.failed;
-        self.timed_out += o.timed_out;
-        self.cancelled += o.cancelled;
-        self.bad_request += o.bad_request;
-        self.agent_unavailable += o.agent_unavailable;
-        self.target_not_found += o.target_not_found;
-        self.other_error += o.other_error;
-        self.history_lost += o.history_lost;
-        self.taskrouter_bad_request += o.taskrouter_bad_request;
+    fn add(&mut self, o: &Bucket) {
+        self.completed += u64::from(o.completed);
+        self.failed += u64::from(o.failed);
+        self.timed_out += u64::from(o.timed_out);
+        self.cancelled += u64::from(o.cancelled);
+        self.bad_request += u64::from(o.bad_request);
+        self.agent_unavailable += u64::from(o.agent_unavailable);
+        self.target_not_found += u64::from(o.target_not_found);
+        self.other_error += u64::from(o.other_error);
+        self.history_lost += u64::from(o.history_lost);
+        self.taskrouter_bad_request += u64::from(o.taskrouter_bad_request);
     }
 
     /// Transfers that count in the success rate (cancelled ones are neutral).
@@ -69,16 +189,16 @@ impl Counts {
     }
 }
 
-/// The latency sketches of one minute.
+/// The latency histograms of one slot.
 #[derive(Default)]
-struct Sketches {
-    cold: Option<Box<DDSketch>>,
-    warm: Option<Box<DDSketch>>,
-    notification: Option<Box<DDSketch>>,
+struct Slot {
+    cold: Hist,
+    warm: Hist,
+    notification: Hist,
 }
 
-/// Fixed slots of `width_ms` over the longest window (and a minute ahead); a slot is reused,
-/// and reset, when time comes round to it again.
+/// Fixed slots of `width_ms` over a span (and a minute ahead), all allocated up front; a slot
+/// is reused, and reset, when time comes round to it again.
 struct Ring<T> {
     width_ms: i64,
     /// Slots older than this many behind "now" are out of every window.
@@ -87,8 +207,8 @@ struct Ring<T> {
 }
 
 impl<T: Default> Ring<T> {
-    fn new(width_ms: i64, max_window: Duration) -> Ring<T> {
-        let span = ceil_div(max_window.as_millis() as i64, width_ms);
+    fn new(width_ms: i64, span: Duration) -> Ring<T> {
+        let span = ceil_div(span.as_millis() as i64, width_ms);
         let ahead = ceil_div(FUTURE_TOLERANCE.as_millis() as i64, width_ms) + 1;
         Ring {
             width_ms,
@@ -101,6 +221,11 @@ impl<T: Default> Ring<T> {
 
     fn epoch(&self, ts_ms: i64) -> i64 {
         ts_ms.div_euclid(self.width_ms)
+    }
+
+    /// The start of the oldest slot still kept at `now_ms`.
+    fn oldest_ms(&self, now_ms: i64) -> i64 {
+        (self.epoch(now_ms) - self.span + 1) * self.width_ms
     }
 
     /// The slot for `ts_ms`; `None` when `ts_ms` is outside what the ring keeps at `now_ms`.
@@ -145,23 +270,91 @@ pub struct WindowStats {
     pub notifications: u64,
 }
 
-/// The rings of one CBO: counts every 10 s, latency sketches every minute. Memory is fixed by
-/// the longest window, not by traffic.
+/// Counts and latencies at one resolution.
+struct Tier {
+    counts: Ring<Bucket>,
+    latency: Ring<Slot>,
+}
+
+impl Tier {
+    fn new((count_ms, latency_ms): (i64, i64), span: Duration) -> Tier {
+        Tier {
+            counts: Ring::new(count_ms, span),
+            // One slot more, so the latencies reach back at least as far as the counts.
+            latency: Ring::new(latency_ms, span + Duration::from_millis(latency_ms as u64)),
+        }
+    }
+
+    /// Everything from `from_ms` on: counts from the bucket holding it, latencies from the
+    /// slot holding it.
+    fn stats_from(&self, from_ms: i64) -> WindowStats {
+        let mut counts = Counts::default();
+        let mut minutes: Vec<i64> = Vec::new();
+        let width = self.counts.width_ms;
+        for (epoch, c) in self.counts.since(self.counts.epoch(from_ms)) {
+            counts.add(c);
+            if c.bad_request + c.taskrouter_bad_request > 0 {
+                let minute = epoch * width / 60_000;
+                if !minutes.contains(&minute) {
+                    minutes.push(minute);
+                }
+            }
+        }
+        let mut cold = Latencies([0; LATENCY_BUCKETS]);
+        let mut warm = Latencies([0; LATENCY_BUCKETS]);
+        let mut notification = Latencies([0; LATENCY_BUCKETS]);
+        for (_, s) in self.latency.since(self.latency.epoch(from_ms)) {
+            s.cold.add_to(&mut cold);
+            s.warm.add_to(&mut warm);
+            s.notification.add_to(&mut notification);
+        }
+        WindowStats {
+            success_rate: counts.success_rate(),
+            counts,
+            bad_request_minutes: minutes.len() as u32,
+            cold_completion_p95: cold.quantile(0.95),
+            warm_completion_p95: warm.quantile(0.95),
+            notification_p95: notification.quantile(0.95),
+            cold_completions: cold.count(),
+            notifications: notification.count(),
+        }
+    }
+}
+
+/// The rings of one CBO. Memory is fixed by the longest window from the start, not by
+/// traffic: about 26 KiB with the default hour.
 pub struct Windows {
-    counts: Ring<Counts>,
-    sketches: Ring<Sketches>,
+    fine: Tier,
+    /// Only when the longest window reaches past the fine rings.
+    coarse: Option<Tier>,
 }
 
 impl Windows {
     pub fn new(max_window: Duration) -> Windows {
         Windows {
-            counts: Ring::new(BUCKET_MS, max_window),
-            sketches: Ring::new(SKETCH_MS, max_window),
+            fine: Tier::new(FINE, max_window.min(FINE_SPAN)),
+            coarse: (max_window > FINE_SPAN).then(|| Tier::new(COARSE, max_window)),
         }
     }
 
-    fn bucket(&mut self, ts_ms: i64, now_ms: i64) -> Option<&mut Counts> {
-        self.counts.slot(ts_ms, now_ms)
+    fn tiers(&mut self) -> impl Iterator<Item = &mut Tier> {
+        std::iter::once(&mut self.fine).chain(self.coarse.as_mut())
+    }
+
+    fn bucket(&mut self, ts_ms: i64, now_ms: i64, f: impl Fn(&mut Bucket)) {
+        for tier in self.tiers() {
+            if let Some(b) = tier.counts.slot(ts_ms, now_ms) {
+                f(b);
+            }
+        }
+    }
+
+    fn latency(&mut self, ts_ms: i64, now_ms: i64, f: impl Fn(&mut Slot)) {
+        for tier in self.tiers() {
+            if let Some(s) = tier.latency.slot(ts_ms, now_ms) {
+                f(s);
+            }
+        }
     }
 
     pub fn record_outcome(
@@ -171,22 +364,21 @@ impl Windows {
         outcome: Outcome,
         class: Option<ErrorClass>,
     ) {
-        let Some(c) = self.bucket(ts_ms, now_ms) else {
-            return;
-        };
-        match outcome {
-            Outcome::Completed => c.completed += 1,
-            Outcome::Failed => c.failed += 1,
-            Outcome::TimedOut => c.timed_out += 1,
-            Outcome::Cancelled => c.cancelled += 1,
-        }
-        match class {
-            Some(ErrorClass::BadRequest) => c.bad_request += 1,
-            Some(ErrorClass::AgentUnavailable) => c.agent_unavailable += 1,
-            Some(ErrorClass::TargetNotFound) => c.target_not_found += 1,
-            Some(ErrorClass::Other) => c.other_error += 1,
-            None => {}
-        }
+        self.bucket(ts_ms, now_ms, |c| {
+            match outcome {
+                Outcome::Completed => c.completed += 1,
+                Outcome::Failed => c.failed += 1,
+                Outcome::TimedOut => c.timed_out += 1,
+                Outcome::Cancelled => c.cancelled += 1,
+            }
+            match class {
+                Some(ErrorClass::BadRequest) => c.bad_request += 1,
+                Some(ErrorClass::AgentUnavailable) => c.agent_unavailable += 1,
+                Some(ErrorClass::TargetNotFound) => c.target_not_found += 1,
+                Some(ErrorClass::Other) => c.other_error += 1,
+                None => {}
+            }
+        });
     }
 
     pub fn record_completion(
@@ -196,89 +388,45 @@ impl Windows {
         transfer_type: Option<TransferType>,
         seconds: f64,
     ) {
-        if let Some(m) = self.sketches.slot(ts_ms, now_ms) {
-            let slot = match transfer_type {
-                Some(TransferType::Cold) => &mut m.cold,
-                Some(TransferType::Warm) => &mut m.warm,
-                None => return,
-            };
-            slot.get_or_insert_with(sketch).add(seconds);
+        match transfer_type {
+            Some(TransferType::Cold) => self.latency(ts_ms, now_ms, |s| s.cold.add(seconds)),
+            Some(TransferType::Warm) => self.latency(ts_ms, now_ms, |s| s.warm.add(seconds)),
+            None => {}
         }
     }
 
     pub fn record_notification(&mut self, ts_ms: i64, now_ms: i64, seconds: f64) {
-        if let Some(m) = self.sketches.slot(ts_ms, now_ms) {
-            m.notification.get_or_insert_with(sketch).add(seconds);
-        }
+        self.latency(ts_ms, now_ms, |s| s.notification.add(seconds));
     }
 
     pub fn record_history_lost(&mut self, ts_ms: i64, now_ms: i64) {
-        if let Some(c) = self.bucket(ts_ms, now_ms) {
-            c.history_lost += 1;
-        }
+        self.bucket(ts_ms, now_ms, |c| c.history_lost += 1);
     }
 
     pub fn record_taskrouter_bad_request(&mut self, now_ms: i64) {
-        if let Some(c) = self.bucket(now_ms, now_ms) {
-            c.taskrouter_bad_request += 1;
-        }
+        self.bucket(now_ms, now_ms, |c| c.taskrouter_bad_request += 1);
     }
 
-    /// Sums the buckets of the trailing `window` (the current bucket included, and the few
-    /// ahead that hold events stamped up to a minute in the future). Counts are exact to 10 s;
-    /// latency quantiles take the whole minutes the window touches.
+    /// Sums the trailing `window` (the current bucket included, and the few ahead that hold
+    /// events stamped up to a minute in the future), from the fine rings when the window fits
+    /// in them.
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
-        let n = ceil_div(window.as_millis() as i64, BUCKET_MS).clamp(1, self.counts.span);
-        self.stats_from((self.counts.epoch(now_ms) - n + 1) * BUCKET_MS)
+        let tier = match &self.coarse {
+            Some(coarse) if window > FINE_SPAN => coarse,
+            _ => &self.fine,
+        };
+        let width = tier.counts.width_ms;
+        let n = ceil_div(window.as_millis() as i64, width).clamp(1, tier.counts.span);
+        tier.stats_from((tier.counts.epoch(now_ms) - n + 1) * width)
     }
 
-    /// Sums the buckets from the one holding `since_ms` on (a validation window's start).
+    /// Sums everything from the bucket holding `since_ms` on (a validation window's start).
     pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
-        let oldest = (self.counts.epoch(now_ms) - self.counts.span + 1) * BUCKET_MS;
-        self.stats_from(since_ms.max(oldest))
-    }
-
-    /// Everything from `from_ms` on.
-    fn stats_from(&self, from_ms: i64) -> WindowStats {
-        let mut counts = Counts::default();
-        let mut minutes: Vec<i64> = Vec::new();
-        for (epoch, c) in self.counts.since(self.counts.epoch(from_ms)) {
-            counts.add(c);
-            if c.bad_request + c.taskrouter_bad_request > 0 {
-                let minute = epoch * BUCKET_MS / 60_000;
-                if !minutes.contains(&minute) {
-                    minutes.push(minute);
-                }
-            }
-        }
-        let mut cold: Option<DDSketch> = None;
-        let mut warm: Option<DDSketch> = None;
-        let mut notification: Option<DDSketch> = None;
-        for (_, m) in self.sketches.since(self.sketches.epoch(from_ms)) {
-            for (acc, s) in [
-                (&mut cold, &m.cold),
-                (&mut warm, &m.warm),
-                (&mut notification, &m.notification),
-            ] {
-                if let Some(s) = s {
-                    match acc {
-                        Some(acc) => acc.merge(s).expect("sketches share one config"),
-                        None => *acc = Some((**s).clone()),
-                    }
-                }
-            }
-        }
-        let p95 = |s: &Option<DDSketch>| s.as_ref().and_then(|s| s.quantile(0.95).ok().flatten());
-        WindowStats {
-            success_rate: counts.success_rate(),
-            counts,
-            bad_request_minutes: minutes.len() as u32,
-            cold_completion_p95: p95(&cold),
-            warm_completion_p95: p95(&warm),
-            notification_p95: p95(&notification),
-            cold_completions: cold.as_ref().map_or(0, |s| s.count() as u64),
-            notifications: notification.as_ref().map_or(0, |s| s.count() as u64),
-        }
+        let tier = match &self.coarse {
+            Some(coarse) if since_ms < self.fine.counts.oldest_ms(now_ms) => coarse,
+            _ => &self.fine,
+        };
+        tier.stats_from(since_ms.max(tier.counts.oldest_ms(now_ms)))
     }
 }
 
@@ -350,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    fn p95_of_latencies_is_within_two_percent() {
+    fn p95_of_latencies_is_interpolated_within_its_bucket() {
         let mut w = Windows::new(Duration::from_secs(3600));
         for i in 1..=100 {
             w.record_completion(T0 - i * 1000, T0, Some(TransferType::Cold), i as f64 / 10.0);
@@ -360,5 +508,75 @@ mod tests {
             .cold_completion_p95
             .unwrap();
         assert!((p95 - 9.5).abs() <= 0.2, "{p95}");
+    }
+
+    #[test]
+    fn five_and_ten_seconds_are_bucket_edges_so_the_seeds_bounds_are_exact() {
+        let b10 = latency_bucket(10.0);
+        assert_eq!(EDGES[b10], 10.0);
+        assert_eq!(EDGES[latency_bucket(5.0)], 5.0);
+        assert_eq!(latency_bucket(10.000_001), b10 + 1);
+        assert_eq!(latency_bucket(0.0), 0);
+        assert_eq!(latency_bucket(1e9), LATENCY_BUCKETS - 1);
+        // Each sample lands in the bucket whose edges hold it.
+        for v in [0.3, 1.0, 2.2, 4.99, 7.1, 33.0, 280.0] {
+            let i = latency_bucket(v);
+            assert!(v <= EDGES[i] && v > EDGES[i - 1], "{v} in bucket {i}");
+        }
+    }
+
+    #[test]
+    fn p95_is_over_ten_seconds_exactly_when_more_than_5_percent_are() {
+        let p95 = |slow: i64| {
+            let mut w = Windows::new(Duration::from_secs(3600));
+            for i in 0..100 {
+                let secs = if i < slow { 10.5 } else { 10.0 };
+                w.record_completion(T0 - i * 1000, T0, Some(TransferType::Cold), secs);
+            }
+            w.stats(T0, Duration::from_secs(300))
+                .cold_completion_p95
+                .unwrap()
+        };
+        assert!(p95(5) <= 10.0, "{}", p95(5));
+        assert!(p95(6) > 10.0, "{}", p95(6));
+    }
+
+    #[test]
+    fn a_busy_bucket_widens_past_16_bits_without_losing_a_sample() {
+        let mut w = Windows::new(Duration::from_secs(3600));
+        for _ in 0..70_000 {
+            w.record_notification(T0, T0, 2.0);
+        }
+        let s = w.stats(T0, Duration::from_secs(60));
+        assert_eq!(s.notifications, 70_000);
+        // Within the 12 %-wide bucket that holds 2 s.
+        let (p95, i) = (s.notification_p95.unwrap(), latency_bucket(2.0));
+        assert!(p95 > EDGES[i - 1] && p95 <= EDGES[i], "{p95}");
+    }
+
+    #[test]
+    fn windows_past_twenty_minutes_read_the_coarse_rings_to_the_minute() {
+        let mut w = Windows::new(Duration::from_secs(3600));
+        let start = T0 - T0.rem_euclid(5 * MIN);
+        let now = start + 50 * MIN;
+        // Three failures long ago, one completion a minute ago.
+        for ts in [start, start + 10 * MIN, start + 25 * MIN] {
+            w.record_outcome(ts, now, Outcome::Failed, Some(ErrorClass::Other));
+            w.record_completion(ts, now, Some(TransferType::Cold), 30.0);
+        }
+        w.record_outcome(now - MIN, now, Outcome::Completed, None);
+        w.record_completion(now - MIN, now, Some(TransferType::Cold), 2.0);
+        let hour = w.stats(now, Duration::from_secs(3600));
+        assert_eq!((hour.counts.failed, hour.counts.completed), (3, 1));
+        assert_eq!(hour.cold_completions, 4);
+        let half = w.stats(now, Duration::from_secs(30 * 60));
+        assert_eq!((half.counts.failed, half.counts.completed), (1, 1));
+        // A validation window opened 45 minutes ago: its start is inside the coarse rings.
+        let since = w.stats_since(now, start + 5 * MIN);
+        assert_eq!((since.counts.failed, since.counts.completed), (2, 1));
+        // And one opened 10 minutes ago reads the fine rings.
+        let recent = w.stats_since(now, now - 10 * MIN);
+        assert_eq!((recent.counts.failed, recent.counts.completed), (0, 1));
+        assert_eq!(recent.cold_completions, 1);
     }
 }
