@@ -151,12 +151,30 @@ impl Transfer {
     }
 }
 
-/// Tracks the transfers of one CBO.
+/// What is kept of a finished transfer until late events are unlikely: enough to tell a late
+/// repeat (a duplicate) from a new transfer of the same conversation, and to pair a late
+/// `notified`. 16 bytes, against ~100 for an open transfer.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    /// The `initiated` timestamp; `i64::MIN` when there was none.
+    initiated_ms: i64,
+    /// Daemon time of the last event, in seconds.
+    touched_s: u32,
+    /// Bit per `EventKind` seen.
+    seen: u8,
+}
+
+/// Tracks the transfers of one CBO. Transfers are keyed by a 64-bit hash of their key (the
+/// transfer id or conversation SID) under a per-tracker random seed: no key strings are kept.
 pub struct Tracker {
     timeout_ms: i64,
     max_open: usize,
-    transfers: HashMap<Box<str>, Transfer>,
-    order: VecDeque<(u64, Box<str>)>,
+    hasher: ahash::RandomState,
+    open: HashMap<u64, Transfer>,
+    /// Open transfers in the order they were opened (`seq`, key), for eviction at the cap;
+    /// entries of transfers since finished are skipped.
+    order: VecDeque<(u64, u64)>,
+    done: HashMap<u64, Done>,
     next_seq: u64,
 }
 
@@ -165,38 +183,60 @@ impl Tracker {
         Tracker {
             timeout_ms: timeout.as_millis() as i64,
             max_open: max_open.max(1),
-            transfers: HashMap::default(),
+            hasher: ahash::RandomState::new(),
+            open: HashMap::default(),
             order: VecDeque::new(),
+            done: HashMap::default(),
             next_seq: 0,
         }
     }
 
     /// Transfers held now (open, or finished and kept a while for late events).
     pub fn len(&self) -> usize {
-        self.transfers.len()
+        self.open.len() + self.done.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.transfers.is_empty()
+        self.len() == 0
     }
 
     /// Transfers not finished yet.
     pub fn open(&self) -> usize {
-        self.transfers.values().filter(|t| !t.finished).count()
+        self.open.len()
     }
 
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
-        let key = event.transfer_key();
-        let known = self.transfers.get(key).map(|t| {
+        let key = self.hasher.hash_one(event.transfer_key());
+        if !self.open.contains_key(&key)
+            && let Some(d) = self.done.get_mut(&key)
+        {
+            let bit = event.kind.bit();
+            let again = event.kind == EventKind::Initiated && d.initiated_ms != event.timestamp_ms;
+            if !again {
+                d.touched_s = seconds(now_ms);
+                if d.seen & bit != 0 {
+                    // A kind the transfer already had, after it ended: a repeat.
+                    out.push(Effect::Duplicate);
+                } else {
+                    d.seen |= bit;
+                    if event.kind == EventKind::Notified
+                        && d.initiated_ms != i64::MIN
+                        && event.timestamp_ms >= d.initiated_ms
+                    {
+                        out.push(Effect::Notified {
+                            at_ms: event.timestamp_ms,
+                            secs: (event.timestamp_ms - d.initiated_ms) as f64 / 1000.0,
+                        });
+                    }
+                }
+                return;
+            }
             // A conversation transferred again after its last transfer ended: a new transfer.
-            t.finished
-                && event.kind == EventKind::Initiated
-                && t.ts(EventKind::Initiated) != Some(event.timestamp_ms)
-        });
-        let t = match known {
-            Some(false) => self.transfers.get_mut(key).expect("looked up above"),
-            Some(true) => self.insert(key, true, now_ms, out),
-            None => self.insert(key, false, now_ms, out),
+            self.done.remove(&key);
+        }
+        let t = match self.open.contains_key(&key) {
+            true => self.open.get_mut(&key).expect("looked up above"),
+            false => self.insert(key, now_ms, out),
         };
         t.touched_ms = now_ms;
         if let Some(ts) = t.ts(event.kind) {
@@ -213,7 +253,7 @@ impl Tracker {
                 t.transfer_type = event.transfer_type;
                 t.target_type = event.target_type;
             }
-            kind if kind.is_terminal() && t.terminal.is_none() && !t.finished => {
+            kind if kind.is_terminal() && t.terminal.is_none() => {
                 t.terminal = Some((kind, event.timestamp_ms));
                 t.class = event.error.as_ref().map(|e| e.class());
                 t.history_lost =
@@ -222,39 +262,59 @@ impl Tracker {
             _ => {}
         }
         t.progress(out);
+        if t.finished {
+            let (initiated, seen) = (t.ts(EventKind::Initiated), t.seen);
+            self.open.remove(&key);
+            self.retire(key, initiated, seen, now_ms);
+        }
     }
 
-    /// A new record for `key` (`replacing` one that ended), evicting the oldest at the cap.
-    fn insert(
-        &mut self,
-        key: &str,
-        replacing: bool,
-        now_ms: i64,
-        out: &mut Vec<Effect>,
-    ) -> &mut Transfer {
-        if !replacing {
-            while self.transfers.len() >= self.max_open {
-                let Some((seq, old)) = self.order.pop_front() else {
-                    break;
-                };
-                if self.transfers.get(&old).is_some_and(|t| t.seq == seq)
-                    && let Some(t) = self.transfers.remove(&old)
-                    && !t.finished
-                {
-                    out.push(Effect::Evicted);
+    /// Keeps what late events need of a finished transfer, within the cap.
+    fn retire(&mut self, key: u64, initiated: Option<i64>, seen: u8, now_ms: i64) {
+        if self.done.len() >= self.max_open {
+            self.forget_done(now_ms);
+            if self.done.len() >= self.max_open {
+                // Still full: keep the more recently touched half.
+                let (lo, hi) = self.done.values().fold((u32::MAX, 0), |(lo, hi), d| {
+                    (lo.min(d.touched_s), hi.max(d.touched_s))
+                });
+                let mid = lo + (hi - lo) / 2;
+                self.done.retain(|_, d| d.touched_s > mid);
+                if self.done.len() >= self.max_open {
+                    self.done.clear();
                 }
             }
         }
-        if self.order.len() > 2 * self.transfers.len() + 64 {
-            let transfers = &self.transfers;
+        self.done.insert(
+            key,
+            Done {
+                initiated_ms: initiated.unwrap_or(i64::MIN),
+                touched_s: seconds(now_ms),
+                seen,
+            },
+        );
+    }
+
+    /// A new open transfer for `key`, evicting the oldest open one at the cap.
+    fn insert(&mut self, key: u64, now_ms: i64, out: &mut Vec<Effect>) -> &mut Transfer {
+        while self.open.len() >= self.max_open {
+            let Some((seq, old)) = self.order.pop_front() else {
+                break;
+            };
+            if self.open.get(&old).is_some_and(|t| t.seq == seq) {
+                self.open.remove(&old);
+                out.push(Effect::Evicted);
+            }
+        }
+        if self.order.len() > 2 * self.open.len() + 64 {
+            let open = &self.open;
             self.order
-                .retain(|(seq, k)| transfers.get(k).is_some_and(|t| t.seq == *seq));
+                .retain(|(seq, k)| open.get(k).is_some_and(|t| t.seq == *seq));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let key: Box<str> = key.into();
-        self.order.push_back((seq, key.clone()));
-        self.transfers
+        self.order.push_back((seq, key));
+        self.open
             .entry(key)
             .insert_entry(Transfer::new(seq, now_ms))
             .into_mut()
@@ -264,23 +324,49 @@ impl Tracker {
     /// whose `initiated` never came, and forgets finished transfers once late events are unlikely.
     pub fn sweep(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
         let timeout = self.timeout_ms;
-        self.transfers.retain(|_, t| {
-            if !t.finished {
-                if let Some(start) = t.ts(EventKind::Initiated) {
-                    if now_ms >= start + timeout {
-                        t.finish(start + timeout, Outcome::TimedOut, out);
-                    }
-                } else if now_ms >= t.touched_ms + timeout {
-                    // No `initiated` arrived: settle what is known, without types or latency.
-                    if let Some((kind, at)) = t.terminal {
-                        t.finish(at, Outcome::of(kind).expect("terminal"), out);
-                    }
+        let mut finished = Vec::new();
+        self.open.retain(|key, t| {
+            if let Some(start) = t.ts(EventKind::Initiated) {
+                if now_ms >= start + timeout {
+                    t.finish(start + timeout, Outcome::TimedOut, out);
+                    finished.push((*key, start, t.seen));
                     return false;
                 }
+            } else if now_ms >= t.touched_ms + timeout {
+                // No `initiated` arrived: settle what is known, without types or latency.
+                if let Some((kind, at)) = t.terminal {
+                    t.finish(at, Outcome::of(kind).expect("terminal"), out);
+                }
+                return false;
             }
-            !(t.finished && now_ms >= t.touched_ms + timeout)
+            true
         });
+        // Kept from the moment they timed out, so a late terminal event is not counted again.
+        for (key, start, seen) in finished {
+            self.retire(key, Some(start), seen, now_ms);
+        }
+        self.forget_done(now_ms);
     }
+
+    /// Drops the finished transfers whose late events are no longer expected. The map is
+    /// rebuilt rather than thinned in place: deletions leave tombstones that would make it
+    /// double its table while holding no more.
+    fn forget_done(&mut self, now_ms: i64) {
+        let (now_s, timeout_s) = (seconds(now_ms), seconds(self.timeout_ms));
+        let live = |d: &Done| now_s < d.touched_s.saturating_add(timeout_s);
+        let keep = self.done.values().filter(|d| live(d)).count();
+        if keep == self.done.len() {
+            return;
+        }
+        let mut fresh = HashMap::with_capacity_and_hasher(keep + keep / 4 + 8, Default::default());
+        fresh.extend(self.done.drain().filter(|(_, d)| live(d)));
+        self.done = fresh;
+    }
+}
+
+/// Daemon time in whole seconds, as kept for finished transfers (good until 2106).
+fn seconds(ms: i64) -> u32 {
+    (ms.max(0) / 1000).min(i64::from(u32::MAX)) as u32
 }
 
 #[cfg(test)]
@@ -446,5 +532,61 @@ mod tests {
         t.apply(&ev("completed", T0 + 1000, ""), T0 + 1000, &mut out);
         t.sweep(T0 + 301_000, &mut out);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_late_repeat_of_a_finished_transfer_is_a_duplicate_not_a_new_transfer() {
+        let mut t = Tracker::new(Duration::from_secs(300), 100);
+        let mut out = Vec::new();
+        t.apply(&ev("initiated", T0, ""), T0, &mut out);
+        t.apply(&ev("completed", T0 + 1000, ""), T0 + 1000, &mut out);
+        // A log re-read two minutes later delivers both again.
+        t.apply(&ev("initiated", T0, ""), T0 + 120_000, &mut out);
+        t.apply(&ev("completed", T0 + 1000, ""), T0 + 120_000, &mut out);
+        t.sweep(T0 + 900_000, &mut out);
+        assert_eq!(finished(&out), vec![(Outcome::Completed, Some(1.0))]);
+        assert_eq!(out.iter().filter(|e| **e == Effect::Duplicate).count(), 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_notified_after_the_transfer_ended_still_gives_the_notification_latency() {
+        let mut t = Tracker::new(Duration::from_secs(300), 100);
+        let mut out = Vec::new();
+        t.apply(&ev("initiated", T0, ""), T0, &mut out);
+        t.apply(&ev("completed", T0 + 9000, ""), T0 + 9000, &mut out);
+        t.apply(&ev("notified", T0 + 1500, ""), T0 + 9500, &mut out);
+        assert_eq!(
+            out.last(),
+            Some(&Effect::Notified {
+                at_ms: T0 + 1500,
+                secs: 1.5
+            })
+        );
+    }
+
+    #[test]
+    fn finished_transfers_kept_for_late_events_stay_within_the_cap() {
+        let mut t = Tracker::new(Duration::from_secs(300), 1000);
+        let mut out = Vec::new();
+        for i in 0..10_000 {
+            let id = format!(r#","transfer_id":"t{i}""#);
+            t.apply(&ev("initiated", T0 + i, &id), T0 + i, &mut out);
+            t.apply(&ev("completed", T0 + i + 1, &id), T0 + i, &mut out);
+            assert!(t.len() <= 1000, "{} held", t.len());
+        }
+        assert_eq!(finished(&out).len(), 10_000);
+        assert!(!out.contains(&Effect::Evicted));
+    }
+
+    #[test]
+    fn a_timed_out_transfer_ignores_its_late_completion() {
+        let mut t = Tracker::new(Duration::from_secs(300), 100);
+        let mut out = Vec::new();
+        t.apply(&ev("initiated", T0, ""), T0, &mut out);
+        t.sweep(T0 + 300_000, &mut out);
+        t.apply(&ev("completed", T0 + 310_000, ""), T0 + 310_000, &mut out);
+        t.sweep(T0 + 620_000, &mut out);
+        assert_eq!(finished(&out), vec![(Outcome::TimedOut, None)]);
     }
 }
