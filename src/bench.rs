@@ -152,9 +152,12 @@ pub fn pipeline(events: usize, runs: usize) -> (f64, f64) {
 }
 
 /// RSS after feeding `total` events over `cbos` CBOs, sampled at each of `marks`. Time is
-/// simulated: every CBO sends a transfer a second (about five events), the clock moves one
+/// simulated: every CBO starts `rate` transfers a second (about four events each; Poisson
+/// arrivals), the clock moves one
 /// second per round, and transfers are swept every ten simulated seconds, as the daemon does.
-pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
+/// A transfer's events are handed over as soon as it starts (stamped up to 25 s ahead, inside
+/// the 60 s tolerance), so the generators hold nothing and the RSS is the daemon's state.
+pub fn memory(total: usize, cbos: usize, rate: f64, marks: &[usize]) -> Vec<(usize, u64, i64)> {
     let start = chrono::Utc::now().timestamp_millis();
     let config = config(cbos);
     let metrics = std::sync::Arc::new(Metrics::new());
@@ -164,7 +167,7 @@ pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
         .map(|i| {
             Generator::new(
                 Profile {
-                    rate: 1.0,
+                    rate,
                     ..Profile::default()
                 },
                 i as u64,
@@ -180,7 +183,7 @@ pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
         now += 1000;
         for (g, cbo) in generators.iter_mut().zip(&states) {
             g.start_until(now);
-            let lines = g.due(now);
+            let lines = g.due(i64::MAX);
             let before = fed;
             fed += lines.len();
             cbo.ingest(
@@ -192,7 +195,7 @@ pub fn memory(total: usize, cbos: usize, marks: &[usize]) -> Vec<(usize, u64)> {
                 &mut rejected,
             );
             if marks.iter().any(|m| fed >= *m && before < *m) {
-                out.push((fed, rss_bytes().unwrap_or(0)));
+                out.push((fed, rss_bytes().unwrap_or(0), (now - start) / 1000));
             }
         }
         if (now - start) % 10_000 == 0 {

@@ -111,6 +111,9 @@ enum BenchWhat {
         events: usize,
         #[arg(long, default_value_t = 1000)]
         cbos: usize,
+        /// Transfers a second per CBO (about four events each).
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
     },
     /// Detection latency: breach-completing event to the rollback request at the simulated Twilio.
     Detection {
@@ -204,16 +207,21 @@ async fn main() -> ExitCode {
                         "  of which parsing alone: {parse:.0} events/s; tracking and windows alone: {track:.0} events/s"
                     );
                 }
-                BenchWhat::Memory { events, cbos } => {
+                BenchWhat::Memory { events, cbos, rate } => {
                     let marks = [1_000_000, events];
                     println!(
-                        "memory: RSS before: {} MiB",
-                        bench::rss_bytes().unwrap_or(0) / (1 << 20)
+                        "memory: RSS before: {:.1} MiB",
+                        bench::rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
                     );
-                    for (fed, rss) in bench::memory(events, cbos, &marks) {
+                    let mut first = None;
+                    for (fed, rss, secs) in bench::memory(events, cbos, rate, &marks) {
+                        let mib = rss as f64 / (1 << 20) as f64;
+                        let growth = first.map_or(String::new(), |f: f64| {
+                            format!(" ({:+.1} % since the first mark)", (mib / f - 1.0) * 100.0)
+                        });
+                        first.get_or_insert(mib);
                         println!(
-                            "memory: {fed} events over {cbos} CBOs: RSS {:.1} MiB",
-                            rss as f64 / (1 << 20) as f64
+                            "memory: {fed} events over {cbos} CBOs ({rate} transfers/s each, {secs} s of event time): RSS {mib:.1} MiB{growth}"
                         );
                     }
                 }
