@@ -165,6 +165,16 @@ const COULD_NOT_RUN: u8 = 3;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    if !matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
+        // One-shot commands end quietly when their output is closed (`… | head`), as shell
+        // tools do; Rust ignores SIGPIPE, which turns that into a panic. The daemon keeps
+        // ignoring it.
+        #[cfg(unix)]
+        // SAFETY: restoring a signal's default disposition, before any thread writes output.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Run { config } => match run(config).await {
             Ok(()) => ExitCode::SUCCESS,
