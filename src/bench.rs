@@ -206,12 +206,8 @@ pub fn memory(total: usize, cbos: usize, rate: f64, marks: &[usize]) -> Vec<(usi
     out
 }
 
-/// `/metrics` rendering with `cbos` CBOs that all have traffic: median milliseconds of `runs`.
-pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
-    let now = chrono::Utc::now().timestamp_millis();
-    let config = config(cbos);
-    let metrics = std::sync::Arc::new(Metrics::new());
-    let fleet = Fleet::new(&config, &metrics);
+/// Gives each CBO of `fleet` 1,000 typical events (a different stretch of one stream each).
+fn fill(fleet: &Fleet, now: i64) {
     let template = lines(20_000, now);
     let mut rejected = Vec::new();
     for (i, cbo) in fleet.iter().enumerate() {
@@ -225,6 +221,15 @@ pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
             &mut rejected,
         );
     }
+}
+
+/// `/metrics` rendering with `cbos` CBOs that all have traffic: median milliseconds of `runs`.
+pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let config = config(cbos);
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let fleet = Fleet::new(&config, &metrics);
+    fill(&fleet, now);
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..runs {
@@ -233,6 +238,30 @@ pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
         size = metrics.render().len();
         times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
+    (median(times), size)
+}
+
+/// The same through a running daemon: `GET /metrics` over loopback, request to last byte,
+/// median milliseconds of `runs`.
+pub async fn scrape_http(cbos: usize, runs: usize) -> (f64, usize) {
+    let app = crate::App::start(config(cbos)).await.expect("starts");
+    fill(&app.shared.fleet, app.shared.clock.now_ms());
+    let http = reqwest::Client::new();
+    let url = format!("{}/metrics", app.url());
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..runs {
+        let start = Instant::now();
+        let body = http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("/metrics answers");
+        size = body.bytes().await.expect("the body arrives").len();
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    app.shutdown().await;
     (median(times), size)
 }
 

@@ -276,7 +276,11 @@ async fn main() -> ExitCode {
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
                     println!(
-                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms"
+                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms to render"
+                    );
+                    let (ms, size) = bench::scrape_http(cbos, runs).await;
+                    println!(
+                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms for GET /metrics over loopback"
                     );
                 }
             }
