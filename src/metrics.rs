@@ -163,7 +163,7 @@ pub struct CboSeries {
     completion: [Histogram; 2],
     notification: Histogram,
     success_ratio: [MaybeGauge; 2],
-    open: AtomicI64,
+    open: AtomicU64,
     polls: [AtomicU64; 5],
     poll_seconds: Histogram,
     taskrouter_bad_requests: AtomicU64,
@@ -205,7 +205,7 @@ impl CboSeries {
             ],
             notification: Histogram::new(NOTIFICATION_BUCKETS),
             success_ratio: [MaybeGauge::absent(), MaybeGauge::absent()],
-            open: AtomicI64::new(0),
+            open: AtomicU64::new(0),
             polls: zeros(),
             poll_seconds: Histogram::new(POLL_BUCKETS),
             taskrouter_bad_requests: AtomicU64::new(0),
@@ -260,7 +260,7 @@ impl CboSeries {
     }
 
     pub fn set_open(&self, n: usize) {
-        self.open.store(n as i64, Relaxed);
+        self.open.store(n as u64, Relaxed);
     }
 
     pub fn poll(&self, result: PollResult, seconds: f64) {
@@ -524,6 +524,39 @@ fn labels_of<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Vec<S
         .collect()
 }
 
+/// A family with one series per CBO, `value` read from its `CboSeries`.
+fn per_cbo(
+    w: &mut Writer,
+    cbos: &[Arc<CboSeries>],
+    (name, kind, help): (&str, &str, &str),
+    value: impl Fn(&CboSeries) -> u64,
+) {
+    w.begin(name, kind, help);
+    for c in cbos {
+        w.int(name, &[&c.label], value(c));
+    }
+    w.end();
+}
+
+/// A family with one series per CBO and value of `label`, read from an array of counters in
+/// the order of `values`.
+fn per_cbo_and<'a>(
+    w: &mut Writer,
+    cbos: &'a [Arc<CboSeries>],
+    (name, kind, help): (&str, &str, &str),
+    (label, values): (&str, &[&str]),
+    counters: impl Fn(&'a CboSeries) -> &'a [AtomicU64],
+) {
+    let labels = labels_of(label, values.iter().copied());
+    w.begin(name, kind, help);
+    for c in cbos {
+        for (l, n) in labels.iter().zip(counters(c)) {
+            w.int(name, &[&c.label, l], n.load(Relaxed));
+        }
+    }
+    w.end();
+}
+
 fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     w.begin(
         "actions_total",
@@ -558,36 +591,27 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    w.begin(
-        "events_duplicate_total",
-        "counter",
-        "Accepted events that repeated one already seen (same transfer, event and timestamp) and were ignored.",
-    );
-    for c in cbos {
-        w.int(
+    per_cbo(
+        w,
+        cbos,
+        (
             "events_duplicate_total",
-            &[&c.label],
-            c.duplicate.load(Relaxed),
-        );
-    }
-    w.end();
-
-    let events = labels_of("event", EventKind::ALL.map(|k| k.as_str()));
-    w.begin(
-        "events_ingested_total",
-        "counter",
-        "Transfer events accepted, by event type.",
+            "counter",
+            "Accepted events that repeated one already seen (same transfer, event and timestamp) and were ignored.",
+        ),
+        |c| c.duplicate.load(Relaxed),
     );
-    for c in cbos {
-        for (i, l) in events.iter().enumerate() {
-            w.int(
-                "events_ingested_total",
-                &[&c.label, l],
-                c.ingested[i].load(Relaxed),
-            );
-        }
-    }
-    w.end();
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "events_ingested_total",
+            "counter",
+            "Transfer events accepted, by event type.",
+        ),
+        ("event", &EventKind::ALL.map(|k| k.as_str())),
+        |c| &c.ingested,
+    );
 
     let reasons = labels_of("reason", Reject::PER_CBO.map(|r| r.as_str()));
     w.begin(
@@ -618,30 +642,26 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    w.begin(
-        "history_lost_total",
-        "counter",
-        "Completed transfers whose conversation history was not carried over.",
-    );
-    for c in cbos {
-        w.int(
+    per_cbo(
+        w,
+        cbos,
+        (
             "history_lost_total",
-            &[&c.label],
-            c.history_lost.load(Relaxed),
-        );
-    }
-    w.end();
-
-    w.begin(
-        "open_transfers",
-        "gauge",
-        "Transfers tracked and not ended yet.",
+            "counter",
+            "Completed transfers whose conversation history was not carried over.",
+        ),
+        |c| c.history_lost.load(Relaxed),
     );
-    for c in cbos {
-        w.start("open_transfers", "", &[&c.label]);
-        w.i64(c.open.load(Relaxed));
-    }
-    w.end();
+    per_cbo(
+        w,
+        cbos,
+        (
+            "open_transfers",
+            "gauge",
+            "Transfers tracked and not ended yet.",
+        ),
+        |c| c.open.load(Relaxed),
+    );
 
     let mut rule_labels = Vec::new();
     for rule in RuleId::ALL {
@@ -684,19 +704,16 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    w.begin(
-        "taskrouter_bad_requests_total",
-        "counter",
-        "Polls where TaskRouter answered 400 Bad Request for the chat-transfer workflow.",
-    );
-    for c in cbos {
-        w.int(
+    per_cbo(
+        w,
+        cbos,
+        (
             "taskrouter_bad_requests_total",
-            &[&c.label],
-            c.taskrouter_bad_requests.load(Relaxed),
-        );
-    }
-    w.end();
+            "counter",
+            "Polls where TaskRouter answered 400 Bad Request for the chat-transfer workflow.",
+        ),
+        |c| c.taskrouter_bad_requests.load(Relaxed),
+    );
 
     w.begin(
         "taskrouter_error_ratio",
@@ -727,22 +744,17 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    let results = labels_of("result", PollResult::ALL.map(|r| r.as_str()));
-    w.begin(
-        "taskrouter_polls_total",
-        "counter",
-        "TaskRouter poll cycles, by result (ok, or the class of the first failure).",
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "taskrouter_polls_total",
+            "counter",
+            "TaskRouter poll cycles, by result (ok, or the class of the first failure).",
+        ),
+        ("result", &PollResult::ALL.map(|r| r.as_str())),
+        |c| &c.polls,
     );
-    for c in cbos {
-        for (i, l) in results.iter().enumerate() {
-            w.int(
-                "taskrouter_polls_total",
-                &[&c.label, l],
-                c.polls[i].load(Relaxed),
-            );
-        }
-    }
-    w.end();
 
     for (name, help, kinds, values) in [
         (
@@ -823,50 +835,37 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    let classes = labels_of("class", ErrorClass::ALL.map(|c| c.as_str()));
-    w.begin(
-        "transfer_errors_total",
-        "counter",
-        "Failed transfers by error class.",
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "transfer_errors_total",
+            "counter",
+            "Failed transfers by error class.",
+        ),
+        ("class", &ErrorClass::ALL.map(|c| c.as_str())),
+        |c| &c.errors,
     );
-    for c in cbos {
-        for (i, l) in classes.iter().enumerate() {
-            w.int(
-                "transfer_errors_total",
-                &[&c.label, l],
-                c.errors[i].load(Relaxed),
-            );
-        }
-    }
-    w.end();
-
-    w.begin(
-        "transfers_disabled",
-        "gauge",
-        "1 while transfer-guard's switch has transfers disabled for the CBO.",
-    );
-    for c in cbos {
-        w.int(
+    per_cbo(
+        w,
+        cbos,
+        (
             "transfers_disabled",
-            &[&c.label],
-            u64::from(c.disabled.load(Relaxed)),
-        );
-    }
-    w.end();
-
-    w.begin(
-        "transfers_evicted_total",
-        "counter",
-        "Open transfers dropped because the per-CBO cap (transfers.max_open) was reached.",
+            "gauge",
+            "1 while transfer-guard's switch has transfers disabled for the CBO.",
+        ),
+        |c| u64::from(c.disabled.load(Relaxed)),
     );
-    for c in cbos {
-        w.int(
+    per_cbo(
+        w,
+        cbos,
+        (
             "transfers_evicted_total",
-            &[&c.label],
-            c.evicted.load(Relaxed),
-        );
-    }
-    w.end();
+            "counter",
+            "Open transfers dropped because the per-CBO cap (transfers.max_open) was reached.",
+        ),
+        |c| c.evicted.load(Relaxed),
+    );
 
     let mut slots = Vec::new();
     for (t, tt) in TYPE_VALUES.iter().enumerate() {
