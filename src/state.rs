@@ -175,11 +175,6 @@ impl CboState {
             self.series.set_success_ratio(i, ratio);
         }
     }
-
-    /// This CBO's exported series.
-    pub fn series(&self) -> &CboSeries {
-        &self.series
-    }
 }
 
 /// Every configured CBO's state, by key.
