@@ -24,8 +24,16 @@ export TOKEN=bench-token
 "$bin" bench lines --events 2000 --per-file 1 --dir "$work/singles"
 RUST_LOG=error "$bin" run --config "$work/config.toml" & echo $! > "$work/pid"
 until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
+# CPU seconds the daemon has used so far (utime + stime), and wrk's own, to see who was busy.
+daemon_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$(cat "$work/pid")/stat"; }
+TIMEFORMAT='wrk used %U s user + %S s system over %R s'
+run_wrk() {
+  local before; before=$(daemon_cpu)
+  time BODIES="$1" wrk "${@:2}" -s benches/http/ingest.lua "http://127.0.0.1:$port/v1/events"
+  echo "the daemon used $(echo "$(daemon_cpu) - $before" | bc) s of CPU"
+}
 echo "== NDJSON batches of 1,000 events, keep-alive, 2 threads, 8 connections, ${secs}s"
-BODIES="$work/batches" wrk -t2 -c8 -d"${secs}s" -s benches/http/ingest.lua "http://127.0.0.1:$port/v1/events"
+run_wrk "$work/batches" -t2 -c8 -d"${secs}s"
 echo "== one event per request, keep-alive, 2 threads, 32 connections, ${secs}s"
-BODIES="$work/singles" wrk -t2 -c32 -d"${secs}s" -s benches/http/ingest.lua "http://127.0.0.1:$port/v1/events"
+run_wrk "$work/singles" -t2 -c32 -d"${secs}s"
 curl -s "http://127.0.0.1:$port/metrics" | grep -E '^transfer_guard_events_(ingested|duplicate)_total' | awk '{s[$1 ~ /duplicate/]+=$2} END {printf "ingested %d events, %d of them repeats of a body already sent\n", s[0], s[1]}'
