@@ -1,9 +1,4 @@
-//! Every exported Prometheus metric, named once (SPEC §8).
-//!
-//! Per-CBO series are fixed arrays of atomics in one [`CboSeries`] per CBO (label sets are
-//! known enums, so no label strings are stored per series), written straight to the text
-//! format by [`Metrics::render`]. The prometheus crate's registry holds what is not per CBO:
-//! `build_info` and the process collector (`process_resident_memory_bytes`, …).
+//! Every exported Prometheus metric, named once (SPEC §8): per-CBO series in fixed arrays, written straight to the text format.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering::Relaxed};
@@ -327,6 +322,9 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Per-CBO series are arrays of atomics in one [`CboSeries`] per CBO (every label set is a
+/// known enum, so no label strings are stored per series); the prometheus crate's registry
+/// holds what is not per CBO: `build_info` and the process collector.
 pub struct Metrics {
     /// `build_info` and the process collector.
     registry: Registry,

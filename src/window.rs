@@ -1,6 +1,4 @@
-//! Rolling windows per CBO in event time: counts and latency histograms in fixed rings, fine
-//! (10 s counts, 1 min latencies) over the last 20 minutes and coarse (1 min, 5 min) over the
-//! longest window.
+//! Rolling windows per CBO in event time: fixed rings of counts and latency histograms, fine over 20 minutes and coarse to the longest window.
 
 use std::sync::LazyLock;
 use std::time::Duration;
