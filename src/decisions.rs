@@ -1,5 +1,6 @@
 //! The durable decision log: every rule state change, action attempt, ack and switch, appended as JSON lines and fsynced before it counts.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub const FILE_NAME: &str = "decisions.jsonl";
+
+/// The newest entries kept in memory; older ones are read back from the file when asked for,
+/// so a daemon that runs for months does not grow with its history.
+pub const IN_MEMORY: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -89,7 +94,26 @@ pub enum LogError {
 
 struct Inner {
     file: File,
-    entries: Vec<Entry>,
+    /// The newest entries, at most `cap`.
+    recent: VecDeque<Entry>,
+    cap: usize,
+    last_seq: u64,
+    /// The latest `at_ms` among entries no longer in memory (`None` while memory holds them all).
+    dropped_until_ms: Option<i64>,
+}
+
+impl Inner {
+    fn keep(&mut self, entry: Entry) {
+        self.last_seq = self.last_seq.max(entry.seq);
+        self.recent.push_back(entry);
+        while self.recent.len() > self.cap {
+            let old = self.recent.pop_front().expect("over the cap");
+            self.dropped_until_ms = Some(
+                self.dropped_until_ms
+                    .map_or(old.at_ms, |m| m.max(old.at_ms)),
+            );
+        }
+    }
 }
 
 pub struct DecisionLog {
@@ -97,36 +121,58 @@ pub struct DecisionLog {
     inner: Mutex<Inner>,
 }
 
+/// Every readable entry of the file at `path`, oldest first; `warn` names unreadable lines (a
+/// torn last line after a crash, or one being written right now).
+fn read_entries(path: &Path, warn: bool, mut each: impl FnMut(Entry)) -> std::io::Result<()> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for (n, line) in BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Entry>(&line) {
+            Ok(e) => each(e),
+            Err(e) if warn => {
+                tracing::warn!(path = %path.display(), line = n + 1, error = %e, "skipping an unreadable decision log line")
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 impl DecisionLog {
     /// Opens (creating) `state_dir/decisions.jsonl` and reads what it holds. A torn last line
     /// (a crash mid-write) is skipped with a warning; the file is never rewritten.
     pub fn open(state_dir: &Path) -> Result<DecisionLog, LogError> {
+        DecisionLog::open_keeping(state_dir, IN_MEMORY)
+    }
+
+    /// As `open`, keeping the newest `cap` entries in memory.
+    pub fn open_keeping(state_dir: &Path, cap: usize) -> Result<DecisionLog, LogError> {
         let path = state_dir.join(FILE_NAME);
         let io = |source| LogError::Io {
             path: path.clone(),
             source,
         };
         std::fs::create_dir_all(state_dir).map_err(io)?;
-        let mut entries = Vec::new();
-        if let Ok(f) = File::open(&path) {
-            for (n, line) in BufReader::new(f).lines().enumerate() {
-                let line = line.map_err(io)?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Entry>(&line) {
-                    Ok(e) => entries.push(e),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), line = n + 1, error = %e, "skipping an unreadable decision log line")
-                    }
-                }
-            }
-        }
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
+        let mut inner = Inner {
+            file: file.try_clone().map_err(io)?,
+            recent: VecDeque::new(),
+            cap: cap.max(1),
+            last_seq: 0,
+            dropped_until_ms: None,
+        };
+        read_entries(&path, true, |e| inner.keep(e)).map_err(io)?;
         // After a torn write, start the next entry on a line of its own.
         let len = file.metadata().map_err(io)?.len();
         if len > 0 {
@@ -140,7 +186,7 @@ impl DecisionLog {
         }
         Ok(DecisionLog {
             path,
-            inner: Mutex::new(Inner { file, entries }),
+            inner: Mutex::new(inner),
         })
     }
 
@@ -159,7 +205,7 @@ impl DecisionLog {
             return Ok(entries);
         }
         let mut inner = self.lock();
-        let mut seq = inner.entries.last().map_or(0, |e| e.seq);
+        let mut seq = inner.last_seq;
         let mut buf = Vec::new();
         for entry in &mut entries {
             seq += 1;
@@ -173,36 +219,73 @@ impl DecisionLog {
         };
         inner.file.write_all(&buf).map_err(io)?;
         inner.file.sync_data().map_err(io)?;
-        inner.entries.extend(entries.iter().cloned());
+        for e in &entries {
+            inner.keep(e.clone());
+        }
         Ok(entries)
+    }
+
+    /// Entries that pass `keep`, from memory when it holds every candidate (`since_ms` after
+    /// the newest entry dropped from memory), else from the file.
+    fn select(&self, since_ms: Option<i64>, keep: impl Fn(&Entry) -> bool) -> Vec<Entry> {
+        {
+            let inner = self.lock();
+            let in_memory = match (inner.dropped_until_ms, since_ms) {
+                (None, _) => true,
+                (Some(dropped), Some(since)) => since > dropped,
+                (Some(_), None) => false,
+            };
+            if in_memory {
+                return inner.recent.iter().filter(|e| keep(e)).cloned().collect();
+            }
+        }
+        let mut out = Vec::new();
+        if let Err(e) = read_entries(&self.path, false, |e| {
+            if keep(&e) {
+                out.push(e);
+            }
+        }) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot read the decision log");
+        }
+        out
     }
 
     /// Entries of `cbo` (all when `None`) at or after `since_ms`, oldest first.
     pub fn query(&self, cbo: Option<&str>, since_ms: Option<i64>) -> Vec<Entry> {
-        self.lock()
-            .entries
-            .iter()
-            .filter(|e| cbo.is_none_or(|c| e.cbo == c))
-            .filter(|e| since_ms.is_none_or(|s| e.at_ms >= s))
-            .cloned()
-            .collect()
+        self.select(since_ms, |e| {
+            cbo.is_none_or(|c| e.cbo == c) && since_ms.is_none_or(|s| e.at_ms >= s)
+        })
     }
 
     /// The sequence number of the newest entry (0 when empty).
     pub fn last_seq(&self) -> u64 {
-        self.lock().entries.last().map_or(0, |e| e.seq)
+        self.lock().last_seq
     }
 
     /// Entries with a sequence number above `seq` (those written since one was read).
     pub fn after(&self, seq: u64) -> Vec<Entry> {
-        let inner = self.lock();
-        // Sequence numbers only grow: the new entries are a tail.
-        let start = inner.entries.partition_point(|e| e.seq <= seq);
-        inner.entries[start..].to_vec()
+        {
+            let inner = self.lock();
+            // Sequence numbers only grow: the new entries are a tail, in memory unless `seq`
+            // is older than everything there.
+            if inner.dropped_until_ms.is_none()
+                || inner.recent.front().is_some_and(|e| e.seq <= seq + 1)
+            {
+                let start = inner.recent.partition_point(|e| e.seq <= seq);
+                return inner.recent.range(start..).cloned().collect();
+            }
+        }
+        self.select(None, |e| e.seq > seq)
     }
 
+    /// Every entry, oldest first (from the file once memory no longer holds them all).
     pub fn entries(&self) -> Vec<Entry> {
-        self.lock().entries.clone()
+        self.select(None, |_| true)
+    }
+
+    /// How many entries are held in memory.
+    pub fn in_memory(&self) -> usize {
+        self.lock().recent.len()
     }
 }
 
@@ -239,5 +322,30 @@ mod tests {
         assert_eq!(all[0].result.as_deref(), Some("fired"));
         assert_eq!(log.query(Some("b"), None).len(), 1);
         assert_eq!(log.query(None, Some(1_500)).len(), 2);
+    }
+
+    #[test]
+    fn memory_holds_the_newest_entries_and_older_ones_are_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DecisionLog::open_keeping(dir.path(), 10).unwrap();
+        for i in 0..50 {
+            let cbo = if i % 2 == 0 { "a" } else { "b" };
+            log.append(Entry::new(cbo, Kind::State, i * 1000)).unwrap();
+        }
+        assert_eq!(log.in_memory(), 10);
+        assert_eq!(log.last_seq(), 50);
+        assert_eq!(log.entries().len(), 50);
+        assert_eq!(log.query(Some("a"), None).len(), 25);
+        assert_eq!(log.query(None, Some(45_000)).len(), 5);
+        assert_eq!(log.query(None, Some(10_000)).len(), 40);
+        let after = log.after(3);
+        assert_eq!((after.len(), after[0].seq), (47, 4));
+        assert_eq!(log.after(48).len(), 2);
+        drop(log);
+        // Reopened, the same: the newest in memory, all of it readable.
+        let log = DecisionLog::open_keeping(dir.path(), 10).unwrap();
+        assert_eq!((log.in_memory(), log.entries().len()), (10, 50));
+        let e = log.append(Entry::new("a", Kind::Ack, 60_000)).unwrap();
+        assert_eq!(e.seq, 51);
     }
 }
