@@ -207,8 +207,8 @@ impl Tracker {
 
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
         let key = self.hasher.hash_one(event.transfer_key());
-        if !self.open.contains_key(&key)
-            && let Some(d) = self.done.get_mut(&key)
+        let is_open = self.open.contains_key(&key);
+        if !is_open && let Some(d) = self.done.get_mut(&key)
         {
             let bit = event.kind.bit();
             let again = event.kind == EventKind::Initiated && d.initiated_ms != event.timestamp_ms;
@@ -234,7 +234,7 @@ impl Tracker {
             // A conversation transferred again after its last transfer ended: a new transfer.
             self.done.remove(&key);
         }
-        let t = match self.open.contains_key(&key) {
+        let t = match is_open {
             true => self.open.get_mut(&key).expect("looked up above"),
             false => self.insert(key, now_ms, out),
         };
