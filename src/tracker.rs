@@ -208,8 +208,7 @@ impl Tracker {
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
         let key = self.hasher.hash_one(event.transfer_key());
         let is_open = self.open.contains_key(&key);
-        if !is_open && let Some(d) = self.done.get_mut(&key)
-        {
+        if !is_open && let Some(d) = self.done.get_mut(&key) {
             let bit = event.kind.bit();
             let again = event.kind == EventKind::Initiated && d.initiated_ms != event.timestamp_ms;
             if !again {
