@@ -218,6 +218,15 @@ impl CboSeries {
         }
     }
 
+    /// Counts a rejection of one of the `Reject::PER_CBO` reasons; false for the others.
+    pub fn reject(&self, reason: Reject) -> bool {
+        let slot = Reject::PER_CBO.iter().position(|r| *r == reason);
+        if let Some(i) = slot {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
+        slot.is_some()
+    }
+
     pub fn ingested(&self, kind: EventKind) {
         self.ingested[kind as usize].fetch_add(1, Relaxed);
     }
@@ -381,10 +390,7 @@ impl Metrics {
     }
 
     pub fn reject(&self, cbo: &str, reason: Reject) {
-        if let Some(i) = Reject::PER_CBO.iter().position(|r| *r == reason)
-            && let Some(s) = self.cbo(cbo)
-        {
-            s.rejected[i].fetch_add(1, Relaxed);
+        if self.cbo(cbo).is_some_and(|s| s.reject(reason)) {
             return;
         }
         let mut other = self.other_rejects.lock().unwrap_or_else(|p| p.into_inner());
@@ -793,15 +799,7 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
     }
     w.end();
 
-    let mut les = Vec::new();
-    for tt in ["cold", "warm"] {
-        les.push(
-            le_labels(COMPLETION_BUCKETS)
-                .into_iter()
-                .map(|le| format!(",transfer_type=\"{tt}\"{le}"))
-                .collect::<Vec<_>>(),
-        );
-    }
+    let les = le_labels(COMPLETION_BUCKETS);
     let types = labels_of("transfer_type", ["cold", "warm"]);
     w.begin(
         "transfer_completion_seconds",
@@ -809,26 +807,8 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
         "Time from initiated to completed.",
     );
     for c in cbos {
-        for i in 0..2 {
-            // The type label goes before `le` in the bucket lines, and last in the others.
-            let mut cumulative = 0;
-            for (b, le) in c.completion[i].buckets.iter().zip(&les[i]) {
-                cumulative += b.load(Relaxed);
-                w.start("transfer_completion_seconds", "_bucket", &[&c.label, le]);
-                w.u64(cumulative);
-            }
-            w.start(
-                "transfer_completion_seconds",
-                "_sum",
-                &[&c.label, &types[i]],
-            );
-            w.f64(c.completion[i].sum());
-            w.start(
-                "transfer_completion_seconds",
-                "_count",
-                &[&c.label, &types[i]],
-            );
-            w.u64(cumulative);
+        for (h, tt) in c.completion.iter().zip(&types) {
+            w.histogram("transfer_completion_seconds", &[&c.label, tt], h, &les);
         }
     }
     w.end();

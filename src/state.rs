@@ -30,12 +30,11 @@ pub struct CboState {
     inner: Mutex<Inner>,
     taskrouter: Mutex<TaskRouterStatus>,
     series: Arc<CboSeries>,
-    metrics: Arc<Metrics>,
     max_window_ms: i64,
 }
 
 impl CboState {
-    fn new(key: &str, config: &Config, metrics: Arc<Metrics>) -> CboState {
+    fn new(key: &str, config: &Config, metrics: &Metrics) -> CboState {
         let series = metrics.init_cbo(key);
         CboState {
             key: key.to_string(),
@@ -46,7 +45,6 @@ impl CboState {
             }),
             taskrouter: Mutex::new(TaskRouterStatus::default()),
             series,
-            metrics,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
         }
     }
@@ -81,7 +79,7 @@ impl CboState {
                 None
             };
             if let Some((reason, detail)) = bad {
-                self.metrics.reject(&self.key, reason);
+                self.series.reject(reason);
                 rejected.push(Rejection {
                     index,
                     reason,
@@ -191,7 +189,7 @@ impl Fleet {
                 let key = c.key.as_str();
                 (
                     key.to_string(),
-                    Arc::new(CboState::new(key, config, metrics.clone())),
+                    Arc::new(CboState::new(key, config, metrics)),
                 )
             })
             .collect();
