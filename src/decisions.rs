@@ -283,6 +283,20 @@ impl DecisionLog {
         self.select(None, |_| true)
     }
 
+    /// Visits every entry, oldest first, without holding them all at once (the replay at start).
+    pub fn for_each(&self, mut each: impl FnMut(&Entry)) {
+        {
+            let inner = self.lock();
+            if inner.dropped_until_ms.is_none() {
+                inner.recent.iter().for_each(each);
+                return;
+            }
+        }
+        if let Err(e) = read_entries(&self.path, false, |e| each(&e)) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot read the decision log");
+        }
+    }
+
     /// How many entries are held in memory.
     pub fn in_memory(&self) -> usize {
         self.lock().recent.len()
@@ -345,6 +359,9 @@ mod tests {
         // Reopened, the same: the newest in memory, all of it readable.
         let log = DecisionLog::open_keeping(dir.path(), 10).unwrap();
         assert_eq!((log.in_memory(), log.entries().len()), (10, 50));
+        let mut seen = 0;
+        log.for_each(|_| seen += 1);
+        assert_eq!(seen, 50);
         let e = log.append(Entry::new("a", Kind::Ack, 60_000)).unwrap();
         assert_eq!(e.seq, 51);
     }

@@ -130,59 +130,57 @@ impl Actions {
                 .insert(cbo.key.to_string(), Switch::on(cbo.key.as_str()));
         }
         // Replay the log: what fired, when, what is acked, where each switch stands.
-        for e in log.entries() {
-            match e.kind {
-                Kind::Action if e.result.as_deref() == Some("fired") => {
-                    let kind = match e.action.as_deref() {
-                        Some("rollback") => ActionKind::Rollback,
-                        Some("disable") => ActionKind::Disable,
-                        _ => continue,
-                    };
-                    if kind == ActionKind::Rollback
-                        && let Some(d) = &e.deployment
-                    {
-                        memory.rolled_back.insert((e.cbo.clone(), d.clone()));
-                    }
+        log.for_each(|e| match e.kind {
+            Kind::Action if e.result.as_deref() == Some("fired") => {
+                let kind = match e.action.as_deref() {
+                    Some("rollback") => ActionKind::Rollback,
+                    Some("disable") => ActionKind::Disable,
+                    _ => return,
+                };
+                if kind == ActionKind::Rollback
+                    && let Some(d) = &e.deployment
+                {
+                    memory.rolled_back.insert((e.cbo.clone(), d.clone()));
+                }
+                memory.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
+            }
+            Kind::Action if e.result.as_deref() == Some("failed") => {
+                if let Some(kind) = match e.action.as_deref() {
+                    Some("rollback") => Some(ActionKind::Rollback),
+                    Some("disable") => Some(ActionKind::Disable),
+                    _ => None,
+                } {
                     memory.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
                 }
-                Kind::Action if e.result.as_deref() == Some("failed") => {
-                    if let Some(kind) = match e.action.as_deref() {
-                        Some("rollback") => Some(ActionKind::Rollback),
-                        Some("disable") => Some(ActionKind::Disable),
-                        _ => None,
-                    } {
-                        memory.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
-                    }
-                }
-                Kind::Ack => {
-                    if let Some(rule) = &e.rule {
-                        memory.acked.insert((e.cbo.clone(), rule.clone()));
-                    }
-                }
-                Kind::State if e.to.as_deref() == Some("ok") => {
-                    if let Some(rule) = &e.rule {
-                        memory.acked.remove(&(e.cbo.clone(), rule.clone()));
-                    }
-                }
-                Kind::Switch => {
-                    if let Ok(s) = serde_json::from_value::<Switch>(e.evidence.clone()) {
-                        let previous = e
-                            .evidence
-                            .get("previous_flags")
-                            .cloned()
-                            .filter(|v| !v.is_null());
-                        memory.switches.insert(
-                            e.cbo.clone(),
-                            Switch {
-                                previous_flags: previous,
-                                ..s
-                            },
-                        );
-                    }
-                }
-                _ => {}
             }
-        }
+            Kind::Ack => {
+                if let Some(rule) = &e.rule {
+                    memory.acked.insert((e.cbo.clone(), rule.clone()));
+                }
+            }
+            Kind::State if e.to.as_deref() == Some("ok") => {
+                if let Some(rule) = &e.rule {
+                    memory.acked.remove(&(e.cbo.clone(), rule.clone()));
+                }
+            }
+            Kind::Switch => {
+                if let Ok(s) = serde_json::from_value::<Switch>(e.evidence.clone()) {
+                    let previous = e
+                        .evidence
+                        .get("previous_flags")
+                        .cloned()
+                        .filter(|v| !v.is_null());
+                    memory.switches.insert(
+                        e.cbo.clone(),
+                        Switch {
+                            previous_flags: previous,
+                            ..s
+                        },
+                    );
+                }
+            }
+            _ => {}
+        });
         for (cbo, s) in &memory.switches {
             if let Some(m) = metrics.cbo(cbo) {
                 m.set_disabled(!s.transfers_enabled);
