@@ -79,6 +79,10 @@ pub struct TwilioSection {
     pub request_timeout: Duration,
     /// Requests in flight at once against one Twilio account.
     pub max_concurrent_requests: usize,
+    /// The longest `Retry-After` obeyed: a 429 asking for longer leaves the CBO unpolled this
+    /// long at most (and says so), never silently for an hour.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
 }
 
 impl Default for TwilioSection {
@@ -90,6 +94,7 @@ impl Default for TwilioSection {
             poll_interval: Duration::from_secs(15),
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: 4,
+            max_retry_after: Duration::from_secs(300),
         }
     }
 }

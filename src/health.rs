@@ -148,6 +148,10 @@ pub struct TaskRouterStatus {
     pub polled: bool,
     pub first_poll_done: bool,
     pub last_poll: Option<String>,
+    /// The last poll that got every answer it asked for.
+    pub last_success: Option<String>,
+    /// Set while Twilio's `Retry-After` holds the next poll back.
+    pub throttled_until: Option<String>,
     pub last_result: Option<&'static str>,
     pub last_error: Option<String>,
     pub workflow_name: Option<String>,

@@ -111,7 +111,7 @@ impl App {
         let addr = config.server.listen;
         let config = Arc::new(config);
         let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
-        let clients = sources::poll::clients(&config);
+        let clients = sources::poll::clients(&config, clock);
         let actions = Arc::new(actions::Actions::new(
             config.clone(),
             log,

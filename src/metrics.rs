@@ -160,6 +160,8 @@ pub struct CboSeries {
     success_ratio: [MaybeGauge; 2],
     open: AtomicU64,
     polls: [AtomicU64; 5],
+    /// ms since the epoch of the last poll without an error; i64::MIN before one.
+    last_poll_ok_ms: AtomicI64,
     poll_seconds: Histogram,
     taskrouter_bad_requests: AtomicU64,
     taskrouter_error_ratio: MaybeGauge,
@@ -202,6 +204,7 @@ impl CboSeries {
             success_ratio: [MaybeGauge::absent(), MaybeGauge::absent()],
             open: AtomicU64::new(0),
             polls: zeros(),
+            last_poll_ok_ms: AtomicI64::new(i64::MIN),
             poll_seconds: Histogram::new(POLL_BUCKETS),
             taskrouter_bad_requests: AtomicU64::new(0),
             taskrouter_error_ratio: MaybeGauge::absent(),
@@ -270,6 +273,10 @@ impl CboSeries {
     pub fn poll(&self, result: PollResult, seconds: f64) {
         self.polls[result as usize].fetch_add(1, Relaxed);
         self.poll_seconds.observe(seconds);
+    }
+
+    pub fn set_last_success(&self, at_ms: i64) {
+        self.last_poll_ok_ms.store(at_ms, Relaxed);
     }
 
     pub fn taskrouter_bad_request(&self) {
@@ -728,6 +735,20 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
         if let Some(r) = c.taskrouter_error_ratio.get() {
             w.start("taskrouter_error_ratio", "", &[&c.label]);
             w.f64(r);
+        }
+    }
+    w.end();
+
+    w.begin(
+        "taskrouter_last_success_timestamp_seconds",
+        "gauge",
+        "When the last TaskRouter poll without an error ended (Unix seconds); absent before one. A throttled or failing CBO shows here.",
+    );
+    for c in cbos {
+        let ms = c.last_poll_ok_ms.load(Relaxed);
+        if ms != i64::MIN {
+            w.start("taskrouter_last_success_timestamp_seconds", "", &[&c.label]);
+            w.f64(ms as f64 / 1000.0);
         }
     }
     w.end();

@@ -379,6 +379,77 @@ async fn a_429_with_retry_after_2_delays_the_next_request_by_2_seconds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_after_of_an_hour_is_capped_to_five_minutes_and_shown() {
+    let sim = sim().await;
+    let path = format!("/Workflows/{WW_A}");
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(20)).await;
+    let last_ok = metric(
+        &metrics(&app),
+        r#"transfer_guard_taskrouter_last_success_timestamp_seconds{cbo="a"}"#,
+    )
+    .expect("a successful poll is stamped");
+    sim.inject(
+        &path,
+        Fault::RateLimit {
+            retry_after_secs: 3600,
+        },
+        Some(1),
+    );
+    let throttled_at = tokio::time::Instant::now();
+    run_for(Duration::from_secs(6 * 60)).await;
+    let at: Vec<_> = seen_at(&sim, &path)
+        .into_iter()
+        .filter(|t| *t >= throttled_at)
+        .collect();
+    assert!(at.len() >= 2, "{at:?}");
+    // Not retried inside the call, not left for an hour: the next poll comes after the cap.
+    let gap = at[1] - at[0];
+    assert!(
+        gap >= Duration::from_secs(300) && gap < Duration::from_secs(320),
+        "{gap:?}"
+    );
+    let m = metrics(&app);
+    assert_eq!(
+        metric(
+            &m,
+            r#"transfer_guard_taskrouter_polls_total{cbo="a",result="rate_limited"}"#
+        ),
+        Some(1.0)
+    );
+    let now_ok = metric(
+        &m,
+        r#"transfer_guard_taskrouter_last_success_timestamp_seconds{cbo="a"}"#,
+    )
+    .unwrap();
+    assert!(now_ok >= last_ok + 300.0, "{last_ok} -> {now_ok}");
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_throttled_the_status_says_until_when() {
+    let sim = sim().await;
+    sim.inject(
+        &format!("/Workflows/{WW_A}"),
+        Fault::RateLimit {
+            retry_after_secs: 3600,
+        },
+        None,
+    );
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(5)).await;
+    let status = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert_eq!(status.last_result, Some("rate_limited"));
+    assert!(status.throttled_until.is_some(), "{status:?}");
+    assert!(status.last_success.is_none());
+    assert!(
+        status.last_error.unwrap().contains("wait 5m"),
+        "the cap is named"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_500_is_retried_with_backoff_then_counted_as_server_error() {
     let sim = sim().await;
     let path = format!("/Workflows/{WW_A}");

@@ -31,7 +31,7 @@ pub async fn run(
         return 1;
     };
     if online {
-        let clients = clients(&config);
+        let clients = clients(&config, crate::clock::Clock::new());
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         for cbo in &config.cbos {
             let mut poller = Poller::new(&config, cbo, &clients);

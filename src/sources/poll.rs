@@ -15,7 +15,7 @@ use crate::twilio::taskrouter::{self, CumulativeStatistics, RealTimeStatistics, 
 use crate::twilio::{PollResult, Retry, TwilioClient, TwilioError};
 
 /// One client per Twilio account, so every CBO of an account shares its concurrency limit.
-pub fn clients(config: &Config) -> HashMap<AccountSid, TwilioClient> {
+pub fn clients(config: &Config, clock: crate::clock::Clock) -> HashMap<AccountSid, TwilioClient> {
     let mut clients = HashMap::new();
     for cbo in &config.cbos {
         if let (Some(account), Some(credentials)) = (&cbo.account_sid, &cbo.credentials) {
@@ -25,7 +25,11 @@ pub fn clients(config: &Config) -> HashMap<AccountSid, TwilioClient> {
                     credentials,
                     config.twilio.request_timeout,
                     config.twilio.max_concurrent_requests,
-                    Retry::default(),
+                    Retry {
+                        max_retry_after: config.twilio.max_retry_after,
+                        ..Retry::default()
+                    },
+                    clock,
                 )
             });
         }
@@ -55,6 +59,8 @@ pub struct Cycle {
     pub new_release: Option<String>,
     pub baseline: Option<Baseline>,
     pub duration: Duration,
+    /// Twilio throttled this CBO's account and asked to wait this long (capped).
+    pub retry_after: Option<Duration>,
 }
 
 /// Polls one CBO, remembering what earlier cycles learned.
@@ -156,6 +162,7 @@ impl Poller {
             if cycle.result.is_none() {
                 cycle.result = Some(e.poll_result());
             }
+            cycle.retry_after = cycle.retry_after.max(e.retry_after());
             cycle.errors.push(e);
         };
 
@@ -438,10 +445,22 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     {
         tracing::warn!(cbo = key, problem = p.id(), message = %p, "workflow configuration corrupted");
     }
+    let now_ms = shared.clock.now_ms();
+    if result == PollResult::Ok {
+        m.set_last_success(now_ms);
+    }
     *st = TaskRouterStatus {
         polled: true,
         first_poll_done: true,
         last_poll: Some(now.to_string()),
+        last_success: if result == PollResult::Ok {
+            Some(now.to_string())
+        } else {
+            st.last_success.take()
+        },
+        throttled_until: cycle
+            .retry_after
+            .map(|d| crate::clock::rfc3339(now_ms + d.as_millis() as i64)),
         last_result: Some(result.as_str()),
         last_error: cycle.errors.first().map(|e| e.to_string()),
         workflow_name: cycle.workflow_name.clone().or(st.workflow_name.take()),
@@ -497,5 +516,9 @@ pub async fn run(
         } else {
             interval.mul_f64(0.9 + 0.2 * fastrand::f64())
         };
+        if let Some(asked) = cycle.retry_after.filter(|d| *d > wait) {
+            tracing::warn!(cbo = %key, wait = %humantime::format_duration(asked), "Twilio throttles this account: next poll after its Retry-After");
+            wait = asked;
+        }
     }
 }

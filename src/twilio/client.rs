@@ -1,4 +1,4 @@
-//! The Twilio HTTP client: Basic auth, per-request timeout, retries with jittered backoff, `Retry-After`, a per-account concurrency limit, typed errors.
+//! The Twilio HTTP client: Basic auth, per-request timeout, retries of reads with jittered backoff (never of writes), a capped `Retry-After`, a per-account concurrency limit, typed errors.
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::config::{Credentials, Secret};
 use crate::sid::AccountSid;
 
@@ -59,8 +60,13 @@ pub enum TwilioError {
         status: u16,
         body: ApiErrorBody,
     },
-    #[error("{resource}: rate limited by Twilio (429) after {attempts} attempts")]
-    RateLimited { resource: String, attempts: u32 },
+    #[error("{resource}: rate limited by Twilio (429) after {attempts} attempts{}", .retry_after.map(|d| format!("; Twilio asks to wait {}", humantime::format_duration(d))).unwrap_or_default())]
+    RateLimited {
+        resource: String,
+        attempts: u32,
+        /// What Twilio asked for (capped): the caller waits this long before asking again.
+        retry_after: Option<Duration>,
+    },
     #[error("{resource}: no answer within {timeout:?}")]
     Timeout { resource: String, timeout: Duration },
     #[error("{resource}: {message}")]
@@ -87,14 +93,28 @@ impl TwilioError {
             TwilioError::Transport { .. } => PollResult::ServerError,
         }
     }
+
+    /// How long Twilio asked to be left alone, when it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TwilioError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
-/// Retry policy for 5xx, timeouts, transport errors and 429.
+/// Retry policy: reads are retried on 5xx, timeouts, transport errors and 429; writes only on
+/// 429 (Twilio refused them unprocessed).
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
     pub attempts: u32,
     pub base: Duration,
     pub max: Duration,
+    /// The longest `Retry-After` obeyed; a longer one is cut to this.
+    pub max_retry_after: Duration,
+    /// The longest `Retry-After` slept inside one call; a longer one returns `RateLimited`
+    /// with the wait, so a poller reschedules instead of hanging.
+    pub max_inline_wait: Duration,
 }
 
 impl Default for Retry {
@@ -103,8 +123,28 @@ impl Default for Retry {
             attempts: 3,
             base: Duration::from_millis(500),
             max: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(300),
+            max_inline_wait: Duration::from_secs(10),
         }
     }
+}
+
+/// Parses `Retry-After`: delay-seconds, or an HTTP-date (RFC 9110) measured from `now_ms`.
+pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let ms = (at.timestamp_millis() - now_ms).max(0);
+    Some(Duration::from_millis(ms as u64))
+}
+
+/// Whether a request changes Twilio: such a request is sent once, never again blindly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Read,
+    Write,
 }
 
 impl Retry {
@@ -128,6 +168,7 @@ pub struct TwilioClient {
     limit: Arc<Semaphore>,
     timeout: Duration,
     retry: Retry,
+    clock: Clock,
 }
 
 impl fmt::Debug for TwilioClient {
@@ -146,6 +187,7 @@ impl TwilioClient {
         timeout: Duration,
         max_concurrent: usize,
         retry: Retry,
+        clock: Clock,
     ) -> TwilioClient {
         let (username, password) = match credentials {
             Credentials::AuthToken(token) => (account.to_string(), token.clone()),
@@ -162,6 +204,7 @@ impl TwilioClient {
             limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
             timeout,
             retry,
+            clock,
         }
     }
 
@@ -175,7 +218,7 @@ impl TwilioClient {
         query: &[(&str, String)],
         resource: &str,
     ) -> Result<T, TwilioError> {
-        self.call(resource, || self.http.get(url).query(query))
+        self.call(resource, Method::Read, || self.http.get(url).query(query))
             .await
     }
 
@@ -185,7 +228,8 @@ impl TwilioClient {
         form: &[(&str, String)],
         resource: &str,
     ) -> Result<T, TwilioError> {
-        self.call(resource, || self.http.post(url).form(form)).await
+        self.call(resource, Method::Write, || self.http.post(url).form(form))
+            .await
     }
 
     pub async fn post_json<T: DeserializeOwned>(
@@ -194,12 +238,14 @@ impl TwilioClient {
         body: &serde_json::Value,
         resource: &str,
     ) -> Result<T, TwilioError> {
-        self.call(resource, || self.http.post(url).json(body)).await
+        self.call(resource, Method::Write, || self.http.post(url).json(body))
+            .await
     }
 
     async fn call<T: DeserializeOwned>(
         &self,
         resource: &str,
+        method: Method,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<T, TwilioError> {
         let mut attempt = 0;
@@ -209,7 +255,13 @@ impl TwilioClient {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
+            let retry_after = retry_after.map(|d| d.min(self.retry.max_retry_after));
             let wait = match &err {
+                // A write that failed in any other way may have been applied: the caller
+                // reads whether it took effect before trying again.
+                _ if method == Method::Write && !matches!(err, TwilioError::RateLimited { .. }) => {
+                    return Err(err);
+                }
                 TwilioError::Api { status, .. } if *status >= 500 => self.retry.backoff(attempt),
                 TwilioError::Timeout { .. } | TwilioError::Transport { .. } => {
                     self.retry.backoff(attempt)
@@ -219,11 +271,13 @@ impl TwilioClient {
                 }
                 _ => return Err(err),
             };
-            if attempt >= self.retry.attempts {
+            let throttled = retry_after.is_some_and(|d| d > self.retry.max_inline_wait);
+            if attempt >= self.retry.attempts || throttled {
                 return Err(match err {
                     TwilioError::RateLimited { resource, .. } => TwilioError::RateLimited {
                         resource,
                         attempts: attempt,
+                        retry_after,
                     },
                     e => e,
                 });
@@ -252,8 +306,7 @@ impl TwilioClient {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(|v| parse_retry_after(v, self.clock.now_ms()));
             let bytes = resp.bytes().await?;
             Ok::<_, reqwest::Error>((status, retry_after, bytes))
         };
@@ -286,6 +339,7 @@ impl TwilioClient {
                 TwilioError::RateLimited {
                     resource: resource.to_string(),
                     attempts: 1,
+                    retry_after: None,
                 },
                 retry_after,
             ));
@@ -314,5 +368,31 @@ impl TwilioClient {
                 None,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:30:00 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        // A date already past means "now".
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 }
