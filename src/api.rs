@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::Shared;
-use crate::actions::Switch;
+use crate::actions::{EnableError, Switch};
 use crate::config::WorkflowSource;
 use crate::health::TaskRouterStatus;
 use crate::rules::{RuleId, RuleState};
@@ -258,17 +258,19 @@ async fn put_switch(
             .unwrap_or_else(|| "re-enabled by on-call".into());
         match shared.actions.enable(&config, reason).await {
             Ok(s) => Json(s).into_response(),
-            Err(e) => json_error(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot restore the Flex flags: {e}"),
-            ),
+            Err(e @ EnableError::NotRecorded(_)) => {
+                json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+            }
+            Err(e) => json_error(StatusCode::BAD_GATEWAY, &e.to_string()),
         }
     } else {
         let reason = change
             .reason
             .unwrap_or_else(|| "disabled by on-call".into());
-        shared.actions.set_switch(&cbo, false, reason);
-        Json(shared.actions.switch(&cbo)).into_response()
+        match shared.actions.set_switch(&cbo, false, reason) {
+            Ok(s) => Json(s).into_response(),
+            Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
     }
 }
 
@@ -327,7 +329,9 @@ async fn ack(
             "no rule of this CBO is pending or breached",
         );
     }
-    shared.actions.ack(&cbo, &rules, "the admin token");
+    if let Err(e) = shared.actions.ack(&cbo, &rules, "the admin token") {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
     Json(serde_json::json!({
         "cbo": cbo,
         "acknowledged": rules.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
@@ -417,6 +421,12 @@ async fn start_validation(
             ),
         );
     }
+    if let Some(why) = shared.actions.log.health.broken() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the decision log cannot be written ({why}): no window started"),
+        );
+    }
     let v = shared.validations.start(
         &req.cbo,
         req.deployment.trim(),
@@ -425,7 +435,10 @@ async fn start_validation(
         "api",
         shared.clock.now_ms(),
     );
-    (StatusCode::CREATED, Json(v)).into_response()
+    match v {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// The CBO whose part a caller may read (`None`: every CBO, for the admin token), given the one

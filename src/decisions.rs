@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,6 +27,12 @@ pub enum Kind {
     Ack,
     /// The transfers' switch changed.
     Switch,
+    /// An action's write-ahead intent: written before the first request that changes anything.
+    Intent,
+    /// A build or plugin configuration learned to be good or bad (a rollback target, or not).
+    Known,
+    /// Something about the guard itself (the log writable again, an intent settled).
+    Note,
 }
 
 /// One line of the log.
@@ -57,6 +64,9 @@ pub struct Entry {
     pub detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// The idempotency key joining an intent to its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub evidence: Value,
 }
@@ -78,6 +88,7 @@ impl Entry {
             attempt: None,
             detail: None,
             deployment: None,
+            key: None,
             evidence: Value::Null,
         }
     }
@@ -92,8 +103,44 @@ pub enum LogError {
     },
 }
 
+/// Whether the log can be written now, for `/readyz`, the metrics and the action pipeline:
+/// nothing fires without a record.
+#[derive(Debug, Default)]
+pub struct Health {
+    broken: Mutex<Option<String>>,
+    errors: AtomicU64,
+}
+
+impl Health {
+    /// `None` while writable; else why not.
+    pub fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn writable(&self) -> bool {
+        self.broken().is_none()
+    }
+
+    /// Failed appends since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, broken: Option<String>) {
+        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = broken;
+    }
+}
+
 struct Inner {
     file: File,
+    /// The file's length after the last complete append: a failed append is cut back to it.
+    len: u64,
+    /// A failed append may have left part of a line that could not be cut: the next one
+    /// starts on a line of its own.
+    torn: bool,
     /// The newest entries, at most `cap`.
     recent: VecDeque<Entry>,
     cap: usize,
@@ -119,6 +166,7 @@ impl Inner {
 pub struct DecisionLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    pub health: Arc<Health>,
 }
 
 /// Every readable entry of the file at `path`, oldest first; `warn` names unreadable lines (a
@@ -167,6 +215,8 @@ impl DecisionLog {
             .map_err(io)?;
         let mut inner = Inner {
             file: file.try_clone().map_err(io)?,
+            len: 0,
+            torn: false,
             recent: VecDeque::new(),
             cap: cap.max(1),
             last_seq: 0,
@@ -184,9 +234,11 @@ impl DecisionLog {
                 file.write_all(b"\n").map_err(io)?;
             }
         }
+        inner.len = file.metadata().map_err(io)?.len();
         Ok(DecisionLog {
             path,
             inner: Mutex::new(inner),
+            health: Arc::default(),
         })
     }
 
@@ -213,16 +265,67 @@ impl DecisionLog {
             serde_json::to_writer(&mut buf, &entry).expect("entries serialize");
             buf.push(b'\n');
         }
-        let io = |source| LogError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        inner.file.write_all(&buf).map_err(io)?;
-        inner.file.sync_data().map_err(io)?;
+        if inner.torn {
+            buf.insert(0, b'\n');
+        }
+        if let Err(source) = self.write(&mut inner, &buf) {
+            let e = LogError::Io {
+                path: self.path.clone(),
+                source,
+            };
+            self.health.errors.fetch_add(1, Ordering::Relaxed);
+            if self.health.writable() {
+                tracing::error!(error = %e, "the decision log cannot be written: no action fires until it can");
+            }
+            self.health.set(Some(e.to_string()));
+            return Err(e);
+        }
+        if !self.health.writable() {
+            tracing::warn!(path = %self.path.display(), "the decision log is writable again");
+            self.health.set(None);
+        }
+        inner.torn = false;
         for e in &entries {
             inner.keep(e.clone());
         }
         Ok(entries)
+    }
+
+    /// Writes and fsyncs `buf`; on failure cuts the file back to its last complete entry (a
+    /// full disk leaves no half line), reopening the file for the next try.
+    fn write(&self, inner: &mut Inner, buf: &[u8]) -> std::io::Result<()> {
+        let result = inner
+            .file
+            .write_all(buf)
+            .and_then(|()| inner.file.sync_data());
+        match result {
+            Ok(()) => {
+                inner.len += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let cut = inner
+                    .file
+                    .set_len(inner.len)
+                    .and_then(|()| inner.file.sync_data());
+                inner.torn |= cut.is_err();
+                if let Ok(f) = OpenOptions::new().append(true).open(&self.path) {
+                    inner.len = f.metadata().map(|m| m.len()).unwrap_or(inner.len);
+                    inner.file = f;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// While the log is not writable, tries again with a note saying it is back; a success
+    /// makes it writable (the tick calls this every second).
+    pub fn probe(&self, now_ms: i64) {
+        if let Some(was) = self.health.broken() {
+            let mut e = Entry::new("", Kind::Note, now_ms);
+            e.detail = Some(format!("the decision log is writable again (was: {was})"));
+            let _ = self.append(e);
+        }
     }
 
     /// Entries that pass `keep`, from memory when it holds every candidate (`since_ms` after

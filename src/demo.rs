@@ -121,7 +121,8 @@ pub fn config(listen: SocketAddr, twilio: &str) -> Config {
 }
 
 /// A simulated Twilio holding the demo CBOs' accounts, each with a sound workflow; nss's
-/// functions have two good builds deployed in turn.
+/// functions have two builds deployed in turn, the first live for a day (known good by
+/// Twilio's history), the second for two hours.
 pub async fn twilio(clock: Clock) -> SimTwilio {
     let sim = SimTwilio::start(clock).await;
     for (key, _, account, workspace, workflow, _) in cbos() {
@@ -129,7 +130,9 @@ pub async fn twilio(clock: Clock) -> SimTwilio {
         sim.add_workflow(account, workspace, workflow);
         if key == "nss" {
             sim.add_service(account, NSS_SERVICE, NSS_ENVIRONMENT, workflow);
+            sim.age_history(account, Duration::from_secs(22 * 3600));
             sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, None);
+            sim.age_history(account, Duration::from_secs(2 * 3600));
         }
     }
     sim
@@ -176,6 +179,17 @@ fn describe(e: &Entry) -> Option<String> {
             e.action.as_deref().unwrap_or("")
         )),
         Kind::Ack => Some(format!("{}: {rule} acknowledged", e.cbo)),
+        Kind::Intent => Some(format!(
+            "{}: intent to {} ({}) for {rule}: {}",
+            e.cbo,
+            e.action.as_deref().unwrap_or(""),
+            e.integration.as_deref().unwrap_or(""),
+            e.detail.as_deref().unwrap_or("")
+        )),
+        Kind::Known | Kind::Note => e
+            .detail
+            .as_ref()
+            .map(|d| format!("{}: {d}", if e.cbo.is_empty() { "guard" } else { &e.cbo })),
     }
 }
 

@@ -21,6 +21,7 @@ pub struct Memory {
 
 /// One evaluation at `now_ms`.
 pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
+    shared.actions.log.probe(now_ms);
     shared.fleet.sweep(now_ms);
     let statuses: Vec<_> = shared
         .fleet

@@ -64,17 +64,23 @@ impl Shared {
             .remove(key);
     }
 
-    /// What `/readyz` still waits for; empty when ready.
+    /// What `/readyz` still waits for; empty when ready. A decision log that cannot be
+    /// written is among them: a guard that cannot record cannot act.
     pub fn not_ready(&self) -> Vec<String> {
         if !self.ready.load(Ordering::Acquire) {
             return vec!["start".into()];
         }
-        self.awaiting_first_poll
+        let mut waiting: Vec<String> = self
+            .awaiting_first_poll
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|k| format!("first TaskRouter poll of cbo {k}"))
-            .collect()
+            .collect();
+        if let Some(why) = self.actions.log.health.broken() {
+            waiting.push(format!("a writable decision log ({why})"));
+        }
+        waiting
     }
 }
 
@@ -111,6 +117,7 @@ impl App {
         let addr = config.server.listen;
         let config = Arc::new(config);
         let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
+        metrics.watch_log(log.health.clone());
         let clients = sources::poll::clients(&config, clock);
         let actions = Arc::new(actions::Actions::new(
             config.clone(),
@@ -202,6 +209,9 @@ impl App {
                 stopped.clone(),
             ));
         }
+
+        // Intents written before a restart, without a result: ask Twilio what became of them.
+        tasks.spawn(shared.actions.clone().settle(stopped.clone()));
 
         for source in shared.config.file_sources.clone() {
             tasks.spawn(sources::file::run(shared.clone(), source, stopped.clone()));

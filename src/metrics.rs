@@ -35,6 +35,22 @@ pub const RATIO_WINDOWS: [(&str, std::time::Duration); 2] = [
 pub const TASK_KINDS: [&str; 4] = ["entered", "completed", "canceled", "timed_out_in_workflow"];
 pub const RESERVATION_KINDS: [&str; 3] = ["accepted", "rejected", "timed_out"];
 
+/// `actions_total{action,integration}`: each action with the integrations that can carry it
+/// (`switch` is the daemon's own disable switch, `log` the alert recorded in the decision log).
+pub const ACTION_SERIES: [(&str, &str); 9] = [
+    ("alert", "alertmanager"),
+    ("alert", "log"),
+    ("disable", "flex_flag"),
+    ("disable", "switch"),
+    ("disable", "webhook"),
+    ("rollback", "command"),
+    ("rollback", "plugin_release"),
+    ("rollback", "serverless"),
+    ("rollback", "webhook"),
+];
+/// `actions_total{result}`.
+pub const ACTION_RESULTS: [&str; 4] = ["dry_run", "failed", "fired", "suppressed"];
+
 /// Rejection reasons, the values of `events_rejected_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reject {
@@ -177,8 +193,8 @@ pub struct CboSeries {
     problems: AtomicU16,
     /// The current state of each rule (`RuleState` as u8).
     rule_state: [AtomicU8; 8],
-    /// (action, result) → count; the actions are open-ended integration names.
-    actions: Mutex<BTreeMap<(String, String), u64>>,
+    /// `actions_total`, in the order of `ACTION_SERIES` × `ACTION_RESULTS`.
+    actions: [AtomicU64; ACTION_SERIES.len() * ACTION_RESULTS.len()],
     disabled: AtomicU8,
     /// 0 before any validation window, else 1 + the latest window's `State`.
     validation: AtomicU8,
@@ -215,7 +231,7 @@ impl CboSeries {
             config: AtomicU8::new(0),
             problems: AtomicU16::new(0),
             rule_state: std::array::from_fn(|_| AtomicU8::new(RuleState::Ok as u8)),
-            actions: Mutex::new(BTreeMap::new()),
+            actions: zeros(),
             disabled: AtomicU8::new(0),
             validation: AtomicU8::new(0),
         }
@@ -315,11 +331,22 @@ impl CboSeries {
         self.rule_state[rule as usize].store(state as u8, Relaxed);
     }
 
-    pub fn action(&self, action: &str, result: &str) {
-        let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
-        *actions
-            .entry((action.to_string(), result.to_string()))
-            .or_default() += 1;
+    /// Counts one `actions_total{action,integration,result}`; false for a combination that
+    /// does not exist (a bug, reported by the caller's tests rather than a new series).
+    pub fn action(&self, action: &str, integration: &str, result: &str) -> bool {
+        let series = ACTION_SERIES
+            .iter()
+            .position(|(a, i)| *a == action && *i == integration);
+        let slot = ACTION_RESULTS.iter().position(|r| *r == result);
+        if let (Some(s), Some(r)) = (series, slot) {
+            self.actions[s * ACTION_RESULTS.len() + r].fetch_add(1, Relaxed);
+            return true;
+        }
+        debug_assert!(
+            false,
+            "no actions_total series {action}/{integration}/{result}"
+        );
+        false
     }
 
     pub fn set_disabled(&self, disabled: bool) {
@@ -348,6 +375,8 @@ pub struct Metrics {
     /// Rejections that belong to no configured CBO (unauthenticated, unknown CBO, admin
     /// requests): (cbo, reason) → count.
     other_rejects: Mutex<BTreeMap<(String, Reject), u64>>,
+    /// The decision log's health, once the log is open.
+    log_health: std::sync::OnceLock<Arc<crate::decisions::Health>>,
 }
 
 impl Metrics {
@@ -376,7 +405,13 @@ impl Metrics {
             registry,
             cbos: RwLock::new(BTreeMap::new()),
             other_rejects: Mutex::new(other),
+            log_health: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports `decision_log_writable` and `decision_log_errors_total` from `health`.
+    pub fn watch_log(&self, health: Arc<crate::decisions::Health>) {
+        let _ = self.log_health.set(health);
     }
 
     /// The series of `cbo`, created (at zero) on first use.
@@ -569,19 +604,23 @@ fn per_cbo_and<'a>(
 }
 
 fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
+    let mut action_labels = Vec::new();
+    for (action, integration) in ACTION_SERIES {
+        for result in ACTION_RESULTS {
+            action_labels.push((
+                format!("action=\"{action}\","),
+                format!(",integration=\"{integration}\",result=\"{result}\""),
+            ));
+        }
+    }
     w.begin(
         "actions_total",
         "counter",
-        "Action decisions and attempts, by integration (or rollback/disable/alert) and result.",
+        "Actions by action (rollback, disable, alert), integration and result (fired, dry_run, failed, suppressed); every combination from the start.",
     );
     for c in cbos {
-        let actions = c.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for ((action, result), n) in actions {
-            let (a, r) = (
-                format!("action=\"{}\",", escape(&action)),
-                format!(",result=\"{}\"", escape(&result)),
-            );
-            w.int("actions_total", &[&a, &c.label, &r], n);
+        for ((a, ir), n) in action_labels.iter().zip(&c.actions) {
+            w.int("actions_total", &[a, &c.label, ir], n.load(Relaxed));
         }
     }
     w.end();
@@ -601,6 +640,23 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
         );
     }
     w.end();
+
+    if let Some(h) = metrics.log_health.get() {
+        w.begin(
+            "decision_log_errors_total",
+            "counter",
+            "Appends to the decision log that failed (a full or read-only disk); nothing fires while it cannot be written.",
+        );
+        w.int("decision_log_errors_total", &[], h.errors());
+        w.end();
+        w.begin(
+            "decision_log_writable",
+            "gauge",
+            "1 while the decision log can be written; 0 holds every action and makes /readyz answer 503.",
+        );
+        w.int("decision_log_writable", &[], u64::from(h.writable()));
+        w.end();
+    }
 
     per_cbo(
         w,
@@ -986,13 +1042,15 @@ mod tests {
         assert!(!text.contains("transfer_guard_success_ratio"));
         assert!(!text.contains("transfer_guard_validation_state"));
         assert!(!text.contains("transfer_guard_workflow_config_ok"));
-        assert!(!text.contains("transfer_guard_actions_total"));
+        assert!(text.contains(
+            "transfer_guard_actions_total{action=\"rollback\",cbo=\"a\",integration=\"serverless\",result=\"fired\"} 0\n"
+        ), "every combination is there from the start");
         assert!(text.contains(
             "transfer_guard_rule_state{cbo=\"a\",rule=\"success_rate\",state=\"ok\"} 1\n"
         ));
         c.set_success_ratio(0, Some(0.5));
         c.set_rule_state(RuleId::SuccessRate, RuleState::Breached);
-        c.action("serverless", "fired");
+        assert!(c.action("rollback", "serverless", "fired"));
         let text = m.render();
         assert!(text.contains("transfer_guard_success_ratio{cbo=\"a\",window=\"5m\"} 0.5\n"));
         assert!(text.contains(
@@ -1002,7 +1060,7 @@ mod tests {
             "transfer_guard_rule_state{cbo=\"a\",rule=\"success_rate\",state=\"breached\"} 1\n"
         ));
         assert!(text.contains(
-            "transfer_guard_actions_total{action=\"serverless\",cbo=\"a\",result=\"fired\"} 1\n"
+            "transfer_guard_actions_total{action=\"rollback\",cbo=\"a\",integration=\"serverless\",result=\"fired\"} 1\n"
         ));
         c.set_success_ratio(0, None);
         assert!(!m.render().contains("transfer_guard_success_ratio"));

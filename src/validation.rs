@@ -286,7 +286,7 @@ impl Validations {
     }
 
     /// Writes the whole set atomically (temporary file, fsync, rename).
-    fn save(&self, windows: &BTreeMap<String, Validation>) {
+    fn save(&self, windows: &BTreeMap<String, Validation>) -> Result<(), ValidationError> {
         let tmp = self.path.with_extension("json.tmp");
         let result = (|| -> std::io::Result<()> {
             let bytes = serde_json::to_vec_pretty(windows).expect("validations serialize");
@@ -295,9 +295,13 @@ impl Validations {
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)
         })();
-        if let Err(e) = result {
+        result.map_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "cannot save validation windows");
-        }
+            ValidationError::Store {
+                path: self.path.clone(),
+                message: e.to_string(),
+            }
+        })
     }
 
     pub fn start(
@@ -308,7 +312,7 @@ impl Validations {
         min_samples: u64,
         started_by: &str,
         now_ms: i64,
-    ) -> Validation {
+    ) -> Result<Validation, ValidationError> {
         let mut windows = self.lock();
         let id = format!("v{}-{}", now_ms, windows.len() + 1);
         let end_ms = now_ms + duration.as_millis() as i64;
@@ -330,11 +334,15 @@ impl Validations {
             resumed_ms: None,
             measured: Measured::default(),
         };
-        windows.insert(id, v.clone());
-        self.save(&windows);
+        windows.insert(id.clone(), v.clone());
+        // A window that cannot be kept across a restart is not started.
+        if let Err(e) = self.save(&windows) {
+            windows.remove(&id);
+            return Err(e);
+        }
         self.publish(&windows, cbo);
         tracing::info!(cbo, deployment, id = %v.id, end = %v.end, started_by, "validation window started");
-        v
+        Ok(v)
     }
 
     pub fn get(&self, id: &str) -> Option<Validation> {
@@ -435,7 +443,7 @@ impl Validations {
         // Persist on endings, and every ten seconds while a window runs, so a restart loses little.
         let running = windows.values().any(|v| v.state == State::Running);
         if !ended.is_empty() || (running && (now_ms / 1000) % 10 == 0) {
-            self.save(&windows);
+            let _ = self.save(&windows);
         }
         ended
     }

@@ -21,8 +21,9 @@ const ZE_A: &str = "ZE0000000000000000000000000000000a";
 const ZS_B: &str = "ZS0000000000000000000000000000000b";
 const ZE_B: &str = "ZE0000000000000000000000000000000b";
 
-/// The simulator: both accounts with sound workflows; cbo a with two builds deployed in turn and
-/// two plugin configurations released in turn, so each has a "previous" to roll back to.
+/// The simulator: both accounts with sound workflows; cbo a with a build and a plugin
+/// configuration that ran for hours (known good by Twilio's history), then a new build and
+/// configuration deployed a minute before the daemon starts.
 async fn sim() -> SimTwilio {
     let sim = SimTwilio::start(Clock::starting_at(T0)).await;
     for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
@@ -30,9 +31,11 @@ async fn sim() -> SimTwilio {
         sim.add_workflow(ac, ws, ww);
     }
     sim.add_service(AC_A, ZS_A, ZE_A, WW_A);
-    sim.deploy(AC_A, ZS_A, ZE_A, None);
     sim.release_plugin_configuration(AC_A, "v1");
+    sim.age_history(AC_A, Duration::from_secs(3 * 3600));
+    sim.deploy(AC_A, ZS_A, ZE_A, None);
     sim.release_plugin_configuration(AC_A, "v2");
+    sim.age_history(AC_A, Duration::from_secs(60));
     sim
 }
 
@@ -92,10 +95,17 @@ fn metrics(app: &App) -> String {
     app.shared.metrics.render()
 }
 
-fn actions(app: &App, cbo: &str, action: &str, result: &str) -> f64 {
+/// `actions_total` of `cbo` for `what` (an action: rollback, disable, alert; else an
+/// integration) and `result`.
+fn actions(app: &App, cbo: &str, what: &str, result: &str) -> f64 {
+    let label = if matches!(what, "rollback" | "disable" | "alert") {
+        "action"
+    } else {
+        "integration"
+    };
     let (cbo, action, result) = (
         format!("cbo=\"{cbo}\""),
-        format!("action=\"{action}\""),
+        format!("{label}=\"{what}\""),
         format!("result=\"{result}\""),
     );
     metric_sum(
@@ -240,6 +250,8 @@ async fn a_taskrouter_error_rate_over_5_percent_for_15_minutes_rolls_back() {
 #[tokio::test(start_paused = true)]
 async fn a_deploy_that_resets_the_workflow_sid_is_rolled_back_and_the_configuration_recovers() {
     let sim = sim().await;
+    // The current build has run for two hours: known good by Twilio's history.
+    sim.age_history(AC_A, Duration::from_secs(2 * 3600));
     let app = start_at(&text(&fresh_dir(), &sim, "", ""), T0).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(state(&app, "a", "config_corruption"), "ok");
@@ -495,7 +507,7 @@ async fn a_restart_right_after_a_rollback_does_not_roll_back_again() {
         deployments,
         "no second rollback"
     );
-    assert_eq!(actions(&app, "a", "rollback", "suppressed"), 1.0);
+    assert_eq!(actions(&app, "a", "serverless", "suppressed"), 1.0);
     let url = app.url();
     let shared = app.shared.clone();
     let listed = shared.actions.log.query(Some("a"), None);
@@ -565,6 +577,7 @@ async fn receiver(
 async fn a_failing_webhook_is_retried_with_backoff_and_fails_without_holding_up_other_cbos() {
     let sim = sim().await;
     sim.add_service(AC_B, ZS_B, ZE_B, WW_B);
+    sim.age_history(AC_B, Duration::from_secs(3 * 3600));
     sim.deploy(AC_B, ZS_B, ZE_B, None);
     let (url, seen) = receiver(500).await;
     let extra = format!("[actions.webhook]\nurl = \"{url}\"\nsecret_env = \"HOOK_SECRET\"\n");
@@ -619,7 +632,7 @@ async fn a_failing_webhook_is_retried_with_backoff_and_fails_without_holding_up_
     let log = app.shared.actions.log.query(Some("a"), None);
     let attempts: Vec<(Option<u32>, Option<String>)> = log
         .iter()
-        .filter(|e| e.integration.as_deref() == Some("webhook"))
+        .filter(|e| e.kind == Kind::Action && e.integration.as_deref() == Some("webhook"))
         .map(|e| (e.attempt, e.result.clone()))
         .collect();
     assert_eq!(

@@ -130,18 +130,22 @@ async fn busy_daemon(extra: &str) -> (App, SimTwilio) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    app.shared.validations.start(
-        "a",
-        "ZD1",
-        Duration::from_secs(900),
-        20,
-        "api",
-        app.shared.clock.now_ms(),
-    );
+    app.shared
+        .validations
+        .start(
+            "a",
+            "ZD1",
+            Duration::from_secs(900),
+            20,
+            "api",
+            app.shared.clock.now_ms(),
+        )
+        .unwrap();
     // Polls and a tick or two.
     for _ in 0..50 {
         let m = app.shared.metrics.render();
-        if m.contains("transfer_guard_taskrouter_error_ratio{") && m.contains(r#"result="dry_run""#)
+        if m.contains("transfer_guard_taskrouter_error_ratio{")
+            && metric_sum(&m, "transfer_guard_actions_total", &[r#"result="dry_run""#]) > 0.0
         {
             break;
         }
@@ -435,7 +439,7 @@ async fn a_real_alertmanager_receives_transfer_guards_notifications() {
         metric_sum(
             &m,
             "transfer_guard_actions_total",
-            &[r#"action="alertmanager""#, r#"result="fired""#]
+            &[r#"integration="alertmanager""#, r#"result="fired""#]
         ) >= 1.0
     );
     app.shutdown().await;

@@ -48,6 +48,7 @@ fn begin(app: &App, duration: Duration) -> String {
     app.shared
         .validations
         .start("a", "ZD1", duration, 20, "api", now)
+        .unwrap()
         .id
 }
 

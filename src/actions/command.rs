@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{BoxFuture, Decision, Integration};
+use super::{Attempt, BoxFuture, Integration};
 
 pub struct Command {
     pub argv: Vec<String>,
@@ -14,7 +14,8 @@ impl Integration for Command {
         "command"
     }
 
-    fn run<'a>(&'a self, d: &'a Decision) -> BoxFuture<'a, Result<String, String>> {
+    fn run<'a>(&'a self, a: Attempt<'a>) -> BoxFuture<'a, Result<String, String>> {
+        let d = a.decision;
         Box::pin(async move {
             let (program, args) = self
                 .argv
@@ -30,6 +31,8 @@ impl Integration for Command {
                     d.deployment.as_deref().unwrap_or(""),
                 )
                 .env("TRANSFER_GUARD_EVIDENCE", d.evidence.to_string())
+                // The same on every attempt of one action: the command can drop a repeat.
+                .env("TRANSFER_GUARD_IDEMPOTENCY_KEY", a.key)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true);
             let out = tokio::time::timeout(self.timeout, cmd.output())
@@ -59,7 +62,7 @@ impl Integration for Command {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::{ActionKind, Decision};
+    use crate::actions::{ActionKind, Decision, Plan};
     use crate::rules::RuleId;
 
     fn decision() -> Decision {
@@ -73,35 +76,42 @@ mod tests {
         }
     }
 
+    async fn run(c: &Command) -> Result<String, String> {
+        let d = decision();
+        let plan = Plan::default();
+        c.run(Attempt {
+            decision: &d,
+            plan: &plan,
+            key: "nss-rollback-command-1",
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn the_command_gets_the_decision_in_its_environment_and_its_exit_code_is_recorded() {
         let ok = Command {
             argv: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo $TRANSFER_GUARD_CBO $TRANSFER_GUARD_RULE $TRANSFER_GUARD_DEPLOYMENT".into(),
+                "echo $TRANSFER_GUARD_CBO $TRANSFER_GUARD_RULE $TRANSFER_GUARD_DEPLOYMENT $TRANSFER_GUARD_IDEMPOTENCY_KEY".into(),
             ],
             timeout: Duration::from_secs(10),
         };
         assert_eq!(
-            ok.run(&decision()).await.unwrap(),
-            "sh exited 0: nss bad_requests ZD1"
+            run(&ok).await.unwrap(),
+            "sh exited 0: nss bad_requests ZD1 nss-rollback-command-1"
         );
         let failing = Command {
             argv: vec!["sh".into(), "-c".into(), "echo no >&2; exit 7".into()],
             timeout: Duration::from_secs(10),
         };
-        assert_eq!(
-            failing.run(&decision()).await.unwrap_err(),
-            "sh exited 7: no"
-        );
+        assert_eq!(run(&failing).await.unwrap_err(), "sh exited 7: no");
         let missing = Command {
             argv: vec!["/nonexistent/rollback".into()],
             timeout: Duration::from_secs(10),
         };
         assert!(
-            missing
-                .run(&decision())
+            run(&missing)
                 .await
                 .unwrap_err()
                 .starts_with("/nonexistent/rollback: ")

@@ -4,7 +4,9 @@ use std::sync::Weak;
 
 use serde_json::{Value, json};
 
-use super::{Actions, BoxFuture, Decision, Integration};
+use super::known::{Artifact, Live};
+use super::serverless::created_ms;
+use super::{Actions, Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError};
 use crate::twilio::TwilioClient;
 use crate::twilio::flex::Flex;
 
@@ -22,36 +24,103 @@ pub struct PreviousRelease {
     pub base_url: String,
 }
 
+impl PreviousRelease {
+    fn flex(&self) -> Flex<'_> {
+        Flex {
+            client: &self.client,
+            base_url: &self.base_url,
+        }
+    }
+
+    /// Releases newest first; a stable sort keeps Twilio's order among equal timestamps.
+    async fn releases(&self) -> Result<Vec<crate::twilio::flex::Release>, String> {
+        let mut releases = self.flex().releases().await.map_err(|e| e.to_string())?;
+        releases.sort_by(|a, b| b.date_created.cmp(&a.date_created));
+        Ok(releases)
+    }
+}
+
 impl Integration for PreviousRelease {
     fn name(&self) -> &'static str {
         "plugin_release"
     }
 
-    fn run<'a>(&'a self, _: &'a Decision) -> BoxFuture<'a, Result<String, String>> {
+    fn plan<'a>(
+        &'a self,
+        _: &'a Decision,
+        known: &'a Known,
+    ) -> BoxFuture<'a, Result<Plan, PlanError>> {
         Box::pin(async move {
-            let flex = Flex {
-                client: &self.client,
-                base_url: &self.base_url,
-            };
-            let mut releases = flex.releases().await.map_err(|e| e.to_string())?;
-            releases.sort_by(|a, b| b.date_created.cmp(&a.date_created));
-            let current = releases
-                .first()
-                .and_then(|r| r.configuration_sid.clone())
-                .ok_or("no plugin release to roll back")?;
-            let previous = releases
+            let releases = self.releases().await.map_err(PlanError::Read)?;
+            let history: Vec<Live> = releases
                 .iter()
-                .filter_map(|r| r.configuration_sid.clone())
-                .find(|c| *c != current)
-                .ok_or_else(|| format!("no plugin configuration released before {current}"))?;
-            let release = flex
-                .create_release(&previous)
+                .filter_map(|r| {
+                    Some(Live {
+                        sid: r.configuration_sid.clone()?,
+                        since_ms: created_ms(r.date_created.as_deref())?,
+                    })
+                })
+                .collect();
+            let artifact = Artifact::PluginConfiguration;
+            let target = known
+                .view(artifact)
+                .target(artifact, &history, known.deploy_window)?;
+            Ok(Plan {
+                artifact: Some(artifact),
+                target: Some(target),
+                replacing: history.first().map(|l| l.sid.clone()),
+            })
+        })
+    }
+
+    fn run<'a>(&'a self, a: Attempt<'a>) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let config = a
+                .plan
+                .target
+                .as_deref()
+                .ok_or("the plan names no plugin configuration")?;
+            let release = self
+                .flex()
+                .create_release(config)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(format!(
-                "released plugin configuration {previous} (replacing {current}) as {}",
+                "released plugin configuration {config}{} as {}",
+                a.plan
+                    .replacing
+                    .as_ref()
+                    .map(|r| format!(" (replacing {r})"))
+                    .unwrap_or_default(),
                 release.sid.unwrap_or_default()
             ))
+        })
+    }
+
+    fn took_effect<'a>(
+        &'a self,
+        plan: &'a Plan,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<Effect, String>> {
+        Box::pin(async move {
+            let config = plan
+                .target
+                .as_deref()
+                .ok_or("the plan names no plugin configuration")?;
+            let since_s = since_ms.div_euclid(1000) * 1000;
+            let releases = self.releases().await?;
+            Ok(releases
+                .iter()
+                .find(|r| {
+                    r.configuration_sid.as_deref() == Some(config)
+                        && created_ms(r.date_created.as_deref()).is_some_and(|t| t >= since_s)
+                })
+                .map_or(Effect::NotApplied, |r| {
+                    Effect::Applied(format!(
+                        "plugin configuration {config} is released as {}",
+                        r.sid.as_deref().unwrap_or("?")
+                    ))
+                }))
         })
     }
 }
@@ -83,7 +152,8 @@ impl Integration for FlagOff {
         "flex_flag"
     }
 
-    fn run<'a>(&'a self, d: &'a Decision) -> BoxFuture<'a, Result<String, String>> {
+    fn run<'a>(&'a self, a: Attempt<'a>) -> BoxFuture<'a, Result<String, String>> {
+        let d = a.decision;
         Box::pin(async move {
             let flex = Flex {
                 client: &self.client,
@@ -103,7 +173,10 @@ impl Integration for FlagOff {
                 .map(|k| (k.to_string(), f.get(*k).cloned().unwrap_or(Value::Null)))
                 .collect();
             if let Some(actions) = self.actions.upgrade() {
-                actions.remember_flags(&d.cbo, Value::Object(previous.clone()));
+                // Without a record of the values to restore, the flag is not touched.
+                actions
+                    .remember_flags(&d.cbo, Value::Object(previous.clone()))
+                    .map_err(|e| e.to_string())?;
             }
             f.insert("enabled".into(), Value::Bool(false));
             flex.update_ui_attributes(&ui)
@@ -114,6 +187,26 @@ impl Integration for FlagOff {
                 FLAG_PATH.join("."),
                 previous["enabled"]
             ))
+        })
+    }
+
+    /// Took effect when the flag reads false now.
+    fn took_effect<'a>(&'a self, _: &'a Plan, _: i64) -> BoxFuture<'a, Result<Effect, String>> {
+        Box::pin(async move {
+            let flex = Flex {
+                client: &self.client,
+                base_url: &self.base_url,
+            };
+            let config = flex.configuration().await.map_err(|e| e.to_string())?;
+            let mut node = &config["ui_attributes"];
+            for key in FLAG_PATH {
+                node = &node[key];
+            }
+            Ok(if node == &Value::Bool(false) {
+                Effect::Applied(format!("ui_attributes.{} is false", FLAG_PATH.join(".")))
+            } else {
+                Effect::NotApplied
+            })
         })
     }
 }

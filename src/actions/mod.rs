@@ -3,6 +3,7 @@
 pub mod alertmanager;
 pub mod command;
 pub mod flex;
+pub mod known;
 pub mod serverless;
 pub mod webhook;
 
@@ -17,11 +18,12 @@ use serde_json::Value;
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::{Cbo, Config, DisableKind, RollbackKind};
-use crate::decisions::{DecisionLog, Entry, Kind};
+use crate::decisions::{DecisionLog, Entry, Kind, LogError};
 use crate::metrics::Metrics;
 use crate::rules::RuleId;
 use crate::sid::AccountSid;
 use crate::twilio::TwilioClient;
+use known::{Artifact, Ledger, NoTarget, Verdict, View};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -42,6 +44,12 @@ impl ActionKind {
             ActionKind::Alert => "alert",
         }
     }
+
+    pub fn parse(s: &str) -> Option<ActionKind> {
+        [ActionKind::Rollback, ActionKind::Disable, ActionKind::Alert]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
 }
 
 /// One decision to act on one CBO.
@@ -55,12 +63,108 @@ pub struct Decision {
     pub decided_at: String,
 }
 
+/// What an integration will change, fixed before anything is sent and written in the intent:
+/// a retry or a restart uses this, never a target derived again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
+    /// What will be live after (a build, a plugin configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// What is live now and is replaced (known bad once the rollback took effect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacing: Option<String>,
+}
+
+impl Plan {
+    fn describe(&self) -> String {
+        match (&self.artifact, &self.target) {
+            (Some(a), Some(t)) => format!(
+                "{} {t}{}",
+                a.as_str(),
+                self.replacing
+                    .as_ref()
+                    .map(|r| format!(" (replacing {r})"))
+                    .unwrap_or_default()
+            ),
+            _ => "no target to fix".into(),
+        }
+    }
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PlanError {
+    /// Nothing known good to roll back to: page and disable instead of guessing.
+    #[error("{0}")]
+    NoTarget(#[from] NoTarget),
+    /// Twilio could not be read.
+    #[error("{0}")]
+    Read(String),
+}
+
+/// What an integration knows of a CBO when it plans: the known-good ledger's views and the
+/// `deploy_window` that makes an old build good by Twilio's history.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    pub builds: View,
+    pub plugin_configurations: View,
+    pub deploy_window: Duration,
+}
+
+impl Known {
+    pub fn view(&self, artifact: Artifact) -> &View {
+        match artifact {
+            Artifact::Build => &self.builds,
+            Artifact::PluginConfiguration => &self.plugin_configurations,
+        }
+    }
+}
+
+/// Whether an earlier attempt took effect, as read back from where it acts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Applied(String),
+    NotApplied,
+    /// This integration cannot be read back (a webhook, a command): it carries the intent's
+    /// idempotency key instead, for the receiver to drop a repeat.
+    Unknown,
+}
+
+/// One attempt: the decision, its plan, and the idempotency key of its intent.
+#[derive(Clone, Copy)]
+pub struct Attempt<'a> {
+    pub decision: &'a Decision,
+    pub plan: &'a Plan,
+    pub key: &'a str,
+}
+
 /// One receiver of a decision (a Twilio API, a webhook, a command). It does its one thing;
-/// retries, dedup and logging are the pipeline's.
+/// intents, the check of an earlier attempt, retries, dedup and logging are the pipeline's.
 pub trait Integration: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Does it; `Ok` says what was done.
-    fn run<'a>(&'a self, decision: &'a Decision) -> BoxFuture<'a, Result<String, String>>;
+
+    /// Reads, changing nothing, what the action will do (the rollback target).
+    fn plan<'a>(
+        &'a self,
+        _d: &'a Decision,
+        _known: &'a Known,
+    ) -> BoxFuture<'a, Result<Plan, PlanError>> {
+        Box::pin(async { Ok(Plan::default()) })
+    }
+
+    /// One attempt: its request is sent once.
+    fn run<'a>(&'a self, attempt: Attempt<'a>) -> BoxFuture<'a, Result<String, String>>;
+
+    /// Reads whether an attempt made at or after `since_ms` took effect.
+    fn took_effect<'a>(
+        &'a self,
+        _plan: &'a Plan,
+        _since_ms: i64,
+    ) -> BoxFuture<'a, Result<Effect, String>> {
+        Box::pin(async { Ok(Effect::Unknown) })
+    }
 }
 
 /// The transfers' switch of one CBO (`GET /v1/switch/{cbo}`).
@@ -99,6 +203,111 @@ struct Memory {
     acked: HashSet<(String, String)>,
     in_flight: HashSet<(String, ActionKind)>,
     switches: BTreeMap<String, Switch>,
+    known: Ledger,
+    /// Intents read back at start without a result, by key: settled by asking Twilio.
+    unsettled: BTreeMap<String, Entry>,
+}
+
+impl Memory {
+    /// What one entry of the log says, replayed in order at start.
+    fn replay(&mut self, e: &Entry) {
+        let kind = e.action.as_deref().and_then(ActionKind::parse);
+        match e.kind {
+            Kind::Intent => {
+                if let (Some(key), Some(kind)) = (&e.key, kind) {
+                    self.unsettled.insert(key.clone(), e.clone());
+                    self.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
+                }
+            }
+            Kind::Action => {
+                if let Some(key) = &e.key {
+                    self.unsettled.remove(key);
+                }
+                let Some(kind) = kind.filter(|k| *k != ActionKind::Alert) else {
+                    return;
+                };
+                match e.result.as_deref() {
+                    Some("fired") => {
+                        if kind == ActionKind::Rollback
+                            && let Some(d) = &e.deployment
+                        {
+                            self.rolled_back.insert((e.cbo.clone(), d.clone()));
+                        }
+                        self.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
+                        if let Ok(plan) = serde_json::from_value::<Plan>(e.evidence["plan"].clone())
+                        {
+                            self.took_effect(&e.cbo, &plan);
+                        }
+                    }
+                    Some("failed") => {
+                        self.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
+                    }
+                    _ => {}
+                }
+            }
+            Kind::Known => {
+                let artifact = e.integration.as_deref().and_then(Artifact::parse);
+                let verdict = match e.result.as_deref() {
+                    Some("good") => Some(Verdict::Good),
+                    Some("bad") => Some(Verdict::Bad),
+                    _ => None,
+                };
+                if let (Some(a), Some(v), Some(sid)) = (artifact, verdict, &e.detail) {
+                    self.known.mark(&e.cbo, a, sid, v);
+                }
+            }
+            Kind::Ack => {
+                if let Some(rule) = &e.rule {
+                    self.acked.insert((e.cbo.clone(), rule.clone()));
+                }
+            }
+            Kind::State if e.to.as_deref() == Some("ok") => {
+                if let Some(rule) = &e.rule {
+                    self.acked.remove(&(e.cbo.clone(), rule.clone()));
+                }
+            }
+            Kind::Switch => {
+                if let Ok(s) = serde_json::from_value::<Switch>(e.evidence.clone()) {
+                    let previous = e
+                        .evidence
+                        .get("previous_flags")
+                        .cloned()
+                        .filter(|v| !v.is_null());
+                    self.switches.insert(
+                        e.cbo.clone(),
+                        Switch {
+                            previous_flags: previous,
+                            ..s
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A rollback's plan took effect: what it replaced is known bad, what it put back is this
+    /// guard's own.
+    fn took_effect(&mut self, cbo: &str, plan: &Plan) {
+        if let Some(artifact) = plan.artifact {
+            if let Some(old) = &plan.replacing {
+                self.known.mark(cbo, artifact, old, Verdict::Bad);
+            }
+            if let Some(target) = &plan.target {
+                self.known.own(cbo, artifact, target);
+            }
+        }
+    }
+}
+
+/// How one integration's part of a decision ended.
+enum Ran {
+    Fired,
+    Failed,
+    /// No known-good target: nothing was sent.
+    NoTarget(String),
+    /// The intent could not be written: nothing was sent, and nothing else may be.
+    NotRecorded,
 }
 
 pub struct Actions {
@@ -115,6 +324,20 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1 << attempt.min(6)).mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
+/// Why transfers could not be turned back on.
+#[derive(Debug, thiserror::Error)]
+pub enum EnableError {
+    #[error("the decision log cannot be written ({0}): nothing was changed")]
+    NotRecorded(String),
+    #[error("cannot restore the Flex flags: {0}")]
+    Twilio(String),
+}
+
+/// The on-call change could not be recorded, so it was not made.
+#[derive(Debug, thiserror::Error)]
+#[error("not recorded, so not done: {0}")]
+pub struct NotRecorded(#[from] LogError);
+
 impl Actions {
     pub fn new(
         config: Arc<Config>,
@@ -129,58 +352,9 @@ impl Actions {
                 .switches
                 .insert(cbo.key.to_string(), Switch::on(cbo.key.as_str()));
         }
-        // Replay the log: what fired, when, what is acked, where each switch stands.
-        log.for_each(|e| match e.kind {
-            Kind::Action if e.result.as_deref() == Some("fired") => {
-                let kind = match e.action.as_deref() {
-                    Some("rollback") => ActionKind::Rollback,
-                    Some("disable") => ActionKind::Disable,
-                    _ => return,
-                };
-                if kind == ActionKind::Rollback
-                    && let Some(d) = &e.deployment
-                {
-                    memory.rolled_back.insert((e.cbo.clone(), d.clone()));
-                }
-                memory.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
-            }
-            Kind::Action if e.result.as_deref() == Some("failed") => {
-                if let Some(kind) = match e.action.as_deref() {
-                    Some("rollback") => Some(ActionKind::Rollback),
-                    Some("disable") => Some(ActionKind::Disable),
-                    _ => None,
-                } {
-                    memory.last_attempt.insert((e.cbo.clone(), kind), e.at_ms);
-                }
-            }
-            Kind::Ack => {
-                if let Some(rule) = &e.rule {
-                    memory.acked.insert((e.cbo.clone(), rule.clone()));
-                }
-            }
-            Kind::State if e.to.as_deref() == Some("ok") => {
-                if let Some(rule) = &e.rule {
-                    memory.acked.remove(&(e.cbo.clone(), rule.clone()));
-                }
-            }
-            Kind::Switch => {
-                if let Ok(s) = serde_json::from_value::<Switch>(e.evidence.clone()) {
-                    let previous = e
-                        .evidence
-                        .get("previous_flags")
-                        .cloned()
-                        .filter(|v| !v.is_null());
-                    memory.switches.insert(
-                        e.cbo.clone(),
-                        Switch {
-                            previous_flags: previous,
-                            ..s
-                        },
-                    );
-                }
-            }
-            _ => {}
-        });
+        // Replay the log: what fired, when, what is acked, known good and bad, where each
+        // switch stands, which intents still need settling.
+        log.for_each(|e| memory.replay(e));
         for (cbo, s) in &memory.switches {
             if let Some(m) = metrics.cbo(cbo) {
                 m.set_disabled(!s.transfers_enabled);
@@ -223,9 +397,9 @@ impl Actions {
         }
     }
 
-    fn count(&self, cbo: &str, integration: &str, result: &str) {
+    fn count(&self, cbo: &str, kind: ActionKind, integration: &str, result: &str) {
         if let Some(m) = self.metrics.cbo(cbo) {
-            m.action(integration, result);
+            m.action(kind.as_str(), integration, result);
         }
     }
 
@@ -239,6 +413,60 @@ impl Actions {
         e.deployment = d.deployment.clone();
         e.evidence = d.evidence.clone();
         e
+    }
+
+    /// What integrations plan with for `cbo`.
+    fn known(&self, cbo: &str) -> Known {
+        let deploy_window = self
+            .config
+            .cbo(cbo)
+            .map(|c| {
+                crate::rules::Params::resolve(RuleId::CrossCbo, &self.config.rules, &c.rules)
+                    .deploy_window
+            })
+            .unwrap_or(Duration::from_secs(3600));
+        let m = self.memory();
+        Known {
+            builds: m.known.view(cbo, Artifact::Build),
+            plugin_configurations: m.known.view(cbo, Artifact::PluginConfiguration),
+            deploy_window,
+        }
+    }
+
+    /// Learns that `sid` is good or bad (a validation window passed, `deploy_window` ran
+    /// without a breach); news is written to the decision log first.
+    pub fn learn(&self, cbo: &str, artifact: Artifact, sid: &str, verdict: Verdict, why: &str) {
+        {
+            let m = self.memory();
+            let view = m.known.view(cbo, artifact);
+            let known = match verdict {
+                Verdict::Good => view.good.contains(sid) || view.bad.contains(sid),
+                Verdict::Bad => view.bad.contains(sid),
+            };
+            if known {
+                return;
+            }
+        }
+        let mut e = Entry::new(cbo, Kind::Known, self.clock.now_ms());
+        e.integration = Some(artifact.as_str().into());
+        e.result = Some(verdict.as_str().into());
+        e.detail = Some(sid.to_string());
+        e.evidence = serde_json::json!({ "why": why });
+        if self.record(e).is_some() {
+            tracing::info!(
+                cbo,
+                artifact = artifact.as_str(),
+                sid,
+                verdict = verdict.as_str(),
+                why,
+                "learned"
+            );
+            self.memory().known.mark(cbo, artifact, sid, verdict);
+        }
+    }
+
+    pub fn known_view(&self, cbo: &str, artifact: Artifact) -> View {
+        self.memory().known.view(cbo, artifact)
     }
 
     fn integrations(self: &Arc<Self>, cbo: &Cbo, kind: ActionKind) -> Vec<Box<dyn Integration>> {
@@ -307,31 +535,58 @@ impl Actions {
         out
     }
 
+    /// The integration names a decision of `kind` would reach on `cbo`, for counting.
+    fn names(self: &Arc<Self>, cbo: &Cbo, kind: ActionKind) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self
+            .integrations(cbo, kind)
+            .iter()
+            .map(|i| i.name())
+            .collect();
+        match kind {
+            ActionKind::Disable => names.push("switch"),
+            ActionKind::Alert => names.push("log"),
+            ActionKind::Rollback => {}
+        }
+        names
+    }
+
     /// Records that a decision's action was held back, and why.
-    pub fn suppress(&self, d: &Decision, why: String) {
+    pub fn suppress(self: &Arc<Self>, d: &Decision, why: String) {
         tracing::info!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action suppressed");
-        self.count(&d.cbo, d.kind.as_str(), "suppressed");
+        if let Some(cbo) = self.config.cbo(&d.cbo) {
+            for name in self.names(cbo, d.kind) {
+                self.count(&d.cbo, d.kind, name, "suppressed");
+            }
+        }
         self.record(self.entry(d, d.kind.as_str(), "suppressed", why));
     }
 
-    /// Runs a decision through the pipeline: ack, once per deployment, cooldown, in flight,
-    /// dry run; then each integration with retries, each attempt in the decision log. Returns
-    /// at once; the integrations run on their own task so one CBO never waits for another.
+    /// Runs a decision through the pipeline: a writable log, ack, intents still settling, once
+    /// per deployment, cooldown, in flight, dry run; then each integration: plan, intent,
+    /// attempts that first read whether the last one took effect, result. Returns at once; the
+    /// integrations run on their own task so one CBO never waits for another.
     pub fn decide(self: &Arc<Self>, d: Decision) {
         let Some(cbo) = self.config.cbo(&d.cbo).cloned() else {
             return;
         };
         let now = self.clock.now_ms();
-        let suppressed = |why: String| self.suppress(&d, why);
         if d.kind == ActionKind::Alert {
             tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), evidence = %d.evidence, "rule breached: alert");
-            self.count(&d.cbo, "alert", "fired");
+            self.count(&d.cbo, ActionKind::Alert, "log", "fired");
             self.record(self.entry(
                 &d,
-                "alert",
+                "log",
                 "fired",
                 "on-call alerted through rule_state and the log".into(),
             ));
+            return;
+        }
+        if let Some(why) = self.log.health.broken() {
+            // No action without a record: /readyz and an alert say why.
+            tracing::error!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action held: the decision log cannot be written");
+            for name in self.names(&cbo, d.kind) {
+                self.count(&d.cbo, d.kind, name, "suppressed");
+            }
             return;
         }
         {
@@ -342,6 +597,11 @@ impl Actions {
                 .contains(&(d.cbo.clone(), d.rule.as_str().to_string()))
             {
                 Some("acknowledged by on-call until the rule recovers".to_string())
+            } else if let Some(e) = m.unsettled.values().find(|e| e.cbo == d.cbo) {
+                Some(format!(
+                    "an intent written before the restart ({}) is still being settled with Twilio",
+                    e.key.as_deref().unwrap_or("")
+                ))
             } else if d.kind == ActionKind::Rollback
                 && d.deployment
                     .as_ref()
@@ -374,25 +634,22 @@ impl Actions {
             };
             drop(m);
             if let Some(why) = why {
-                suppressed(why);
+                self.suppress(&d, why);
                 return;
             }
         }
         let integrations = self.integrations(&cbo, d.kind);
         if integrations.is_empty() && d.kind == ActionKind::Rollback {
             self.memory().in_flight.remove(&(d.cbo.clone(), d.kind));
-            suppressed("no rollback integration is configured for this CBO".into());
+            self.suppress(
+                &d,
+                "no rollback integration is configured for this CBO".into(),
+            );
             return;
         }
         if self.config.actions.dry_run {
-            let names: Vec<&str> = integrations.iter().map(|i| i.name()).collect();
-            let switch = if d.kind == ActionKind::Disable {
-                ["switch"].as_slice()
-            } else {
-                &[]
-            };
-            for name in names.iter().chain(switch) {
-                self.count(&d.cbo, name, "dry_run");
+            for name in self.names(&cbo, d.kind) {
+                self.count(&d.cbo, d.kind, name, "dry_run");
                 tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), integration = name, "dry run: would act");
                 self.record(self.entry(
                     &d,
@@ -412,8 +669,13 @@ impl Actions {
 
     async fn fire(self: Arc<Self>, d: Decision, integrations: Vec<Box<dyn Integration>>) {
         if d.kind == ActionKind::Disable {
-            self.set_switch(&d.cbo, false, format!("{} breached", d.rule.as_str()));
-            self.count(&d.cbo, "switch", "fired");
+            let reason = format!("{} breached", d.rule.as_str());
+            if self.set_switch(&d.cbo, false, reason).is_err() {
+                self.count(&d.cbo, d.kind, "switch", "failed");
+                self.memory().in_flight.remove(&(d.cbo.clone(), d.kind));
+                return;
+            }
+            self.count(&d.cbo, d.kind, "switch", "fired");
             self.record(self.entry(
                 &d,
                 "switch",
@@ -421,109 +683,304 @@ impl Actions {
                 "GET /v1/switch reports transfers disabled".into(),
             ));
         }
-        let attempts = self.config.actions.attempts.max(1);
-        let mut any_fired = false;
+        let known = self.known(&d.cbo);
+        let (mut fired, mut no_target) = (0, Vec::new());
         for integration in &integrations {
-            let name = integration.name();
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match integration.run(&d).await {
-                    Ok(done) => {
-                        any_fired = true;
-                        tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), integration = name, done, "action fired");
-                        self.count(&d.cbo, name, "fired");
-                        let mut e = self.entry(&d, name, "fired", done);
-                        e.attempt = Some(attempt);
-                        self.record(e);
-                        break;
-                    }
-                    Err(error) if attempt < attempts => {
-                        tracing::warn!(cbo = %d.cbo, integration = name, attempt, error, "action failed; retrying");
-                        let mut e = self.entry(&d, name, "retrying", error);
-                        e.attempt = Some(attempt);
-                        self.record(e);
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    Err(error) => {
-                        tracing::error!(cbo = %d.cbo, rule = d.rule.as_str(), integration = name, attempt, error, "action failed");
-                        self.count(&d.cbo, name, "failed");
-                        let mut e = self.entry(&d, name, "failed", error);
-                        e.attempt = Some(attempt);
-                        self.record(e);
-                        break;
-                    }
-                }
+            match self.run_one(&d, integration.as_ref(), &known).await {
+                Ran::Fired => fired += 1,
+                Ran::Failed => {}
+                Ran::NoTarget(why) => no_target.push(why),
+                Ran::NotRecorded => break,
             }
         }
         // The decision as a whole: fired when any integration did it.
-        let result = if any_fired || integrations.is_empty() {
+        let result = if fired > 0 || integrations.is_empty() {
             "fired"
         } else {
             "failed"
         };
-        let detail = format!(
-            "{} of {} integrations",
-            if any_fired {
-                "done by some"
-            } else {
-                "done by none"
-            },
-            integrations.len()
-        );
+        let detail = format!("done by {fired} of {} integrations", integrations.len());
         self.record(self.entry(&d, d.kind.as_str(), result, detail));
-        let mut m = self.memory();
-        if d.kind == ActionKind::Rollback
-            && any_fired
-            && let Some(dep) = &d.deployment
         {
-            m.rolled_back.insert((d.cbo.clone(), dep.clone()));
+            let mut m = self.memory();
+            if d.kind == ActionKind::Rollback
+                && fired > 0
+                && let Some(dep) = &d.deployment
+            {
+                m.rolled_back.insert((d.cbo.clone(), dep.clone()));
+            }
+            m.in_flight.remove(&(d.cbo.clone(), d.kind));
         }
-        m.in_flight.remove(&(d.cbo.clone(), d.kind));
+        if d.kind == ActionKind::Rollback && fired == 0 && !no_target.is_empty() {
+            self.no_good_target(&d, no_target.join("; "));
+        }
     }
 
-    /// Sets the daemon's own switch and logs it. Turning it on forgets the Flex values kept
-    /// for restoring.
-    pub fn set_switch(&self, cbo: &str, enabled: bool, reason: String) {
-        let now = self.clock.now_ms();
-        let switch = {
-            let mut m = self.memory();
-            let s = m
-                .switches
-                .entry(cbo.to_string())
-                .or_insert_with(|| Switch::on(cbo));
-            s.transfers_enabled = enabled;
-            s.reason = Some(reason);
-            s.since = Some(rfc3339(now));
-            if enabled {
-                s.previous_flags = None;
+    /// No known-good target: page, and disable where the CBO is configured to, instead of
+    /// guessing what to roll back to.
+    fn no_good_target(self: &Arc<Self>, d: &Decision, why: String) {
+        tracing::error!(cbo = %d.cbo, rule = d.rule.as_str(), why, "no known-good rollback target: paging, and disabling where configured");
+        let evidence = serde_json::json!({ "no_rollback_target": why, "breach": d.evidence });
+        self.decide(Decision {
+            kind: ActionKind::Alert,
+            evidence: evidence.clone(),
+            ..d.clone()
+        });
+        if self
+            .config
+            .cbo(&d.cbo)
+            .is_some_and(|c| !c.disable.is_empty())
+        {
+            self.decide(Decision {
+                kind: ActionKind::Disable,
+                evidence,
+                ..d.clone()
+            });
+        }
+    }
+
+    /// One integration's part: plan, the intent (durable before any request), attempts that
+    /// each first read whether the one before took effect, the result.
+    async fn run_one(&self, d: &Decision, integration: &dyn Integration, known: &Known) -> Ran {
+        let name = integration.name();
+        let plan = match integration.plan(d, known).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                let no_target = matches!(e, PlanError::NoTarget(_));
+                tracing::error!(cbo = %d.cbo, integration = name, error = %e, "action not planned");
+                self.count(&d.cbo, d.kind, name, "failed");
+                self.record(self.entry(d, name, "failed", format!("nothing sent: {e}")));
+                return if no_target {
+                    Ran::NoTarget(e.to_string())
+                } else {
+                    Ran::Failed
+                };
             }
-            s.clone()
         };
+        let now = self.clock.now_ms();
+        let key = format!("{}-{}-{name}-{now}", d.cbo, d.kind.as_str());
+        let mut intent = self.entry(d, name, "intent", plan.describe());
+        intent.kind = Kind::Intent;
+        intent.result = None;
+        intent.key = Some(key.clone());
+        intent.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
+        let Some(intent) = self.record(intent) else {
+            self.count(&d.cbo, d.kind, name, "failed");
+            return Ran::NotRecorded;
+        };
+        let attempts = self.config.actions.attempts.max(1);
+        let attempt_of = Attempt {
+            decision: d,
+            plan: &plan,
+            key: &key,
+        };
+        let mut last_error = String::new();
+        for attempt in 1..=attempts + 1 {
+            if attempt > 1 {
+                // Never send a change again blindly: read first whether the last one took effect.
+                match integration.took_effect(&plan, intent.at_ms).await {
+                    Ok(Effect::Applied(detail)) => {
+                        let done = format!(
+                            "{detail} (took effect, though attempt {} answered: {last_error})",
+                            attempt - 1
+                        );
+                        return self.done(d, name, &plan, &key, attempt - 1, done);
+                    }
+                    Ok(Effect::NotApplied | Effect::Unknown) => {}
+                    Err(e) => {
+                        last_error =
+                            format!("{last_error}; could not read whether it took effect: {e}")
+                    }
+                }
+                if attempt > attempts {
+                    break;
+                }
+                tokio::time::sleep(backoff(attempt - 1)).await;
+            }
+            match integration.run(attempt_of).await {
+                Ok(done) => return self.done(d, name, &plan, &key, attempt, done),
+                Err(error) => {
+                    tracing::warn!(cbo = %d.cbo, integration = name, attempt, error, "action attempt failed");
+                    if attempt < attempts {
+                        let mut e = self.entry(d, name, "retrying", error.clone());
+                        e.attempt = Some(attempt);
+                        e.key = Some(key.clone());
+                        self.record(e);
+                    }
+                    last_error = error;
+                }
+            }
+        }
+        tracing::error!(cbo = %d.cbo, rule = d.rule.as_str(), integration = name, error = last_error, "action failed");
+        self.count(&d.cbo, d.kind, name, "failed");
+        let mut e = self.entry(d, name, "failed", last_error);
+        e.attempt = Some(attempts);
+        e.key = Some(key);
+        e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
+        self.record(e);
+        Ran::Failed
+    }
+
+    /// An integration's action took effect: the result joins its intent by key, and carries
+    /// the plan so a restart knows what is bad and what is this guard's own.
+    fn done(
+        &self,
+        d: &Decision,
+        name: &str,
+        plan: &Plan,
+        key: &str,
+        attempt: u32,
+        done: String,
+    ) -> Ran {
+        tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), integration = name, done, "action fired");
+        self.count(&d.cbo, d.kind, name, "fired");
+        let mut e = self.entry(d, name, "fired", done);
+        e.attempt = Some(attempt);
+        e.key = Some(key.to_string());
+        e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
+        self.record(e);
+        self.memory().took_effect(&d.cbo, plan);
+        Ran::Fired
+    }
+
+    /// Settles every intent read back at start without a result: asks Twilio whether it took
+    /// effect and logs the answer; never sends it again. Until settled, the CBO's actions wait.
+    pub async fn settle(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut round = 0;
+        loop {
+            let pending: Vec<Entry> = self.memory().unsettled.values().cloned().collect();
+            if pending.is_empty() {
+                return;
+            }
+            round += 1;
+            for intent in pending {
+                if let Some(outcome) = self.settle_one(&intent).await {
+                    let key = intent.key.clone().unwrap_or_default();
+                    if self.record(outcome).is_some() {
+                        self.memory().unsettled.remove(&key);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff(round)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// The result entry settling `intent`, or `None` while Twilio cannot tell yet.
+    async fn settle_one(self: &Arc<Self>, intent: &Entry) -> Option<Entry> {
+        let kind = intent.action.as_deref().and_then(ActionKind::parse)?;
+        let name = intent.integration.clone().unwrap_or_default();
+        let plan: Plan =
+            serde_json::from_value(intent.evidence["plan"].clone()).unwrap_or_default();
+        let rule = intent
+            .rule
+            .as_deref()
+            .and_then(RuleId::parse)
+            .unwrap_or(RuleId::ConfigCorruption);
+        let d = Decision {
+            cbo: intent.cbo.clone(),
+            rule,
+            kind,
+            evidence: intent.evidence["breach"].clone(),
+            deployment: intent.deployment.clone(),
+            decided_at: intent.at.clone(),
+        };
+        let integration = self
+            .config
+            .cbo(&intent.cbo)
+            .map(|c| self.integrations(c, kind))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|i| i.name() == name);
+        let (result, detail) = match integration {
+            None => (
+                "failed",
+                format!(
+                    "settled at start: {name} is no longer configured for this CBO; whether it took effect is unknown, and it is not sent again"
+                ),
+            ),
+            Some(i) => match i.took_effect(&plan, intent.at_ms).await {
+                Ok(Effect::Applied(detail)) => {
+                    ("fired", format!("settled at start: took effect: {detail}"))
+                }
+                Ok(Effect::NotApplied) => (
+                    "failed",
+                    "settled at start: it did not take effect, and it is not sent again".into(),
+                ),
+                Ok(Effect::Unknown) => (
+                    "failed",
+                    format!(
+                        "settled at start: {name} cannot be read back; not sent again (its receiver has the idempotency key)"
+                    ),
+                ),
+                Err(e) => {
+                    tracing::warn!(cbo = %intent.cbo, key = intent.key.as_deref().unwrap_or(""), error = %e, "cannot settle an intent yet");
+                    return None;
+                }
+            },
+        };
+        tracing::warn!(cbo = %intent.cbo, integration = %name, key = intent.key.as_deref().unwrap_or(""), result, detail, "intent settled");
+        self.count(&intent.cbo, kind, &name, result);
+        let mut e = self.entry(&d, &name, result, detail);
+        e.key = intent.key.clone();
+        e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence, "settled": true });
+        if result == "fired" {
+            let mut m = self.memory();
+            m.took_effect(&d.cbo, &plan);
+            if kind == ActionKind::Rollback
+                && let Some(dep) = &d.deployment
+            {
+                m.rolled_back.insert((d.cbo.clone(), dep.clone()));
+            }
+        }
+        Some(e)
+    }
+
+    /// Sets the daemon's own switch: logged first, then changed (an unrecorded change is not
+    /// made). Turning it on forgets the Flex values kept for restoring.
+    pub fn set_switch(
+        &self,
+        cbo: &str,
+        enabled: bool,
+        reason: String,
+    ) -> Result<Switch, NotRecorded> {
+        let now = self.clock.now_ms();
+        let mut switch = self.switch(cbo).unwrap_or_else(|| Switch::on(cbo));
+        switch.transfers_enabled = enabled;
+        switch.reason = Some(reason);
+        switch.since = Some(rfc3339(now));
+        if enabled {
+            switch.previous_flags = None;
+        }
+        self.log_switch(&switch)?;
+        self.memory()
+            .switches
+            .insert(cbo.to_string(), switch.clone());
         if let Some(m) = self.metrics.cbo(cbo) {
             m.set_disabled(!enabled);
         }
-        self.log_switch(&switch);
+        Ok(switch)
     }
 
     /// Remembers the Flex flags seen before the flag went off (for re-enabling).
-    pub fn remember_flags(&self, cbo: &str, flags: Value) {
-        let switch = {
-            let mut m = self.memory();
-            let Some(s) = m.switches.get_mut(cbo) else {
-                return;
-            };
-            if s.previous_flags.is_none() {
-                s.previous_flags = Some(flags);
-            }
-            s.clone()
+    pub fn remember_flags(&self, cbo: &str, flags: Value) -> Result<(), NotRecorded> {
+        let Some(mut switch) = self.switch(cbo) else {
+            return Ok(());
         };
-        self.log_switch(&switch);
+        if switch.previous_flags.is_some() {
+            return Ok(());
+        }
+        switch.previous_flags = Some(flags);
+        self.log_switch(&switch)?;
+        self.memory().switches.insert(cbo.to_string(), switch);
+        Ok(())
     }
 
     /// A switch entry carries the whole switch, the flags to restore included, so a restart
     /// rebuilds it from the last one.
-    fn log_switch(&self, switch: &Switch) {
+    fn log_switch(&self, switch: &Switch) -> Result<(), NotRecorded> {
         let mut e = Entry::new(&switch.cbo, Kind::Switch, self.clock.now_ms());
         e.detail = switch.reason.clone();
         e.action = Some(
@@ -537,25 +994,32 @@ impl Actions {
         let mut evidence = serde_json::to_value(switch).expect("switch serializes");
         evidence["previous_flags"] = switch.previous_flags.clone().unwrap_or(Value::Null);
         e.evidence = evidence;
-        self.record(e);
+        self.log.append(e)?;
+        Ok(())
     }
 
     /// On-call acknowledges `rules` of `cbo`: their actions stay silent until they recover.
-    pub fn ack(&self, cbo: &str, rules: &[RuleId], by: &str) {
+    /// Each ack is recorded before it counts.
+    pub fn ack(&self, cbo: &str, rules: &[RuleId], by: &str) -> Result<(), NotRecorded> {
         for rule in rules {
-            self.memory()
-                .acked
-                .insert((cbo.to_string(), rule.as_str().to_string()));
             let mut e = Entry::new(cbo, Kind::Ack, self.clock.now_ms());
             e.rule = Some(rule.as_str().into());
             e.detail = Some(format!("acknowledged by {by}"));
-            self.record(e);
+            self.log.append(e)?;
+            self.memory()
+                .acked
+                .insert((cbo.to_string(), rule.as_str().to_string()));
         }
+        Ok(())
     }
 
     /// Re-enables transfers: the Flex flag values seen before the switch come back (when the
-    /// flag was switched and actions are live), then the daemon's switch.
-    pub async fn enable(&self, cbo: &Cbo, reason: String) -> Result<Switch, String> {
+    /// flag was switched and actions are live), then the daemon's switch. Refused while the
+    /// decision log cannot be written.
+    pub async fn enable(&self, cbo: &Cbo, reason: String) -> Result<Switch, EnableError> {
+        if let Some(why) = self.log.health.broken() {
+            return Err(EnableError::NotRecorded(why));
+        }
         let previous = self.switch(cbo.key.as_str()).and_then(|s| s.previous_flags);
         if let (Some(previous), false) = (previous, self.config.actions.dry_run)
             && cbo.disable.contains(&DisableKind::FlexFlag)
@@ -563,14 +1027,14 @@ impl Actions {
             let client = cbo
                 .account_sid
                 .and_then(|a| self.clients.get(&a).cloned())
-                .ok_or("no Twilio credentials for this CBO")?;
-            flex::restore_flags(&client, &self.config.twilio.flex_url, &previous).await?;
-            self.count(cbo.key.as_str(), "flex_flag", "fired");
+                .ok_or_else(|| EnableError::Twilio("no Twilio credentials for this CBO".into()))?;
+            flex::restore_flags(&client, &self.config.twilio.flex_url, &previous)
+                .await
+                .map_err(EnableError::Twilio)?;
+            self.count(cbo.key.as_str(), ActionKind::Disable, "flex_flag", "fired");
         }
-        self.set_switch(cbo.key.as_str(), true, reason);
-        Ok(self
-            .switch(cbo.key.as_str())
-            .expect("every cbo has a switch"))
+        self.set_switch(cbo.key.as_str(), true, reason)
+            .map_err(|e| EnableError::NotRecorded(e.to_string()))
     }
 
     /// Sends breaches and recoveries to the configured Alertmanager, on its own task. These are
@@ -591,7 +1055,7 @@ impl Actions {
             let result = alertmanager::post(&this.http, &am.url, am.timeout, &alerts).await;
             let label = if result.is_ok() { "fired" } else { "failed" };
             for cbo in &cbos {
-                this.count(cbo, "alertmanager", label);
+                this.count(cbo, ActionKind::Alert, "alertmanager", label);
             }
             if let Err(e) = result {
                 tracing::error!(error = %e, alerts = alerts.len(), "cannot notify Alertmanager");

@@ -6,10 +6,12 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
-use super::{BoxFuture, Decision, Integration};
+use super::{Attempt, BoxFuture, Integration};
 use crate::config::Secret;
 
 pub const SIGNATURE_HEADER: &str = "X-Transfer-Guard-Signature";
+/// The intent's key: the same on every attempt of one action, so a receiver drops repeats.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
 /// `sha256=<hex>` of `body` under `secret`.
 pub fn sign(secret: &Secret, body: &[u8]) -> String {
@@ -31,17 +33,20 @@ impl Integration for Webhook {
         "webhook"
     }
 
-    fn run<'a>(&'a self, d: &'a Decision) -> BoxFuture<'a, Result<String, String>> {
+    fn run<'a>(&'a self, a: Attempt<'a>) -> BoxFuture<'a, Result<String, String>> {
+        let d = a.decision;
         Box::pin(async move {
             let body = serde_json::to_vec(&json!({
                 "cbo": d.cbo, "rule": d.rule.as_str(), "action": d.kind.as_str(),
                 "deployment": d.deployment, "decided_at": d.decided_at, "evidence": d.evidence,
+                "idempotency_key": a.key,
             }))
             .expect("decisions serialize");
             let mut req = self
                 .http
                 .post(&self.url)
                 .header("content-type", "application/json")
+                .header(IDEMPOTENCY_HEADER, a.key)
                 .body(body.clone());
             if let Some(secret) = &self.secret {
                 req = req.header(SIGNATURE_HEADER, sign(secret, &body));

@@ -412,6 +412,36 @@ impl SimTwilio {
         deployment
     }
 
+    /// Moves everything the account has deployed or released so far `by` into the past, so a
+    /// history can be laid out before a test starts (the build that ran for hours, then the
+    /// one deployed just now).
+    pub fn age_history(&self, account: &str, by: Duration) {
+        let shift = |t: &mut String| {
+            if let Ok(at) = chrono::DateTime::parse_from_rfc3339(t) {
+                *t = rfc3339(at.timestamp_millis() - by.as_millis() as i64);
+            }
+        };
+        let mut s = self.state();
+        let acc = s.account(account);
+        for svc in acc.services.values_mut() {
+            for (_, created) in &mut svc.builds {
+                shift(created);
+            }
+            for env in svc.environments.values_mut() {
+                shift(&mut env.created);
+                for d in &mut env.deployments {
+                    shift(&mut d.created);
+                }
+            }
+        }
+        for (_, _, created) in &mut acc.plugin_configurations {
+            shift(created);
+        }
+        for r in &mut acc.releases {
+            shift(&mut r.created);
+        }
+    }
+
     pub fn deployments(&self, account: &str, service: &str, environment: &str) -> Vec<Deployment> {
         let mut s = self.state();
         s.account(account).services[service].environments[environment]

@@ -423,7 +423,7 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     for deployment in seen.into_iter().flatten() {
         if !shared.validations.exists_for(key, &deployment) {
             let v = &shared.config.validation;
-            shared.validations.start(
+            let _ = shared.validations.start(
                 key,
                 &deployment,
                 v.duration,
