@@ -195,6 +195,9 @@ pub struct ValidationSection {
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
     pub min_samples: u64,
+    /// What a failed window does (the seed: "Deployment validation failed: immediate rollback
+    /// required"), through the same pipeline as every action.
+    pub on_fail: RuleAction,
 }
 
 impl Default for ValidationSection {
@@ -202,6 +205,7 @@ impl Default for ValidationSection {
         ValidationSection {
             duration: Duration::from_secs(15 * 60),
             min_samples: 20,
+            on_fail: RuleAction::Rollback,
         }
     }
 }

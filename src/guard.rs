@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::Shared;
+use crate::actions::known::{Artifact, Verdict};
 use crate::actions::{ActionKind, Decision};
 use crate::clock::rfc3339;
 use crate::config::RuleAction;
@@ -13,6 +14,9 @@ use crate::rules::{Inputs, RuleId, RuleState, Transition};
 /// What the tick remembers between runs.
 #[derive(Default)]
 pub struct Memory {
+    /// When a rollback trigger last breached on each CBO (for "ran deploy_window without a
+    /// breach").
+    last_breach: std::collections::HashMap<String, i64>,
     /// config_corruption breaches (cbo, breached at) already escalated to disable.
     escalated: HashSet<(String, i64)>,
     /// When each breached rule was last sent to Alertmanager.
@@ -22,6 +26,10 @@ pub struct Memory {
 /// One evaluation at `now_ms`.
 pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
     shared.actions.log.probe(now_ms);
+    // This guard's own rollbacks that took effect: the new deployment is judged from then on.
+    for (cbo, at_ms) in shared.actions.take_landed() {
+        cut(shared, &cbo, at_ms, "this guard's rollback took effect");
+    }
     shared.fleet.sweep(now_ms);
     let statuses: Vec<_> = shared
         .fleet
@@ -48,29 +56,11 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
         shared.engine().tick(inputs, now_ms)
     };
 
-    let mut entries = Vec::new();
-    for t in &transitions {
-        if let Some(m) = shared.metrics.cbo(&t.cbo) {
-            m.set_rule_state(t.rule, t.to);
+    log_transitions(shared, &transitions, now_ms);
+    for t in transitions.iter().filter(|t| t.to == RuleState::Breached) {
+        if TRIGGERS.contains(&t.rule) {
+            memory.last_breach.insert(t.cbo.clone(), now_ms);
         }
-        let mut e = Entry::new(&t.cbo, Kind::State, now_ms);
-        e.rule = Some(t.rule.as_str().into());
-        e.from = Some(t.from.as_str().into());
-        e.to = Some(t.to.as_str().into());
-        e.evidence = serde_json::json!({"measured": t.evidence, "params": t.params});
-        entries.push(e);
-        if t.to == RuleState::Ok {
-            shared.actions.recovered(&t.cbo, t.rule);
-        }
-        if matches!(t.to, RuleState::Breached | RuleState::Pending) {
-            tracing::warn!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), evidence = %t.evidence, "rule state changed");
-        } else {
-            tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), "rule state changed");
-        }
-    }
-    // The state changes are durable before any action they cause is reported.
-    if let Err(e) = shared.actions.log.append_all(entries) {
-        tracing::error!(error = %e, "cannot write the decision log");
     }
     let shared_cause: HashSet<String> = {
         let engine = shared.engine();
@@ -102,7 +92,74 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
     }
     escalate(shared, memory, &statuses, now_ms);
     validate(shared, &statuses, now_ms);
+    learn_good(shared, memory, &statuses, now_ms);
     notify(shared, memory, &transitions, now_ms);
+}
+
+/// Rule state changes: metrics, the decision log (durable before any action they cause is
+/// reported), acks ended by recovery, and the log lines.
+fn log_transitions(shared: &Shared, transitions: &[Transition], now_ms: i64) {
+    let mut entries = Vec::new();
+    for t in transitions {
+        if let Some(m) = shared.metrics.cbo(&t.cbo) {
+            m.set_rule_state(t.rule, t.to);
+        }
+        let mut e = Entry::new(&t.cbo, Kind::State, now_ms);
+        e.rule = Some(t.rule.as_str().into());
+        e.from = Some(t.from.as_str().into());
+        e.to = Some(t.to.as_str().into());
+        e.evidence = serde_json::json!({"measured": t.evidence, "params": t.params});
+        entries.push(e);
+        if t.to == RuleState::Ok {
+            shared.actions.recovered(&t.cbo, t.rule);
+        }
+        if matches!(t.to, RuleState::Breached | RuleState::Pending) {
+            tracing::warn!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), evidence = %t.evidence, "rule state changed");
+        } else {
+            tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), "rule state changed");
+        }
+    }
+    if let Err(e) = shared.actions.log.append_all(entries) {
+        tracing::error!(error = %e, "cannot write the decision log");
+    }
+}
+
+/// A new deployment took effect on `cbo` at `at_ms`: its windows restart from that instant and
+/// its pending or breached rules from ok, so neither it nor a rollback is judged on evidence
+/// from before it. Returns the instant it is judged from.
+fn cut(shared: &Shared, cbo: &str, at_ms: i64, why: &str) -> Option<i64> {
+    let state = shared.fleet.get(cbo)?;
+    let now_ms = shared.clock.now_ms();
+    let before = state.judged_since();
+    let since = state.cut(at_ms, now_ms);
+    if since > before {
+        tracing::info!(cbo, judged_since = %rfc3339(since), why, "a new deployment is judged on its own traffic");
+        let evidence = serde_json::json!({"judged_since": rfc3339(since), "why": why});
+        let transitions = shared.engine().restart(cbo, now_ms, &evidence);
+        log_transitions(shared, &transitions, now_ms);
+    }
+    Some(since)
+}
+
+/// A deployment (or plugin release) seen by polling took effect at `at_ms`: judged from then
+/// on, in a validation window of its own; windows of what it replaced end.
+pub fn deployed(shared: &Shared, cbo: &str, deployment: &str, at_ms: i64) {
+    let Some(since) = cut(shared, cbo, at_ms, &format!("deployment {deployment}")) else {
+        return;
+    };
+    let now_ms = shared.clock.now_ms();
+    shared.validations.supersede(cbo, deployment, now_ms);
+    if !shared.validations.exists_for(cbo, deployment) {
+        let v = &shared.config.validation;
+        let _ = shared.validations.start(
+            cbo,
+            deployment,
+            v.duration,
+            v.min_samples,
+            "deployment_seen",
+            since,
+        );
+    }
 }
 
 /// Breaches go to Alertmanager when they start and every minute while they last; recoveries
@@ -185,9 +242,119 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
             .map(|r| r.as_str().to_string())
             .collect()
     };
-    shared
+    let ended = shared
         .validations
         .tick(now_ms, &stats, &config_ok, &triggers);
+    for v in ended {
+        let Some((_, tr)) = statuses.iter().find(|(k, _)| *k == v.cbo) else {
+            continue;
+        };
+        match v.state {
+            crate::validation::State::Passed => {
+                // What was live through the whole window passed it.
+                for (artifact, sid, since) in live(tr) {
+                    if since <= v.start_ms {
+                        shared.actions.learn(
+                            &v.cbo,
+                            artifact,
+                            &sid,
+                            Verdict::Good,
+                            &format!("passed validation window {}", v.id),
+                        );
+                    }
+                }
+            }
+            crate::validation::State::Failed => validation_failed(shared, &v, tr, now_ms),
+            _ => {}
+        }
+    }
+}
+
+/// What is live on a CBO, as polling saw it: (artifact, SID, since when).
+fn live(tr: &crate::health::TaskRouterStatus) -> Vec<(Artifact, String, i64)> {
+    let mut out = Vec::new();
+    if let (Some(b), Some(at)) = (&tr.latest_build, tr.latest_deployment_at_ms) {
+        out.push((Artifact::Build, b.clone(), at));
+    }
+    if let (Some(c), Some(at)) = (&tr.latest_configuration, tr.latest_release_at_ms) {
+        out.push((Artifact::PluginConfiguration, c.clone(), at));
+    }
+    out
+}
+
+/// A failed window acts (`validation.on_fail`) through the same pipeline as a breach: dry
+/// run, once per deployment, cooldown, intent. Its rule is the first criterion it missed.
+fn validation_failed(
+    shared: &Shared,
+    v: &crate::validation::Validation,
+    tr: &crate::health::TaskRouterStatus,
+    now_ms: i64,
+) {
+    use crate::validation::Verdict as Met;
+    let rule = v
+        .criteria
+        .iter()
+        .find(|c| c.verdict == Met::Missed)
+        .and_then(|c| match c.name.as_str() {
+            "success_rate" => Some(RuleId::SuccessRate),
+            "bad_requests" => Some(RuleId::BadRequests),
+            "cold_completion_p95" => Some(RuleId::ColdTransferLatency),
+            "notification_p95" => Some(RuleId::NotificationLatency),
+            "history_preserved" => Some(RuleId::HistoryLoss),
+            "configuration_sound" => Some(RuleId::ConfigCorruption),
+            _ => None,
+        })
+        .or_else(|| {
+            v.reason
+                .as_deref()
+                .and_then(|r| TRIGGERS.into_iter().find(|t| r.contains(t.as_str())))
+        })
+        .unwrap_or(RuleId::SuccessRate);
+    let kind = action_kind(shared.config.validation.on_fail);
+    tracing::error!(cbo = %v.cbo, id = %v.id, deployment = %v.deployment, action = kind.as_str(), reason = v.reason.as_deref().unwrap_or(""), "deployment validation failed");
+    shared.actions.decide(Decision {
+        cbo: v.cbo.clone(),
+        rule,
+        kind,
+        evidence: serde_json::json!({
+            "validation": v.id, "deployment": v.deployment, "reason": v.reason,
+            "criteria": v.criteria, "on_fail": kind.as_str(),
+        }),
+        deployment: tr.latest_deployment.clone(),
+        decided_at: rfc3339(now_ms),
+    });
+}
+
+/// A live build or plugin configuration that ran `deploy_window` without a rollback trigger
+/// breaching is known good (Twilio's history covers the time before this daemon started).
+fn learn_good(
+    shared: &Shared,
+    memory: &Memory,
+    statuses: &[(String, crate::health::TaskRouterStatus)],
+    now_ms: i64,
+) {
+    for (cbo, tr) in statuses {
+        let window = shared
+            .engine()
+            .params(cbo, RuleId::CrossCbo)
+            .map(|p| p.deploy_window)
+            .unwrap_or(Duration::from_secs(3600));
+        let breach = memory.last_breach.get(cbo).copied().unwrap_or(i64::MIN);
+        for (artifact, sid, since) in live(tr) {
+            if now_ms - since >= window.as_millis() as i64 && breach < since {
+                shared.actions.learn(
+                    cbo,
+                    artifact,
+                    &sid,
+                    Verdict::Good,
+                    &format!(
+                        "live {} without a breach",
+                        humantime::format_duration(window)
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms: i64) -> Decision {
@@ -218,9 +385,18 @@ fn act(
         if kind == ActionKind::Alert {
             return;
         }
-        let recent = tr
-            .and_then(|s| s.latest_deployment_at_ms)
-            .is_some_and(|at| now_ms - at < t.params.deploy_window.as_millis() as i64);
+        // This guard's own rollback is not a common release.
+        let own = tr.and_then(|s| s.latest_build.as_ref()).is_some_and(|b| {
+            shared
+                .actions
+                .known_view(&t.cbo, Artifact::Build)
+                .own
+                .contains(b)
+        });
+        let recent = !own
+            && tr
+                .and_then(|s| s.latest_deployment_at_ms)
+                .is_some_and(|at| now_ms - at < t.params.deploy_window.as_millis() as i64);
         if !recent {
             let why = format!(
                 "no deployment younger than {} (a shared cause elsewhere, such as a Twilio incident)",

@@ -162,6 +162,13 @@ pub struct TaskRouterStatus {
     pub functions_workflow_sid: Option<String>,
     pub baseline: Option<Baseline>,
     pub latest_deployment: Option<String>,
+    /// The build the latest deployment runs.
+    pub latest_build: Option<String>,
+    /// The latest Flex plugin release and the configuration it made live.
+    pub latest_release: Option<String>,
+    pub latest_configuration: Option<String>,
+    #[serde(skip)]
+    pub latest_release_at_ms: Option<i64>,
     /// When Twilio says the latest deployment was created (ms since the epoch).
     #[serde(skip)]
     pub latest_deployment_at_ms: Option<i64>,

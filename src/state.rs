@@ -1,6 +1,6 @@
 //! Per-CBO state (tracker and windows behind one lock) and the fleet of CBOs: events in, effects to metrics and windows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +23,22 @@ struct Inner {
     tracker: Tracker,
     windows: Windows,
     effects: Vec<Effect>,
+    /// The last minute of effects (bounded), so a deployment seen a little after it took
+    /// effect is judged from its exact instant: the windows are rebuilt from these.
+    /// (arrived, transfer started, effect), in arrival order.
+    recent: VecDeque<(i64, i64, Effect)>,
+    /// The latest arrival dropped from `recent`.
+    pruned_until_ms: i64,
+    /// Transfers initiated before this instant belong to an earlier deployment: they count in
+    /// the metrics, never in the windows that rules and validation windows read.
+    judged_since_ms: i64,
 }
+
+/// How far back `recent` reaches (two polls), and how many effects it holds at most. A cut older than
+/// what it still holds starts at the oldest effect it has (never earlier: old evidence stays
+/// out).
+const RECENT_SPAN_MS: i64 = 30_000;
+const RECENT_MAX: usize = 4096;
 
 pub struct CboState {
     pub key: String,
@@ -31,6 +46,7 @@ pub struct CboState {
     taskrouter: Mutex<TaskRouterStatus>,
     series: Arc<CboSeries>,
     max_window_ms: i64,
+    max_window: Duration,
 }
 
 impl CboState {
@@ -42,10 +58,14 @@ impl CboState {
                 tracker: Tracker::new(config.transfers.timeout, config.transfers.max_open),
                 windows: Windows::new(config.transfers.max_window),
                 effects: Vec::new(),
+                recent: VecDeque::new(),
+                pruned_until_ms: i64::MIN,
+                judged_since_ms: i64::MIN,
             }),
             taskrouter: Mutex::new(TaskRouterStatus::default()),
             series,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
+            max_window: config.transfers.max_window,
         }
     }
 
@@ -105,44 +125,75 @@ impl CboState {
     }
 
     fn drain(&self, inner: &mut Inner, now_ms: i64) {
-        for effect in inner.effects.drain(..) {
-            match effect {
+        let mut effects = std::mem::take(&mut inner.effects);
+        for effect in effects.drain(..) {
+            match &effect {
                 Effect::Finished {
-                    at_ms,
                     outcome,
                     transfer_type,
                     target_type,
                     class,
                     completion_secs,
+                    ..
                 } => {
+                    self.series.transfer(*transfer_type, *target_type, *outcome);
                     // Only a failure has an error class (a `completed` may still carry an error).
-                    let class = class.filter(|_| outcome == crate::tracker::Outcome::Failed);
-                    self.series.transfer(transfer_type, target_type, outcome);
-                    if let Some(class) = class {
+                    if let Some(class) =
+                        class.filter(|_| *outcome == crate::tracker::Outcome::Failed)
+                    {
                         self.series.error(class);
                     }
-                    if let Some(secs) = completion_secs {
-                        if let Some(tt) = transfer_type {
-                            self.series.completion(tt, secs);
-                        }
-                        inner
-                            .windows
-                            .record_completion(at_ms, now_ms, transfer_type, secs);
+                    if let (Some(secs), Some(tt)) = (completion_secs, transfer_type) {
+                        self.series.completion(*tt, *secs);
                     }
-                    inner.windows.record_outcome(at_ms, now_ms, outcome, class);
                 }
-                Effect::Notified { at_ms, secs } => {
-                    self.series.notification(secs);
-                    inner.windows.record_notification(at_ms, now_ms, secs);
-                }
-                Effect::HistoryLost { at_ms } => {
-                    self.series.history_lost();
-                    inner.windows.record_history_lost(at_ms, now_ms);
-                }
+                Effect::Notified { secs, .. } => self.series.notification(*secs),
+                Effect::HistoryLost { .. } => self.series.history_lost(),
                 Effect::Duplicate => self.series.duplicate(),
                 Effect::Evicted => self.series.evicted(),
             }
+            if let Some(started) = judged_by(&effect) {
+                record(&mut inner.windows, &effect, inner.judged_since_ms, now_ms);
+                while inner.recent.len() >= RECENT_MAX
+                    || inner
+                        .recent
+                        .front()
+                        .is_some_and(|(t, _, _)| *t < now_ms - RECENT_SPAN_MS)
+                {
+                    if let Some((t, _, _)) = inner.recent.pop_front() {
+                        inner.pruned_until_ms = inner.pruned_until_ms.max(t);
+                    }
+                }
+                inner.recent.push_back((now_ms, started, effect));
+            }
         }
+        inner.effects = effects;
+    }
+
+    /// A new deployment took effect at `at_ms`: from now on the windows hold only transfers
+    /// initiated at or after it (rebuilt from the last minute of effects), so the deployment
+    /// is judged on its own traffic. Returns the instant judging starts from: `at_ms`, or
+    /// later when the last minute no longer reaches back to it. A cut never moves earlier.
+    pub fn cut(&self, at_ms: i64, now_ms: i64) -> i64 {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if at_ms <= inner.judged_since_ms {
+            return inner.judged_since_ms;
+        }
+        // Effects dropped from `recent` arrived before everything it holds; if some arrived
+        // after the cut, judging starts after the last of them instead (never earlier).
+        let since = at_ms.max(inner.pruned_until_ms + 1);
+        inner.judged_since_ms = since;
+        inner.windows = Windows::new(self.max_window);
+        for (_, _, effect) in &inner.recent {
+            record(&mut inner.windows, effect, since, now_ms);
+        }
+        since
+    }
+
+    /// The instant this CBO's current deployment is judged from (`i64::MIN` before any cut).
+    pub fn judged_since(&self) -> i64 {
+        self.lock().judged_since_ms
     }
 
     /// What polling knows about this CBO's workflow.
@@ -172,6 +223,49 @@ impl CboState {
             let ratio = self.stats(now_ms, *window).success_rate;
             self.series.set_success_ratio(i, ratio);
         }
+    }
+}
+
+/// When the transfer behind an effect started (`None` for effects the windows do not hold).
+fn judged_by(effect: &Effect) -> Option<i64> {
+    match effect {
+        Effect::Finished {
+            at_ms,
+            initiated_ms,
+            ..
+        } => Some(initiated_ms.unwrap_or(*at_ms)),
+        Effect::Notified { at_ms, secs } => Some(at_ms - (secs * 1000.0).round() as i64),
+        Effect::HistoryLost {
+            at_ms,
+            initiated_ms,
+        } => Some(initiated_ms.unwrap_or(*at_ms)),
+        Effect::Duplicate | Effect::Evicted => None,
+    }
+}
+
+/// Adds an effect to the windows when its transfer started at or after `since_ms`.
+fn record(windows: &mut Windows, effect: &Effect, since_ms: i64, now_ms: i64) {
+    if judged_by(effect).is_none_or(|t| t < since_ms) {
+        return;
+    }
+    match *effect {
+        Effect::Finished {
+            at_ms,
+            outcome,
+            transfer_type,
+            class,
+            completion_secs,
+            ..
+        } => {
+            let class = class.filter(|_| outcome == crate::tracker::Outcome::Failed);
+            if let Some(secs) = completion_secs {
+                windows.record_completion(at_ms, now_ms, transfer_type, secs);
+            }
+            windows.record_outcome(at_ms, now_ms, outcome, class);
+        }
+        Effect::Notified { at_ms, secs } => windows.record_notification(at_ms, now_ms, secs),
+        Effect::HistoryLost { at_ms, .. } => windows.record_history_lost(at_ms, now_ms),
+        Effect::Duplicate | Effect::Evicted => {}
     }
 }
 

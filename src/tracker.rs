@@ -47,9 +47,11 @@ impl Outcome {
 /// What the tracker learned from an event or from the passing of time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// A transfer ended. `at_ms` is the event time the outcome belongs to.
+    /// A transfer ended. `at_ms` is the event time the outcome belongs to; `initiated_ms`
+    /// says which deployment it belongs to.
     Finished {
         at_ms: i64,
+        initiated_ms: Option<i64>,
         outcome: Outcome,
         transfer_type: Option<TransferType>,
         target_type: Option<TargetType>,
@@ -59,7 +61,10 @@ pub enum Effect {
     /// `notified` - `initiated` of one transfer.
     Notified { at_ms: i64, secs: f64 },
     /// A `completed` with `history_preserved: false`.
-    HistoryLost { at_ms: i64 },
+    HistoryLost {
+        at_ms: i64,
+        initiated_ms: Option<i64>,
+    },
     /// The same event (transfer, kind, timestamp) seen again: ignored.
     Duplicate,
     /// The cap on tracked transfers pushed out an unfinished one.
@@ -115,6 +120,7 @@ impl Transfer {
         };
         out.push(Effect::Finished {
             at_ms,
+            initiated_ms: initiated,
             outcome,
             transfer_type: self.transfer_type,
             target_type: self.target_type,
@@ -122,7 +128,10 @@ impl Transfer {
             completion_secs,
         });
         if self.history_lost {
-            out.push(Effect::HistoryLost { at_ms });
+            out.push(Effect::HistoryLost {
+                at_ms,
+                initiated_ms: initiated,
+            });
         }
         self.finished = true;
     }
@@ -488,7 +497,10 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(out.last(), Some(&Effect::HistoryLost { at_ms: T0 + 1 }));
+        assert!(matches!(
+            out.last(),
+            Some(&Effect::HistoryLost { at_ms, .. }) if at_ms == T0 + 1
+        ));
     }
 
     #[test]

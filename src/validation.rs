@@ -357,6 +357,28 @@ impl Validations {
             .collect()
     }
 
+    /// Ends `cbo`'s running windows of other deployments as inconclusive: a newer deployment
+    /// took effect, so what they judged is no longer live.
+    pub fn supersede(&self, cbo: &str, deployment: &str, now_ms: i64) {
+        let mut windows = self.lock();
+        let mut ended = false;
+        for v in windows
+            .values_mut()
+            .filter(|v| v.cbo == cbo && v.deployment != deployment && v.state == State::Running)
+        {
+            v.state = State::Inconclusive;
+            v.reason = Some(format!("superseded: deployment {deployment} took effect"));
+            v.end_ms = now_ms;
+            v.end = rfc3339(now_ms);
+            ended = true;
+            tracing::warn!(id = %v.id, cbo, deployment = %v.deployment, "validation window superseded by a newer deployment");
+        }
+        if ended {
+            self.publish(&windows, cbo);
+            let _ = self.save(&windows);
+        }
+    }
+
     /// Whether a window (running or ended) was ever opened for this deployment.
     pub fn exists_for(&self, cbo: &str, deployment: &str) -> bool {
         self.lock()

@@ -287,7 +287,7 @@ async fn every_promql_expression_parses_and_names_only_exported_metrics() {
 }
 
 #[tokio::test]
-async fn prometheus_scraping_the_demo_fires_the_bad_request_alert() {
+async fn prometheus_scraping_the_demo_fires_the_action_alert_for_its_real_rollback() {
     let Some(prometheus) = tool("prometheus", "prometheus", "end to end") else {
         return;
     };
@@ -343,23 +343,26 @@ async fn prometheus_scraping_the_demo_fires_the_bad_request_alert() {
             .into_iter()
             .flatten()
             .any(|a| {
-                a["labels"]["alertname"] == "TransferGuardBadRequests"
+                a["labels"]["alertname"] == "TransferGuardActionFired"
                     && a["labels"]["cbo"] == "nss"
+                    && a["labels"]["action"] == "rollback"
                     && a["state"] == "firing"
             });
         if firing {
             break;
         }
     }
+    // The demo's bad deploy is rolled back on the simulated Twilio; the series the daemon
+    // exports for it makes the shipped rule fire.
     assert!(
         firing,
-        "TransferGuardBadRequests never fired; last answer: {seen}"
+        "TransferGuardActionFired never fired; last answer: {seen}"
     );
     let alert = seen["data"]["alerts"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|a| a["labels"]["alertname"] == "TransferGuardBadRequests")
+        .find(|a| a["labels"]["alertname"] == "TransferGuardActionFired")
         .unwrap();
     assert!(
         alert["annotations"]["description"]

@@ -206,6 +206,8 @@ struct Memory {
     known: Ledger,
     /// Intents read back at start without a result, by key: settled by asking Twilio.
     unsettled: BTreeMap<String, Entry>,
+    /// Rollbacks that took effect since the tick last looked: (cbo, when).
+    landed: Vec<(String, i64)>,
 }
 
 impl Memory {
@@ -839,8 +841,18 @@ impl Actions {
         e.key = Some(key.to_string());
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
         self.record(e);
-        self.memory().took_effect(&d.cbo, plan);
+        let mut m = self.memory();
+        m.took_effect(&d.cbo, plan);
+        if plan.artifact.is_some() {
+            m.landed.push((d.cbo.clone(), self.clock.now_ms()));
+        }
         Ran::Fired
+    }
+
+    /// Rollbacks that took effect since the last call: the tick judges what they put live from
+    /// then on.
+    pub fn take_landed(&self) -> Vec<(String, i64)> {
+        std::mem::take(&mut self.memory().landed)
     }
 
     /// Settles every intent read back at start without a result: asks Twilio whether it took
@@ -929,6 +941,9 @@ impl Actions {
         if result == "fired" {
             let mut m = self.memory();
             m.took_effect(&d.cbo, &plan);
+            if plan.artifact.is_some() {
+                m.landed.push((d.cbo.clone(), self.clock.now_ms()));
+            }
             if kind == ActionKind::Rollback
                 && let Some(dep) = &d.deployment
             {

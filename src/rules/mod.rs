@@ -342,6 +342,33 @@ impl Engine {
             .collect()
     }
 
+    /// A new deployment of `cbo` took effect: its pending and breached rules start again from
+    /// ok, so it is judged on its own evidence (the old evidence is out of its windows).
+    pub fn restart(&mut self, cbo: &str, now_ms: i64, evidence: &Value) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for rule in RuleId::ALL {
+            let key = (cbo.to_string(), rule);
+            let (Some(t), Some(params)) = (self.tracked.get_mut(&key), self.params.get(&key))
+            else {
+                continue;
+            };
+            if matches!(t.state, RuleState::Pending | RuleState::Breached) {
+                let from = t.state;
+                *t = Tracked::new(now_ms);
+                t.evidence = evidence.clone();
+                out.push(Transition {
+                    cbo: cbo.to_string(),
+                    rule,
+                    from,
+                    to: RuleState::Ok,
+                    evidence: evidence.clone(),
+                    params: *params,
+                });
+            }
+        }
+        out
+    }
+
     /// Evaluates every rule of every CBO at `now_ms`; `inputs(cbo)` gives what one CBO's rules
     /// read. A pure function of the inputs and the time.
     pub fn tick<'a>(

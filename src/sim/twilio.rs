@@ -659,6 +659,13 @@ fn query_minutes(uri: &Uri) -> i64 {
         .unwrap_or(15)
 }
 
+fn query_start(uri: &Uri) -> Option<i64> {
+    let q = serde_urlencoded::from_str::<HashMap<String, String>>(uri.query()?).ok()?;
+    chrono::DateTime::parse_from_rfc3339(q.get("StartDate")?)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
 const TASKROUTER: &str = "https://taskrouter.twilio.com";
 const SERVERLESS: &str = "https://serverless.twilio.com";
 const FLEX: &str = "https://flex-api.twilio.com";
@@ -704,8 +711,8 @@ fn route(
                     },
                 })),
                 ["CumulativeStatistics"] => {
-                    let minutes = query_minutes(uri);
-                    let since = now_ms - minutes * 60_000;
+                    // StartDate when given, else the trailing Minutes (15 by default).
+                    let since = query_start(uri).unwrap_or(now_ms - query_minutes(uri) * 60_000);
                     let mut c = HashMap::new();
                     for (t, e) in acc.tasks.get(*ww).into_iter().flatten() {
                         if *t >= since {

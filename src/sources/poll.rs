@@ -54,6 +54,10 @@ pub struct Cycle {
     pub functions_workflow_sid: Option<String>,
     pub latest_deployment: Option<String>,
     pub latest_deployment_at_ms: Option<i64>,
+    pub latest_build: Option<String>,
+    pub latest_release: Option<String>,
+    pub latest_release_at_ms: Option<i64>,
+    pub latest_configuration: Option<String>,
     pub new_deployment: bool,
     /// A Flex plugin release seen for the first time (not at start): its SID.
     pub new_release: Option<String>,
@@ -82,6 +86,12 @@ pub struct Poller {
     /// Polled only for CBOs that roll back plugin releases (they deploy through Flex plugins).
     watch_releases: bool,
     last_release: Option<String>,
+    last_release_at_ms: Option<i64>,
+    last_build: Option<String>,
+    last_configuration: Option<String>,
+    /// The current deployment's first instant (set by the daemon after a cut): statistics are
+    /// asked from then on while that is nearer than the trailing window.
+    pub judged_since_ms: Option<i64>,
 }
 
 /// The workflow variable the template's functions read: the per-CBO one, else the shared one.
@@ -126,6 +136,10 @@ impl Poller {
                 .rollback
                 .contains(&crate::config::RollbackKind::PluginRelease),
             last_release: None,
+            last_release_at_ms: None,
+            last_build: None,
+            last_configuration: None,
+            judged_since_ms: None,
         }
     }
 
@@ -197,7 +211,16 @@ impl Poller {
                         }),
                     }
                     self.workflow_problems = Some(problems);
-                    match tr.cumulative_statistics(&ws, &ww, self.minutes).await {
+                    let now_ms = chrono::DateTime::parse_from_rfc3339(now)
+                        .map(|t| t.timestamp_millis())
+                        .unwrap_or(0);
+                    let start = self
+                        .judged_since_ms
+                        .filter(|s| *s > now_ms - self.minutes as i64 * 60_000 && *s <= now_ms);
+                    match tr
+                        .cumulative_statistics(&ws, &ww, self.minutes, start)
+                        .await
+                    {
                         Ok(s) => cycle.statistics = Some(s),
                         Err(e) => {
                             cycle.bad_request |= e.status() == Some(400);
@@ -280,6 +303,7 @@ impl Poller {
                         }
                     });
                     let latest = newest.and_then(|d| d.sid.clone());
+                    self.last_build = newest.and_then(|d| d.build_sid.clone());
                     if let Some(at) = newest
                         .and_then(|d| d.date_created.as_deref())
                         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -304,16 +328,19 @@ impl Poller {
             };
             match flex.releases().await {
                 Ok(releases) => {
-                    let newest = releases
-                        .iter()
-                        .reduce(|best, r| {
-                            if r.date_created > best.date_created {
-                                r
-                            } else {
-                                best
-                            }
-                        })
-                        .and_then(|r| r.sid.clone());
+                    let newest_release = releases.iter().reduce(|best, r| {
+                        if r.date_created > best.date_created {
+                            r
+                        } else {
+                            best
+                        }
+                    });
+                    self.last_configuration =
+                        newest_release.and_then(|r| r.configuration_sid.clone());
+                    self.last_release_at_ms = newest_release.and_then(|r| {
+                        crate::actions::serverless::created_ms(r.date_created.as_deref())
+                    });
+                    let newest = newest_release.and_then(|r| r.sid.clone());
                     if self.last_release.is_some()
                         && newest.is_some()
                         && newest != self.last_release
@@ -367,6 +394,10 @@ impl Poller {
         cycle.functions_workflow_sid = self.functions_sid.clone();
         cycle.latest_deployment = self.last_deployment.clone();
         cycle.latest_deployment_at_ms = self.last_deployment_at_ms;
+        cycle.latest_build = self.last_build.clone();
+        cycle.latest_release = self.last_release.clone();
+        cycle.latest_release_at_ms = self.last_release_at_ms;
+        cycle.latest_configuration = self.last_configuration.clone();
         cycle.baseline = self.baseline.clone();
         cycle.duration = started.elapsed();
         cycle
@@ -412,27 +443,6 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     for e in &cycle.errors {
         tracing::warn!(cbo = key, result = e.poll_result().as_str(), error = %e, "TaskRouter poll failed");
     }
-    // A new deployment or plugin release opens its post-deploy validation window.
-    let seen = [
-        cycle
-            .latest_deployment
-            .clone()
-            .filter(|_| cycle.new_deployment),
-        cycle.new_release.clone(),
-    ];
-    for deployment in seen.into_iter().flatten() {
-        if !shared.validations.exists_for(key, &deployment) {
-            let v = &shared.config.validation;
-            let _ = shared.validations.start(
-                key,
-                &deployment,
-                v.duration,
-                v.min_samples,
-                "deployment_seen",
-                shared.clock.now_ms(),
-            );
-        }
-    }
     let Some(state) = shared.fleet.get(key) else {
         return;
     };
@@ -474,6 +484,10 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
         baseline: cycle.baseline.clone(),
         latest_deployment: cycle.latest_deployment.clone(),
         latest_deployment_at_ms: cycle.latest_deployment_at_ms,
+        latest_build: cycle.latest_build.clone(),
+        latest_release: cycle.latest_release.clone(),
+        latest_configuration: cycle.latest_configuration.clone(),
+        latest_release_at_ms: cycle.latest_release_at_ms,
         statistics_at_ms: if cycle.statistics.is_some() {
             Some(shared.clock.now_ms())
         } else {
@@ -482,6 +496,27 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
         problems: cycle.problems.clone(),
         config_ok: cycle.config_ok.or(st.config_ok),
     };
+    drop(st);
+    // A new deployment or plugin release: judged on its own traffic from the instant it took
+    // effect (Twilio stamps whole seconds: the end of that second, so nothing earlier counts),
+    // in a validation window of its own.
+    let seen = [
+        (
+            cycle.new_deployment,
+            &cycle.latest_deployment,
+            cycle.latest_deployment_at_ms,
+        ),
+        (
+            cycle.new_release.is_some(),
+            &cycle.new_release,
+            cycle.latest_release_at_ms,
+        ),
+    ];
+    for (new, deployment, at_ms) in seen {
+        if let (true, Some(deployment), Some(at_ms)) = (new, deployment, at_ms) {
+            crate::guard::deployed(shared, key, deployment, at_ms + 999);
+        }
+    }
 }
 
 /// Polls one CBO until `stop`: first within a second of start (readiness waits for it), the
@@ -504,6 +539,11 @@ pub async fn run(
             _ = stop.changed() => break,
         }
         let now = crate::clock::rfc3339(shared.clock.now_ms());
+        poller.judged_since_ms = shared
+            .fleet
+            .get(&key)
+            .map(|s| s.judged_since())
+            .filter(|t| *t != i64::MIN);
         let cycle = tokio::select! {
             c = poller.cycle(&now) => c,
             _ = stop.changed() => break,

@@ -72,9 +72,20 @@ impl TaskRouter<'_> {
         ws: &WorkspaceSid,
         ww: &WorkflowSid,
         minutes: u64,
+        start_ms: Option<i64>,
     ) -> Result<CumulativeStatistics, TwilioError> {
         let resource = format!("workflow {ww} cumulative statistics");
-        let query = [("Minutes", minutes.to_string())];
+        // From `start_ms` (the current deployment's first instant) when that is nearer than
+        // the trailing minutes: a deployment is judged on its own tasks.
+        let query = match start_ms {
+            Some(ms) => [(
+                "StartDate",
+                chrono::DateTime::from_timestamp_millis(ms)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )],
+            None => [("Minutes", minutes.to_string())],
+        };
         self.client
             .get(
                 &self.url(ws, ww, "/CumulativeStatistics"),
