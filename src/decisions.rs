@@ -319,13 +319,14 @@ impl DecisionLog {
     }
 
     /// While the log is not writable, tries again with a note saying it is back; a success
-    /// makes it writable (the tick calls this every second).
-    pub fn probe(&self, now_ms: i64) {
-        if let Some(was) = self.health.broken() {
-            let mut e = Entry::new("", Kind::Note, now_ms);
-            e.detail = Some(format!("the decision log is writable again (was: {was})"));
-            let _ = self.append(e);
-        }
+    /// makes it writable (the tick calls this every second). True when it just came back.
+    pub fn probe(&self, now_ms: i64) -> bool {
+        let Some(was) = self.health.broken() else {
+            return false;
+        };
+        let mut e = Entry::new("", Kind::Note, now_ms);
+        e.detail = Some(format!("the decision log is writable again (was: {was})"));
+        self.append(e).is_ok()
     }
 
     /// Entries that pass `keep`, from memory when it holds every candidate (`since_ms` after
@@ -409,6 +410,37 @@ impl DecisionLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_refuses_the_entry_leaves_no_half_line_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DecisionLog::open(dir.path()).unwrap();
+        log.append(Entry::new("a", Kind::State, 1_000)).unwrap();
+        let size = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        // Every write now fails with ENOSPC, as on a full disk.
+        log.lock().file = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let err = log
+            .append(Entry::new("a", Kind::Intent, 2_000))
+            .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert!(!log.health.writable());
+        assert_eq!(log.health.errors(), 1);
+        assert!(log.health.broken().unwrap().contains("No space left"));
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(),
+            size,
+            "nothing of the refused entry reached the file"
+        );
+        // The failed write reopened the file: the disk has room again, the probe notes it.
+        assert!(log.probe(3_000));
+        assert!(log.health.writable());
+        let all = log.entries();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[1].kind, Kind::Note);
+        assert_eq!(all[1].seq, 2, "the refused entry took no sequence number");
+        drop(log);
+        assert_eq!(DecisionLog::open(dir.path()).unwrap().entries().len(), 2);
+    }
 
     #[test]
     fn entries_survive_a_reopen_and_a_torn_last_line() {

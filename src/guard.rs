@@ -25,7 +25,8 @@ pub struct Memory {
 
 /// One evaluation at `now_ms`.
 pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
-    shared.actions.log.probe(now_ms);
+    // A log writable again, or intents settled: breaches that were held are decided again.
+    let recheck = shared.actions.log.probe(now_ms) | shared.actions.take_recheck();
     // This guard's own rollbacks that took effect: the new deployment is judged from then on.
     for (cbo, at_ms) in shared.actions.take_landed() {
         cut(shared, &cbo, at_ms, "this guard's rollback took effect");
@@ -74,7 +75,16 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
             .map(|(k, _)| k.clone())
             .collect()
     };
-    for t in transitions.iter().filter(|t| t.to == RuleState::Breached) {
+    let again = if recheck {
+        standing(shared, &transitions)
+    } else {
+        Vec::new()
+    };
+    for t in transitions
+        .iter()
+        .filter(|t| t.to == RuleState::Breached)
+        .chain(&again)
+    {
         let per_cbo = matches!(t.rule, RuleId::SuccessRate | RuleId::BadRequests);
         if per_cbo && t.params.action != RuleAction::Alert && shared_cause.contains(&t.cbo) {
             // Several CBOs at once: cross_cbo decides who is rolled back.
@@ -90,6 +100,7 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
         }
         act(shared, t, &statuses, now_ms);
     }
+
     escalate(shared, memory, &statuses, now_ms);
     validate(shared, &statuses, now_ms);
     learn_good(shared, memory, &statuses, now_ms);
@@ -133,6 +144,8 @@ fn cut(shared: &Shared, cbo: &str, at_ms: i64, why: &str) -> Option<i64> {
     let before = state.judged_since();
     let since = state.cut(at_ms, now_ms);
     if since > before {
+        // What polling saw before the cut is evidence about the old deployment too.
+        state.taskrouter().new_problem_polls = 0;
         tracing::info!(cbo, judged_since = %rfc3339(since), why, "a new deployment is judged on its own traffic");
         let evidence = serde_json::json!({"judged_since": rfc3339(since), "why": why});
         let transitions = shared.engine().restart(cbo, now_ms, &evidence);
@@ -160,6 +173,35 @@ pub fn deployed(shared: &Shared, cbo: &str, deployment: &str, at_ms: i64) {
             since,
         );
     }
+}
+
+/// Breaches standing now that did not just happen, as transitions to act on again (the
+/// pipeline's gates keep a decision from firing twice).
+fn standing(shared: &Shared, fresh: &[Transition]) -> Vec<Transition> {
+    let engine = shared.engine();
+    let mut out = Vec::new();
+    for cbo in shared.fleet.iter() {
+        for rule in RuleId::ALL {
+            let (Some(t), Some(params)) =
+                (engine.state(&cbo.key, rule), engine.params(&cbo.key, rule))
+            else {
+                continue;
+            };
+            if t.state == RuleState::Breached
+                && !fresh.iter().any(|f| f.cbo == cbo.key && f.rule == rule)
+            {
+                out.push(Transition {
+                    cbo: cbo.key.clone(),
+                    rule,
+                    from: RuleState::Breached,
+                    to: RuleState::Breached,
+                    evidence: t.evidence.clone(),
+                    params: *params,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Breaches go to Alertmanager when they start and every minute while they last; recoveries
@@ -291,6 +333,10 @@ fn validation_failed(
     now_ms: i64,
 ) {
     use crate::validation::Verdict as Met;
+    if let Some(why) = held(tr) {
+        tracing::warn!(cbo = %v.cbo, id = %v.id, why, "validation failed; its action is held");
+        return;
+    }
     let rule = v
         .criteria
         .iter()
@@ -368,6 +414,19 @@ fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms
     }
 }
 
+/// Why a CBO's actions are held: a workflow problem known since start is the guard's own
+/// configuration (or an old state), and a guard that is misconfigured for a CBO does not act
+/// on it; on-call is paged through `config_mismatch`.
+fn held(tr: &crate::health::TaskRouterStatus) -> Option<String> {
+    (!tr.mismatch.is_empty()).then(|| {
+        let what: Vec<String> = tr.mismatch.iter().map(|p| p.to_string()).collect();
+        format!(
+            "config_mismatch (present since transfer-guard started, not caused by a deployment): {}",
+            what.join("; ")
+        )
+    })
+}
+
 fn act(
     shared: &Shared,
     t: &Transition,
@@ -375,6 +434,18 @@ fn act(
     now_ms: i64,
 ) {
     let tr = statuses.iter().find(|(k, _)| *k == t.cbo).map(|(_, s)| s);
+    if t.params.action != RuleAction::Alert
+        && let Some(why) = tr.and_then(held)
+    {
+        suppress(
+            shared,
+            t,
+            tr.and_then(|s| s.latest_deployment.clone()),
+            now_ms,
+            why,
+        );
+        return;
+    }
     let deployment = tr.and_then(|s| s.latest_deployment.clone());
     let kind = action_kind(t.params.action);
     if t.rule == RuleId::CrossCbo {
@@ -439,6 +510,7 @@ fn escalate(
             .params(cbo, RuleId::ConfigCorruption)
             .expect("every rule has params");
         if t.state != RuleState::Breached
+            || held(tr).is_some()
             || params.action != RuleAction::Rollback
             || now_ms - t.changed_at_ms < params.escalate_after.as_millis() as i64
             || !memory.escalated.insert((cbo.clone(), t.changed_at_ms))

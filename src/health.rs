@@ -133,7 +133,7 @@ pub fn static_problems(config: &Config, cbo: &Cbo) -> Vec<Corruption> {
 }
 
 /// The workflow SID baseline: what the functions used when the last deployment was seen.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Baseline {
     pub workflow_sid: String,
     /// The deployment it was taken at; `None` when taken at start without one.
@@ -176,6 +176,19 @@ pub struct TaskRouterStatus {
     #[serde(skip)]
     pub statistics_at_ms: Option<i64>,
     pub problems: Vec<Corruption>,
+    /// The problems among `problems` known since the daemon started (or before a restart):
+    /// `config_mismatch`, the guard's own configuration or an old state, which holds this
+    /// CBO's actions and pages instead of rolling anything back.
+    pub mismatch: Vec<Corruption>,
+    /// Consecutive polls that saw a problem outside `mismatch`; corruption needs two.
+    pub new_problem_polls: u32,
     /// `None` until the first poll that could tell.
     pub config_ok: Option<bool>,
+}
+
+impl TaskRouterStatus {
+    /// Problems that appeared while the daemon watched (not `config_mismatch`).
+    pub fn new_problems(&self) -> impl Iterator<Item = &Corruption> {
+        self.problems.iter().filter(|p| !self.mismatch.contains(p))
+    }
 }

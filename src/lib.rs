@@ -17,6 +17,7 @@ pub mod sid;
 pub mod sim;
 pub mod sources;
 pub mod state;
+pub mod store;
 pub mod tracker;
 pub mod twilio;
 pub mod validation;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub engine: std::sync::Mutex<rules::Engine>,
     pub actions: Arc<actions::Actions>,
     pub validations: validation::Validations,
+    /// Baselines and known problems per CBO, kept across restarts.
+    pub remembered: store::RememberedStore,
 }
 
 impl Shared {
@@ -132,6 +135,7 @@ impl App {
             metrics.clone(),
         )?;
         let shared = Arc::new(Shared {
+            remembered: store::RememberedStore::open(&config.server.state_dir),
             validations,
             engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),
             config,
@@ -185,16 +189,21 @@ impl App {
         });
 
         for cbo in &shared.config.cbos {
-            let poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
+            let mut poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
             let key = cbo.key.to_string();
+            if let Some(r) = shared.remembered.get(&key) {
+                poller.remember(r);
+            }
             if !poller.pollable() {
-                // Nothing to ask Twilio; what the config alone says is all there is.
-                shared
-                    .fleet
-                    .get(&key)
-                    .expect("every cbo")
-                    .taskrouter()
-                    .problems = poller.config_problems().to_vec();
+                // Nothing to ask Twilio; what the config alone says is all there is, and it is
+                // the guard's own configuration (config_mismatch), never a rollback trigger.
+                let state = shared.fleet.get(&key).expect("every cbo");
+                let mut tr = state.taskrouter();
+                tr.problems = poller.config_problems().to_vec();
+                tr.mismatch = tr.problems.clone();
+                if let Some(m) = shared.metrics.cbo(&key) {
+                    m.set_config_mismatch(!tr.mismatch.is_empty());
+                }
                 continue;
             }
             shared

@@ -191,6 +191,8 @@ pub struct CboSeries {
     config: AtomicU8,
     /// Bit per `Corruption::IDS` entry present now.
     problems: AtomicU16,
+    /// 1 while a problem known since start holds the CBO's actions.
+    config_mismatch: AtomicU8,
     /// The current state of each rule (`RuleState` as u8).
     rule_state: [AtomicU8; 8],
     /// `actions_total`, in the order of `ACTION_SERIES` × `ACTION_RESULTS`.
@@ -230,6 +232,7 @@ impl CboSeries {
             tasks_in_workflow: AtomicI64::new(i64::MIN),
             config: AtomicU8::new(0),
             problems: AtomicU16::new(0),
+            config_mismatch: AtomicU8::new(0),
             rule_state: std::array::from_fn(|_| AtomicU8::new(RuleState::Ok as u8)),
             actions: zeros(),
             disabled: AtomicU8::new(0),
@@ -325,6 +328,10 @@ impl CboSeries {
             .fold(0u16, |b, (i, _)| b | 1 << i);
         self.problems.store(bits, Relaxed);
         self.config.store(if ok { 1 } else { 2 }, Relaxed);
+    }
+
+    pub fn set_config_mismatch(&self, mismatch: bool) {
+        self.config_mismatch.store(u8::from(mismatch), Relaxed);
     }
 
     pub fn set_rule_state(&self, rule: RuleId, state: RuleState) {
@@ -640,6 +647,17 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
         );
     }
     w.end();
+
+    per_cbo(
+        w,
+        cbos,
+        (
+            "config_mismatch",
+            "gauge",
+            "1 while a workflow problem present since transfer-guard started (its own configuration, or an old state) holds the CBO's actions; 0 otherwise.",
+        ),
+        |c| u64::from(c.config_mismatch.load(Relaxed)),
+    );
 
     if let Some(h) = metrics.log_health.get() {
         w.begin(

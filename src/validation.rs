@@ -287,15 +287,8 @@ impl Validations {
 
     /// Writes the whole set atomically (temporary file, fsync, rename).
     fn save(&self, windows: &BTreeMap<String, Validation>) -> Result<(), ValidationError> {
-        let tmp = self.path.with_extension("json.tmp");
-        let result = (|| -> std::io::Result<()> {
-            let bytes = serde_json::to_vec_pretty(windows).expect("validations serialize");
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
-        result.map_err(|e| {
+        let bytes = serde_json::to_vec_pretty(windows).expect("validations serialize");
+        crate::store::write_atomic(&self.path, &bytes).map_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "cannot save validation windows");
             ValidationError::Store {
                 path: self.path.clone(),

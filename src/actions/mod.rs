@@ -320,6 +320,9 @@ pub struct Actions {
     clients: HashMap<AccountSid, TwilioClient>,
     memory: Mutex<Memory>,
     http: reqwest::Client,
+    /// Set when something that held actions back has cleared (intents settled): breaches
+    /// still standing are decided again.
+    recheck: std::sync::atomic::AtomicBool,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -370,7 +373,15 @@ impl Actions {
             clients,
             memory: Mutex::new(memory),
             http: reqwest::Client::new(),
+            recheck: Default::default(),
         }
+    }
+
+    /// Whether breaches still standing should be decided again (something that held them
+    /// back has cleared since the last call).
+    pub fn take_recheck(&self) -> bool {
+        self.recheck
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -870,6 +881,8 @@ impl Actions {
                     let key = intent.key.clone().unwrap_or_default();
                     if self.record(outcome).is_some() {
                         self.memory().unsettled.remove(&key);
+                        self.recheck
+                            .store(true, std::sync::atomic::Ordering::Release);
                     }
                 }
             }
@@ -935,9 +948,17 @@ impl Actions {
         };
         tracing::warn!(cbo = %intent.cbo, integration = %name, key = intent.key.as_deref().unwrap_or(""), result, detail, "intent settled");
         self.count(&intent.cbo, kind, &name, result);
+        let never_acted = detail.contains("did not take effect");
         let mut e = self.entry(&d, &name, result, detail);
         e.key = intent.key.clone();
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence, "settled": true });
+        if never_acted {
+            // It never acted: no cooldown runs from it.
+            let mut m = self.memory();
+            if m.last_attempt.get(&(d.cbo.clone(), kind)) == Some(&intent.at_ms) {
+                m.last_attempt.remove(&(d.cbo.clone(), kind));
+            }
+        }
         if result == "fired" {
             let mut m = self.memory();
             m.took_effect(&d.cbo, &plan);

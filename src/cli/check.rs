@@ -48,7 +48,13 @@ pub async fn run(
                 )
             }) {
                 problems += 1;
-                let _ = writeln!(out, "{name}: cbo {}: {p}", cbo.key);
+                // Present before any deployment the guard saw: the guard's own configuration.
+                let kind = if cycle.mismatch.contains(p) {
+                    "config_mismatch: "
+                } else {
+                    ""
+                };
+                let _ = writeln!(out, "{name}: cbo {}: {kind}{p}", cbo.key);
             }
             // A 404 or 400 on the workflow is already the not_found / bad_request line above.
             let named = |e: &&crate::twilio::TwilioError| {

@@ -34,16 +34,26 @@ pub fn error_rate(
     }
 }
 
+/// Polls in a row that must see a new problem before it is corruption: one 404 between good
+/// polls is Twilio's, not the deployment's.
+pub const CORRUPTION_POLLS: u32 = 2;
+
+/// Corruption is a problem that appeared while the daemon watched, seen on two polls in a
+/// row; a problem known since start is `config_mismatch` (paged, never rolled back).
 pub fn corruption(tr: &TaskRouterStatus) -> Verdict {
+    let new: Vec<_> = tr.new_problems().collect();
     Verdict {
         cond: match tr.config_ok {
-            Some(false) => Cond::True,
-            Some(true) => Cond::False,
-            None if !tr.problems.is_empty() => Cond::True,
-            None => Cond::Inconclusive,
+            _ if !new.is_empty() && tr.new_problem_polls >= CORRUPTION_POLLS => Cond::True,
+            // Seen once: looked at again on the next poll before anything is decided.
+            _ if !new.is_empty() => Cond::Inconclusive,
+            None if tr.mismatch.is_empty() => Cond::Inconclusive,
+            _ => Cond::False,
         },
         evidence: json!({
-            "problems": tr.problems, "functions_workflow_sid": tr.functions_workflow_sid,
+            "problems": new, "config_mismatch": tr.mismatch,
+            "polls_in_a_row": tr.new_problem_polls,
+            "functions_workflow_sid": tr.functions_workflow_sid,
             "baseline": tr.baseline, "latest_deployment": tr.latest_deployment,
         }),
     }

@@ -26,10 +26,17 @@ pub enum Fault {
     RateLimit { retry_after_secs: u64 },
     /// Hold the answer this long (a hung or slow Twilio).
     Delay(Duration),
+    /// Do what was asked, then hold the answer this long: a client that times out has no
+    /// answer, though Twilio applied its request.
+    ApplyThenDelay(Duration),
+    /// Do what was asked, then answer with this error (a 502 from a proxy in front of Twilio).
+    ApplyThenStatus { status: u16, code: i64 },
 }
 
 #[derive(Debug, Clone)]
 struct FaultRule {
+    /// Only requests of this method (`None`: any).
+    method: Option<String>,
     path_contains: String,
     fault: Fault,
     /// How many more requests it applies to; `None` for all.
@@ -498,6 +505,17 @@ impl SimTwilio {
     /// (`None`: until cleared).
     pub fn inject(&self, path_contains: &str, fault: Fault, times: Option<u32>) {
         self.state().faults.push(FaultRule {
+            method: None,
+            path_contains: path_contains.into(),
+            fault,
+            remaining: times,
+        });
+    }
+
+    /// As `inject`, for requests of `method` only (`POST` for the writes).
+    pub fn inject_on(&self, method: &str, path_contains: &str, fault: Fault, times: Option<u32>) {
+        self.state().faults.push(FaultRule {
+            method: Some(method.to_string()),
             path_contains: path_contains.into(),
             fault,
             remaining: times,
@@ -588,7 +606,10 @@ async fn handle(
         let account = authenticate(&s, &headers);
         let mut fault = None;
         for rule in s.faults.iter_mut() {
-            if path.contains(&rule.path_contains) && rule.remaining != Some(0) {
+            if path.contains(&rule.path_contains)
+                && rule.remaining != Some(0)
+                && rule.method.as_deref().is_none_or(|m| m == method.as_str())
+            {
                 if let Some(n) = rule.remaining.as_mut() {
                     *n -= 1;
                 }
@@ -631,9 +652,21 @@ async fn handle(
             if let Some(Fault::Delay(d)) = fault {
                 tokio::time::sleep(d).await;
             }
-            let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            let now_ms = shared.clock.now_ms();
-            route(&mut s, account, &method, &path, &uri, &body, now_ms)
+            let applied = {
+                let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                let now_ms = shared.clock.now_ms();
+                route(&mut s, account, &method, &path, &uri, &body, now_ms)
+            };
+            match fault {
+                Some(Fault::ApplyThenDelay(d)) => {
+                    tokio::time::sleep(d).await;
+                    applied
+                }
+                Some(Fault::ApplyThenStatus { status, code }) => {
+                    twilio_error(status, code, "Bad Gateway")
+                }
+                _ => applied,
+            }
         }
     };
     let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());

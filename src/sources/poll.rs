@@ -1,6 +1,6 @@
 //! TaskRouter and configuration polling per CBO: the workflow, its statistics, the functions' variable and deployments; results to metrics and status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +62,12 @@ pub struct Cycle {
     /// A Flex plugin release seen for the first time (not at start): its SID.
     pub new_release: Option<String>,
     pub baseline: Option<Baseline>,
+    /// Problems known since start (`config_mismatch`): not rollback triggers.
+    pub mismatch: Vec<Corruption>,
+    /// Consecutive fresh polls that saw a problem not known since start (corruption needs two).
+    pub new_problem_polls: u32,
+    /// What to keep across a restart.
+    pub remembered: Option<Remembered>,
     pub duration: Duration,
     /// Twilio throttled this CBO's account and asked to wait this long (capped).
     pub retry_after: Option<Duration>,
@@ -92,6 +98,20 @@ pub struct Poller {
     /// The current deployment's first instant (set by the daemon after a cut): statistics are
     /// asked from then on while that is nearer than the trailing window.
     pub judged_since_ms: Option<i64>,
+    /// Problems present since the daemon started (or, across a restart, before it): the
+    /// guard's own configuration or an old state, `config_mismatch`, never a rollback trigger.
+    /// `None` until the first verdict, or what a restart restored.
+    pub known_problems: Option<BTreeSet<String>>,
+    /// Consecutive fresh polls that saw a problem outside `known_problems`.
+    pub new_problem_polls: u32,
+}
+
+/// What polling keeps across a restart per CBO: the workflow SID baseline and the problems
+/// already known when it stopped.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Remembered {
+    pub baseline: Option<Baseline>,
+    pub known_problems: BTreeSet<String>,
 }
 
 /// The workflow variable the template's functions read: the per-CBO one, else the shared one.
@@ -140,7 +160,15 @@ impl Poller {
             last_build: None,
             last_configuration: None,
             judged_since_ms: None,
+            known_problems: None,
+            new_problem_polls: 0,
         }
+    }
+
+    /// Takes up what an earlier run of the daemon knew.
+    pub fn remember(&mut self, r: Remembered) {
+        self.baseline = r.baseline;
+        self.known_problems = Some(r.known_problems);
     }
 
     /// The workspace and workflow when TaskRouter can be asked about them.
@@ -180,6 +208,8 @@ impl Poller {
             cycle.errors.push(e);
         };
 
+        // Whether this cycle read the workflow itself (a verdict, not one kept from before).
+        let mut fresh = self.taskrouter_target().is_none();
         if let Some((client, ws, ww)) = self.taskrouter_target() {
             let tr = TaskRouter {
                 client: &client,
@@ -187,6 +217,7 @@ impl Poller {
             };
             match tr.workflow(&ws, &ww).await {
                 Ok(workflow) => {
+                    fresh = true;
                     cycle.workflow_name = workflow.friendly_name.clone();
                     let mut problems = Vec::new();
                     let configuration = workflow.configuration.as_deref().unwrap_or("");
@@ -238,11 +269,13 @@ impl Poller {
                 Err(e) => {
                     match (&e, e.status()) {
                         (TwilioError::Api { .. }, Some(404)) => {
+                            fresh = true;
                             self.workflow_problems = Some(vec![Corruption::NotFound {
                                 sid: ww.to_string(),
                             }]);
                         }
                         (TwilioError::Api { body, .. }, Some(400)) => {
+                            fresh = true;
                             cycle.bad_request = true;
                             self.workflow_problems = Some(vec![Corruption::BadRequest {
                                 sid: ww.to_string(),
@@ -389,6 +422,36 @@ impl Poller {
         } else {
             None
         };
+        if cycle.config_ok.is_some() {
+            let ids: BTreeSet<String> = problems.iter().map(|p| p.id().to_string()).collect();
+            let before = self.known_problems.clone();
+            let known = self.known_problems.get_or_insert_with(|| ids.clone());
+            // A known problem that went away is forgotten: if it comes back, it is news.
+            known.retain(|id| ids.contains(id));
+            // What the configuration alone says is always the guard's own.
+            known.extend(self.static_problems.iter().map(|p| p.id().to_string()));
+            let known = known.clone();
+            let (mismatch, new): (Vec<_>, Vec<_>) =
+                problems.iter().partition(|p| known.contains(p.id()));
+            if fresh {
+                self.new_problem_polls = if new.is_empty() {
+                    0
+                } else {
+                    self.new_problem_polls + 1
+                };
+            }
+            cycle.mismatch = mismatch.into_iter().cloned().collect();
+            cycle.new_problem_polls = self.new_problem_polls;
+            if before.as_ref() != Some(&known)
+                || cycle.new_deployment
+                || cycle.new_release.is_some()
+            {
+                cycle.remembered = Some(Remembered {
+                    baseline: self.baseline.clone(),
+                    known_problems: known,
+                });
+            }
+        }
         cycle.problems = problems;
         cycle.result.get_or_insert(PollResult::Ok);
         cycle.functions_workflow_sid = self.functions_sid.clone();
@@ -439,6 +502,10 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     }
     if let Some(ok) = cycle.config_ok {
         m.set_config(ok, |id| cycle.problems.iter().any(|p| p.id() == id));
+        m.set_config_mismatch(!cycle.mismatch.is_empty());
+    }
+    if let Some(r) = &cycle.remembered {
+        shared.remembered.save(key, r);
     }
     for e in &cycle.errors {
         tracing::warn!(cbo = key, result = e.poll_result().as_str(), error = %e, "TaskRouter poll failed");
@@ -494,6 +561,12 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
             st.statistics_at_ms
         },
         problems: cycle.problems.clone(),
+        mismatch: if cycle.config_ok.is_some() {
+            cycle.mismatch.clone()
+        } else {
+            std::mem::take(&mut st.mismatch)
+        },
+        new_problem_polls: cycle.new_problem_polls,
         config_ok: cycle.config_ok.or(st.config_ok),
     };
     drop(st);
@@ -539,11 +612,16 @@ pub async fn run(
             _ = stop.changed() => break,
         }
         let now = crate::clock::rfc3339(shared.clock.now_ms());
-        poller.judged_since_ms = shared
+        let judged_since = shared
             .fleet
             .get(&key)
             .map(|s| s.judged_since())
             .filter(|t| *t != i64::MIN);
+        if judged_since != poller.judged_since_ms {
+            // A new deployment: problems count again from its first poll.
+            poller.new_problem_polls = 0;
+            poller.judged_since_ms = judged_since;
+        }
         let cycle = tokio::select! {
             c = poller.cycle(&now) => c,
             _ = stop.changed() => break,

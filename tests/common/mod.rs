@@ -1,6 +1,8 @@
 //! Shared helpers: a two-CBO configuration on a loopback port, events, metric lookups.
 #![allow(dead_code)]
 
+pub mod story;
+
 use std::collections::HashMap;
 
 use transfer_guard::App;
