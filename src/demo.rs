@@ -158,7 +158,19 @@ fn record_task(sim: &SimTwilio, account: &str, workflow: &str, line: &str) {
 
 /// One line of the terminal for a decision-log entry worth showing.
 fn describe(e: &Entry) -> Option<String> {
-    let rule = e.rule.as_deref().unwrap_or("");
+    // An action decided by a failed validation window says so.
+    let breach = if e.evidence["breach"].is_null() {
+        &e.evidence
+    } else {
+        &e.evidence["breach"]
+    };
+    let rule = match breach["validation"].as_str() {
+        Some(v) => format!(
+            "failed validation window {v} ({})",
+            breach["reason"].as_str().unwrap_or("")
+        ),
+        None => e.rule.clone().unwrap_or_default(),
+    };
     match e.kind {
         Kind::State => {
             let (from, to) = (e.from.as_deref()?, e.to.as_deref()?);
@@ -186,10 +198,15 @@ fn describe(e: &Entry) -> Option<String> {
             e.integration.as_deref().unwrap_or(""),
             e.detail.as_deref().unwrap_or("")
         )),
-        Kind::Known | Kind::Note => e
-            .detail
-            .as_ref()
-            .map(|d| format!("{}: {d}", if e.cbo.is_empty() { "guard" } else { &e.cbo })),
+        Kind::Known => Some(format!(
+            "{}: {} {} known {}: {}",
+            e.cbo,
+            e.integration.as_deref().unwrap_or(""),
+            e.detail.as_deref().unwrap_or(""),
+            e.result.as_deref().unwrap_or(""),
+            e.evidence["why"].as_str().unwrap_or("")
+        )),
+        Kind::Note => e.detail.as_ref().map(|d| format!("guard: {d}")),
     }
 }
 

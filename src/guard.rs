@@ -337,23 +337,31 @@ fn validation_failed(
         tracing::warn!(cbo = %v.cbo, id = %v.id, why, "validation failed; its action is held");
         return;
     }
-    let rule = v
-        .criteria
-        .iter()
-        .find(|c| c.verdict == Met::Missed)
-        .and_then(|c| match c.name.as_str() {
-            "success_rate" => Some(RuleId::SuccessRate),
-            "bad_requests" => Some(RuleId::BadRequests),
-            "cold_completion_p95" => Some(RuleId::ColdTransferLatency),
-            "notification_p95" => Some(RuleId::NotificationLatency),
-            "history_preserved" => Some(RuleId::HistoryLoss),
-            "configuration_sound" => Some(RuleId::ConfigCorruption),
-            _ => None,
-        })
+    // The rule behind the failure: the trigger it names, else the first criterion its reason
+    // names as missed (Bad Requests before a rate that they also pull down).
+    let reason = v.reason.as_deref().unwrap_or("");
+    let criterion = |name: &str| match name {
+        "success_rate" => Some(RuleId::SuccessRate),
+        "bad_requests" => Some(RuleId::BadRequests),
+        "cold_completion_p95" => Some(RuleId::ColdTransferLatency),
+        "notification_p95" => Some(RuleId::NotificationLatency),
+        "history_preserved" => Some(RuleId::HistoryLoss),
+        "configuration_sound" => Some(RuleId::ConfigCorruption),
+        _ => None,
+    };
+    let named = reason
+        .trim_start_matches("missed: ")
+        .split(", ")
+        .find_map(criterion);
+    let rule = TRIGGERS
+        .into_iter()
+        .find(|t| reason.contains(&format!("{} breached", t.as_str())))
+        .or(named)
         .or_else(|| {
-            v.reason
-                .as_deref()
-                .and_then(|r| TRIGGERS.into_iter().find(|t| r.contains(t.as_str())))
+            v.criteria
+                .iter()
+                .find(|c| c.verdict == Met::Missed)
+                .and_then(|c| criterion(&c.name))
         })
         .unwrap_or(RuleId::SuccessRate);
     let kind = action_kind(shared.config.validation.on_fail);

@@ -405,6 +405,10 @@ async fn check_online_asks_twilio_and_names_each_problem() {
         stdout.contains(&format!("cbo b: workflow {}: TaskRouter 404", b.2)),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("cbo a: config_mismatch: present before any deployment"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -430,11 +434,18 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
             .unwrap_or_else(|| panic!("{needle:?} missing from:\n{stdout}"))
     };
     let deploy = at("scenario: nss deploys build");
-    let breach = at("nss: rule config_corruption ok -> breached");
+    // The deploy's validation window fails on its first Bad Request, or a rule breaches first:
+    // either way the intent, then the rollback to the known-good build.
+    let intent = at("nss: intent to rollback (serverless)");
     let rollback = at("fired: redeployed build");
-    let recovered = at("nss: rule config_corruption breached -> ok");
+    let recovered = stdout[rollback..]
+        .lines()
+        .find(|l| l.contains("] nss ") && l.contains("workflow ok | breached: none"))
+        .and_then(|l| stdout[rollback..].find(l))
+        .map(|i| i + rollback)
+        .unwrap_or_else(|| panic!("nss never recovered:\n{stdout}"));
     assert!(
-        deploy < breach && breach < rollback && rollback < recovered,
+        deploy < intent && intent < rollback && rollback < recovered,
         "{stdout}"
     );
     assert!(

@@ -48,13 +48,15 @@ pub async fn run(
                 )
             }) {
                 problems += 1;
-                // Present before any deployment the guard saw: the guard's own configuration.
-                let kind = if cycle.mismatch.contains(p) {
-                    "config_mismatch: "
-                } else {
-                    ""
-                };
-                let _ = writeln!(out, "{name}: cbo {}: {kind}{p}", cbo.key);
+                let _ = writeln!(out, "{name}: cbo {}: {p}", cbo.key);
+            }
+            if !cycle.mismatch.is_empty() {
+                // What a daemon starting now would make of it.
+                let _ = writeln!(
+                    out,
+                    "{name}: cbo {}: config_mismatch: present before any deployment a daemon would see, so it would hold this CBO's actions and page rather than roll back",
+                    cbo.key
+                );
             }
             // A 404 or 400 on the workflow is already the not_found / bad_request line above.
             let named = |e: &&crate::twilio::TwilioError| {
