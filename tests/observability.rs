@@ -62,7 +62,7 @@ async fn promtool_checks_and_unit_tests_the_alert_rules() {
         .arg(Path::new(ROOT).join("alerts/transfer-guard.rules.yml")))
     .await;
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 16 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 19 rules found"), "{out}");
     let tests: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("alerts/tests"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -185,6 +185,54 @@ async fn the_metrics_output_passes_promtool_check_metrics() {
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
+    app.shutdown().await;
+}
+
+/// A series as `name{k1,k2}`: its name and label names, sorted, leaving out `instance` and
+/// `job` (Prometheus adds them) and `le`.
+fn shape(series: &str) -> Option<String> {
+    let series = series.trim();
+    let (name, labels) = match series.split_once('{') {
+        Some((n, rest)) => (n, rest.rsplit_once('}')?.0),
+        None => (series.split_whitespace().next()?, ""),
+    };
+    let mut keys: Vec<&str> = labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim()))
+        .filter(|k| !matches!(*k, "instance" | "job" | "le"))
+        .collect();
+    keys.sort();
+    Some(format!("{name}{{{}}}", keys.join(",")))
+}
+
+#[tokio::test]
+async fn the_alert_tests_feed_only_series_the_daemon_really_exports() {
+    let (app, _sim) = busy_daemon("").await;
+    let capture = scrape(&app).await;
+    let exported: std::collections::BTreeSet<String> = capture
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| shape(l.rsplit_once(' ')?.0))
+        .collect();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("alerts/tests")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for series in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- series: "))
+        {
+            let series = series.trim_matches('\'');
+            if series.starts_with("up{") {
+                continue; // Prometheus's own.
+            }
+            let s = shape(series).unwrap();
+            assert!(
+                exported.contains(&s),
+                "{}: {series} ({s}) is not a series of a real /metrics capture",
+                path.display()
+            );
+        }
+    }
     app.shutdown().await;
 }
 
