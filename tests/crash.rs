@@ -1,0 +1,223 @@
+//! kill -9 at random moments around a live rollback, then a restart while the failures go on,
+//! against the simulated Twilio applying the rollback and answering late: never a second
+//! rollback, never a lost record, the known-good build live at the end. Real processes and the
+//! real clock; `TRANSFER_GUARD_CRASH_TRIALS` sets how many trials (30 by default, three at a
+//! time).
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::process::{Child, Command};
+use transfer_guard::clock::Clock;
+use transfer_guard::decisions::{DecisionLog, Kind};
+use transfer_guard::sim::twilio::{Fault, SimTwilio};
+
+const ZS: &str = "ZS0000000000000000000000000000000a";
+const ZE: &str = "ZE0000000000000000000000000000000a";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the daemon and waits until it is ready.
+async fn daemon(config: &Path, url: &str) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_transfer-guard"));
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env() {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await
+            && r.status() == 200
+        {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the daemon never became ready");
+}
+
+/// Failing transfers of cbo a, one Bad Request every 100 ms, until dropped.
+fn failures(url: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        for n in 0u32.. {
+            let now = Clock::new().now_ms();
+            let tid = format!(r#","transfer_id":"crash-{n}""#);
+            let body = [
+                event("initiated", now - 600, n, &tid),
+                event(
+                    "failed",
+                    now - 100,
+                    n,
+                    &(tid + r#","error":{"status":400,"message":"TaskRouter error: Bad Request"}"#),
+                ),
+            ]
+            .join("\n");
+            let _ = client
+                .post(format!("{url}/v1/events"))
+                .bearer_auth(TOKEN_A)
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// One trial: the rollback in flight when the daemon dies at `kill_after`.
+async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static str, String> {
+    let sim = SimTwilio::start(Clock::new()).await;
+    for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
+        sim.add_account(ac, "twilio-secret");
+        sim.add_workflow(ac, ws, ww);
+    }
+    sim.add_service(AC_A, ZS, ZE, WW_A);
+    sim.age_history(AC_A, Duration::from_secs(3 * 3600));
+    sim.deploy(AC_A, ZS, ZE, None);
+    sim.age_history(AC_A, Duration::from_secs(60));
+    let history = sim.deployments(AC_A, ZS, ZE);
+    let good = history[0].build_sid.clone();
+    // Twilio applies the rollback, then answers after the client gave up (1 s).
+    sim.inject_on(
+        "POST",
+        "/Deployments",
+        Fault::ApplyThenDelay(answer_after),
+        Some(1),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let text = config_text_in(&dir.path().join("state"), &sim.url(), "")
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
+        .replacen(
+            "[twilio]\n",
+            "[twilio]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\n",
+            1,
+        )
+        .replacen("[server]\n", "[actions]\ndry_run = false\n\n[server]\n", 1)
+        .replacen(
+            &format!("workflow_sid = \"{WW_A}\"\n"),
+            &format!(
+                "workflow_sid = \"{WW_A}\"\nserverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\nrollback = [\"serverless\"]\n\n[cbo.rules.bad_requests]\nminutes = 1\nwindow = \"1m\"\n"
+            ),
+            1,
+        );
+    let config = dir.path().join("transfer-guard.toml");
+    std::fs::write(&config, text).unwrap();
+
+    let mut first = daemon(&config, &url).await;
+    let feeder = failures(url.clone());
+    tokio::time::sleep(kill_after).await;
+    first.start_kill().unwrap(); // SIGKILL
+    let _ = first.wait().await;
+    let restarted_ms = Clock::new().now_ms();
+    let mut second = daemon(&config, &url).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    feeder.abort();
+    second.start_kill().unwrap();
+    let _ = second.wait().await;
+
+    let after = sim.deployments(AC_A, ZS, ZE);
+    let created = after.len() - history.len();
+    let log = DecisionLog::open(&dir.path().join("state")).unwrap();
+    let entries = log.query(Some("a"), None);
+    let intents: Vec<_> = entries.iter().filter(|e| e.kind == Kind::Intent).collect();
+    let results: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            e.kind == Kind::Action
+                && e.key.is_some()
+                && matches!(e.result.as_deref(), Some("fired" | "failed"))
+        })
+        .collect();
+    let fired = results
+        .iter()
+        .filter(|e| e.result.as_deref() == Some("fired"))
+        .count();
+    let unsettled = intents
+        .iter()
+        .filter(|i| !results.iter().any(|r| r.key == i.key))
+        .count();
+    let live = after.last().map(|d| d.build_sid.clone());
+    if created != 1 || fired != 1 || unsettled != 0 || live.as_deref() != Some(good.as_str()) {
+        return Err(format!(
+            "killed after {kill_after:?}, Twilio answering after {answer_after:?}: {created} deployments created, {fired} fired records, {unsettled} intents without a result, live build {live:?} (good {good})"
+        ));
+    }
+    // Where the kill fell, as the record tells it.
+    let settled = results.iter().find_map(|r| {
+        r.detail
+            .as_deref()
+            .filter(|d| d.starts_with("settled at start"))
+    });
+    let first_intent = intents.first().map(|i| i.at_ms).unwrap_or(i64::MAX);
+    let fired_at = results
+        .iter()
+        .find(|r| r.result.as_deref() == Some("fired"))
+        .map_or(i64::MAX, |r| r.at_ms);
+    Ok(match settled {
+        Some(d) if d.contains("took effect") => "after the intent, Twilio had applied it",
+        Some(_) => "after the intent, before Twilio had it",
+        None if fired_at < restarted_ms => "after the result",
+        None if first_intent < restarted_ms => "after the intent (result written before the kill)",
+        None => "before the intent",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_around_a_rollback_never_rolls_back_twice_nor_loses_a_record() {
+    let trials: usize = std::env::var("TRANSFER_GUARD_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut failures = Vec::new();
+    let mut tally = std::collections::BTreeMap::<&str, usize>::new();
+    let mut done = 0;
+    while done < trials {
+        let batch: Vec<_> = (done..trials.min(done + 3))
+            .map(|_| {
+                // From before the breach (it comes within a second of the first failure) to
+                // well after Twilio's late answer.
+                let kill_after = Duration::from_millis(if fastrand::bool() {
+                    fastrand::u64(0..800)
+                } else {
+                    fastrand::u64(800..4_000)
+                });
+                let answer_after = Duration::from_millis(fastrand::u64(1_200..3_000));
+                tokio::spawn(trial(kill_after, answer_after))
+            })
+            .collect();
+        done += batch.len();
+        for t in batch {
+            match t.await.unwrap() {
+                Ok(kind) => *tally.entry(kind).or_default() += 1,
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {trials} trials:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "{trials} trials: 0 second rollbacks, 0 lost records, the good build live at the end; killed {tally:?}"
+    );
+}
