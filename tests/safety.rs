@@ -546,3 +546,31 @@ async fn with_the_state_disk_full_nothing_fires_readyz_is_503_on_call_is_refused
     );
     app.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_problem_that_appears_while_the_daemon_is_down_is_corruption_after_the_restart() {
+    let sim = sim().await;
+    let dir = fresh_dir();
+    let text = serverless_only(&sim, &dir, "");
+    let app = start_at(&text, T0).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(state(&app, "a", "config_corruption"), "ok");
+    app.shutdown().await;
+    // While it is down, a deploy resets the functions' workflow variable.
+    sim.deploy(AC_A, ZS_A, ZE_A, Some("WW00000000000000000000000000000bad"));
+    let app = start_at(&text, T0 + 60_000).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // It was sound when the daemon stopped: this is news, not the guard's own configuration.
+    let tr = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert!(tr.mismatch.is_empty(), "{:?}", tr.mismatch);
+    assert_eq!(
+        metric(&metrics(&app), r#"transfer_guard_config_mismatch{cbo="a"}"#),
+        Some(0.0)
+    );
+    let breached = log(&app).iter().any(|e| {
+        e.rule.as_deref() == Some("config_corruption") && e.to.as_deref() == Some("breached")
+    });
+    assert!(breached);
+    assert_eq!(actions(&app, "a", "serverless", "fired"), 1.0);
+    app.shutdown().await;
+}
