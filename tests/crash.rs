@@ -19,14 +19,6 @@ use transfer_guard::sim::twilio::{Fault, SimTwilio};
 const ZS: &str = "ZS0000000000000000000000000000000a";
 const ZE: &str = "ZE0000000000000000000000000000000a";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts the daemon and waits until it is ready.
 async fn daemon(config: &Path, url: &str) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_transfer-guard"));

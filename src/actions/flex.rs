@@ -6,7 +6,10 @@ use serde_json::{Value, json};
 
 use super::known::{Artifact, Live};
 use super::serverless::created_ms;
-use super::{Actions, Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError};
+use super::{
+    Actions, Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError,
+    plan_rollback, rolled_back,
+};
 use crate::twilio::TwilioClient;
 use crate::twilio::flex::Flex;
 
@@ -32,11 +35,21 @@ impl PreviousRelease {
         }
     }
 
-    /// Releases newest first; a stable sort keeps Twilio's order among equal timestamps.
-    async fn releases(&self) -> Result<Vec<crate::twilio::flex::Release>, String> {
+    /// The plugin configurations as they were released, newest first (a stable sort keeps
+    /// Twilio's order among equal timestamps).
+    async fn history(&self) -> Result<Vec<Live>, String> {
         let mut releases = self.flex().releases().await.map_err(|e| e.to_string())?;
         releases.sort_by(|a, b| b.date_created.cmp(&a.date_created));
-        Ok(releases)
+        Ok(releases
+            .into_iter()
+            .filter_map(|r| {
+                Some(Live {
+                    since_ms: created_ms(r.date_created.as_deref())?,
+                    sid: r.configuration_sid?,
+                    via: r.sid.unwrap_or_default(),
+                })
+            })
+            .collect())
     }
 }
 
@@ -51,25 +64,8 @@ impl Integration for PreviousRelease {
         known: &'a Known,
     ) -> BoxFuture<'a, Result<Plan, PlanError>> {
         Box::pin(async move {
-            let releases = self.releases().await.map_err(PlanError::Read)?;
-            let history: Vec<Live> = releases
-                .iter()
-                .filter_map(|r| {
-                    Some(Live {
-                        sid: r.configuration_sid.clone()?,
-                        since_ms: created_ms(r.date_created.as_deref())?,
-                    })
-                })
-                .collect();
-            let artifact = Artifact::PluginConfiguration;
-            let target = known
-                .view(artifact)
-                .target(artifact, &history, known.deploy_window)?;
-            Ok(Plan {
-                artifact: Some(artifact),
-                target: Some(target),
-                replacing: history.first().map(|l| l.sid.clone()),
-            })
+            let history = self.history().await.map_err(PlanError::Read)?;
+            plan_rollback(Artifact::PluginConfiguration, &history, known)
         })
     }
 
@@ -102,26 +98,7 @@ impl Integration for PreviousRelease {
         plan: &'a Plan,
         since_ms: i64,
     ) -> BoxFuture<'a, Result<Effect, String>> {
-        Box::pin(async move {
-            let config = plan
-                .target
-                .as_deref()
-                .ok_or("the plan names no plugin configuration")?;
-            let since_s = since_ms.div_euclid(1000) * 1000;
-            let releases = self.releases().await?;
-            Ok(releases
-                .iter()
-                .find(|r| {
-                    r.configuration_sid.as_deref() == Some(config)
-                        && created_ms(r.date_created.as_deref()).is_some_and(|t| t >= since_s)
-                })
-                .map_or(Effect::NotApplied, |r| {
-                    Effect::Applied(format!(
-                        "plugin configuration {config} is released as {}",
-                        r.sid.as_deref().unwrap_or("?")
-                    ))
-                }))
-        })
+        Box::pin(async move { rolled_back(&self.history().await?, plan, since_ms) })
     }
 }
 

@@ -58,11 +58,12 @@ pub struct View {
 }
 
 /// One entry of Twilio's history: what went live when (a deployment's build, a release's
-/// configuration).
+/// configuration), and through which deployment or release.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Live {
     pub sid: String,
     pub since_ms: i64,
+    pub via: String,
 }
 
 /// Why no rollback target was chosen.
@@ -161,6 +162,7 @@ mod tests {
         Live {
             sid: sid.into(),
             since_ms,
+            via: format!("ZD-{sid}"),
         }
     }
 

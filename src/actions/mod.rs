@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::rules::RuleId;
 use crate::sid::AccountSid;
 use crate::twilio::TwilioClient;
-use known::{Artifact, Ledger, NoTarget, Verdict, View};
+use known::{Artifact, Ledger, Live, NoTarget, Verdict, View};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -120,6 +120,41 @@ impl Known {
             Artifact::PluginConfiguration => &self.plugin_configurations,
         }
     }
+}
+
+/// A rollback's plan from Twilio's history (newest first): the known-good target, and what it
+/// replaces.
+pub fn plan_rollback(
+    artifact: Artifact,
+    history: &[Live],
+    known: &Known,
+) -> Result<Plan, PlanError> {
+    let target = known
+        .view(artifact)
+        .target(artifact, history, known.deploy_window)?;
+    Ok(Plan {
+        artifact: Some(artifact),
+        target: Some(target),
+        replacing: history.first().map(|l| l.sid.clone()),
+    })
+}
+
+/// Whether a rollback took effect: its target went live in or after the second of its intent
+/// (Twilio stamps whole seconds).
+pub fn rolled_back(history: &[Live], plan: &Plan, since_ms: i64) -> Result<Effect, String> {
+    let target = plan.target.as_deref().ok_or("the plan names no target")?;
+    let since_s = since_ms.div_euclid(1000) * 1000;
+    Ok(history
+        .iter()
+        .find(|l| l.sid == target && l.since_ms >= since_s)
+        .map_or(Effect::NotApplied, |l| {
+            Effect::Applied(format!(
+                "{} {target} went live as {} at {}",
+                plan.artifact.map_or("target", Artifact::as_str),
+                l.via,
+                rfc3339(l.since_ms)
+            ))
+        }))
 }
 
 /// Whether an earlier attempt took effect, as read back from where it acts.

@@ -1,10 +1,13 @@
 //! Rollback by redeploying the Serverless environment's last known-good build.
 
 use super::known::{Artifact, Live};
-use super::{Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError};
+use super::{
+    Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError, plan_rollback,
+    rolled_back,
+};
 use crate::sid::{EnvironmentSid, ServiceSid};
 use crate::twilio::TwilioClient;
-use crate::twilio::serverless::{Deployment, Serverless};
+use crate::twilio::serverless::Serverless;
 
 pub struct Redeploy {
     pub client: TwilioClient,
@@ -20,12 +23,6 @@ pub(crate) fn created_ms(date: Option<&str>) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-/// Newest first; a stable sort keeps Twilio's order among equal timestamps.
-fn newest_first(mut deployments: Vec<Deployment>) -> Vec<Deployment> {
-    deployments.sort_by(|a, b| b.date_created.cmp(&a.date_created));
-    deployments
-}
-
 impl Redeploy {
     fn api(&self) -> Serverless<'_> {
         Serverless {
@@ -34,12 +31,25 @@ impl Redeploy {
         }
     }
 
-    async fn deployments(&self) -> Result<Vec<Deployment>, String> {
-        self.api()
+    /// The environment's builds as they went live, newest first (a stable sort keeps
+    /// Twilio's order among equal timestamps).
+    async fn history(&self) -> Result<Vec<Live>, String> {
+        let mut deployments = self
+            .api()
             .deployments(&self.service, &self.environment)
             .await
-            .map(newest_first)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        deployments.sort_by(|a, b| b.date_created.cmp(&a.date_created));
+        Ok(deployments
+            .into_iter()
+            .filter_map(|d| {
+                Some(Live {
+                    since_ms: created_ms(d.date_created.as_deref())?,
+                    sid: d.build_sid?,
+                    via: d.sid.unwrap_or_default(),
+                })
+            })
+            .collect())
     }
 }
 
@@ -54,26 +64,8 @@ impl Integration for Redeploy {
         known: &'a Known,
     ) -> BoxFuture<'a, Result<Plan, PlanError>> {
         Box::pin(async move {
-            let deployments = self.deployments().await.map_err(PlanError::Read)?;
-            let history: Vec<Live> = deployments
-                .iter()
-                .filter_map(|d| {
-                    Some(Live {
-                        sid: d.build_sid.clone()?,
-                        since_ms: created_ms(d.date_created.as_deref())?,
-                    })
-                })
-                .collect();
-            let target = known.view(Artifact::Build).target(
-                Artifact::Build,
-                &history,
-                known.deploy_window,
-            )?;
-            Ok(Plan {
-                artifact: Some(Artifact::Build),
-                target: Some(target),
-                replacing: history.first().map(|l| l.sid.clone()),
-            })
+            let history = self.history().await.map_err(PlanError::Read)?;
+            plan_rollback(Artifact::Build, &history, known)
         })
     }
 
@@ -97,30 +89,11 @@ impl Integration for Redeploy {
         })
     }
 
-    /// Took effect when a deployment of the target build was created in or after the second
-    /// of the intent (Twilio stamps whole seconds).
     fn took_effect<'a>(
         &'a self,
         plan: &'a Plan,
         since_ms: i64,
     ) -> BoxFuture<'a, Result<Effect, String>> {
-        Box::pin(async move {
-            let build = plan.target.as_deref().ok_or("the plan names no build")?;
-            let since_s = since_ms.div_euclid(1000) * 1000;
-            let deployments = self.deployments().await?;
-            Ok(deployments
-                .iter()
-                .find(|d| {
-                    d.build_sid.as_deref() == Some(build)
-                        && created_ms(d.date_created.as_deref()).is_some_and(|t| t >= since_s)
-                })
-                .map_or(Effect::NotApplied, |d| {
-                    Effect::Applied(format!(
-                        "build {build} is deployed as {} (created {})",
-                        d.sid.as_deref().unwrap_or("?"),
-                        d.date_created.as_deref().unwrap_or("?")
-                    ))
-                }))
-        })
+        Box::pin(async move { rolled_back(&self.history().await?, plan, since_ms) })
     }
 }

@@ -170,3 +170,12 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
 }
+
+/// A loopback port free right now (for a daemon that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
