@@ -128,6 +128,15 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    /// Whether `sid` already has a verdict that `verdict` would not change.
+    pub fn knows(&self, cbo: &str, artifact: Artifact, sid: &str, verdict: Verdict) -> bool {
+        self.views
+            .get(&(cbo.to_string(), artifact))
+            .is_some_and(|v| {
+                v.bad.contains(sid) || (verdict == Verdict::Good && v.good.contains(sid))
+            })
+    }
+
     /// Records a verdict; returns whether it is news (a bad artifact is never made good again).
     pub fn mark(&mut self, cbo: &str, artifact: Artifact, sid: &str, verdict: Verdict) -> bool {
         let v = self.views.entry((cbo.to_string(), artifact)).or_default();

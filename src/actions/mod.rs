@@ -484,16 +484,8 @@ impl Actions {
     /// Learns that `sid` is good or bad (a validation window passed, `deploy_window` ran
     /// without a breach); news is written to the decision log first.
     pub fn learn(&self, cbo: &str, artifact: Artifact, sid: &str, verdict: Verdict, why: &str) {
-        {
-            let m = self.memory();
-            let view = m.known.view(cbo, artifact);
-            let known = match verdict {
-                Verdict::Good => view.good.contains(sid) || view.bad.contains(sid),
-                Verdict::Bad => view.bad.contains(sid),
-            };
-            if known {
-                return;
-            }
+        if self.memory().known.knows(cbo, artifact, sid, verdict) {
+            return;
         }
         let mut e = Entry::new(cbo, Kind::Known, self.clock.now_ms());
         e.integration = Some(artifact.as_str().into());
