@@ -245,6 +245,47 @@ async fn a_workflow_without_the_queue_route_is_reported() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn valid_ways_of_writing_the_routing_are_sound() {
+    let sim = sim().await;
+    for (i, expressions) in [
+        vec![
+            "'worker' == transferTargetType",
+            "\"queue\" == transferTargetType",
+        ],
+        vec!["transferTargetType IN ['worker', 'queue']"],
+        vec!["transferTargetType == \"worker\" OR transferTargetType == \"queue\""],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let filters: Vec<serde_json::Value> = expressions
+            .iter()
+            .map(|e| serde_json::json!({"expression": e, "targets": [{"queue": "everyone"}]}))
+            .collect();
+        let configuration = serde_json::json!({"task_routing": {"filters": filters}}).to_string();
+        sim.set_workflow(AC_A, WS_A, WW_A, &configuration);
+        let app = start(config_text_with(&sim.url(), "")).await;
+        run_for(Duration::from_secs(2)).await;
+        assert_eq!(
+            config_ok(&app, "a"),
+            Some(1.0),
+            "variant {i}: {:?}",
+            problems(&app, "a")
+        );
+        app.shutdown().await;
+    }
+    // A malformed one is named as such.
+    let malformed = r#"{"task_routing":{"filters":[{"expression":"transferTargetType IN ['worker' 'queue']","targets":[{"queue":"everyone"}]}]}}"#;
+    sim.set_workflow(AC_A, WS_A, WW_A, malformed);
+    let app = start(config_text_with(&sim.url(), "")).await;
+    run_for(Duration::from_secs(2)).await;
+    let p = problems(&app, "a");
+    assert_eq!(p[0].0, "route_missing");
+    assert!(p[0].1.contains("cannot parse filter 1 expression"), "{p:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_same_workflow_sid_on_two_cbos_is_corruption_on_both() {
     let sim = sim().await;
     sim.add_workflow(AC_B, WS_B, WW_A);

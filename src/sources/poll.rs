@@ -231,9 +231,14 @@ impl Poller {
                                 (true, false) => "does not route transferTargetType == 'queue'",
                                 _ => "does not route transferTargetType == 'worker'",
                             };
+                            let malformed = if r.malformed.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (cannot parse {})", r.malformed.join("; "))
+                            };
                             problems.push(Corruption::RouteMissing {
                                 sid: ww.to_string(),
-                                missing: missing.into(),
+                                missing: format!("{missing}{malformed}"),
                             });
                         }
                         Err(message) => problems.push(Corruption::RouteMissing {

@@ -108,31 +108,29 @@ impl TaskRouter<'_> {
 }
 
 /// Which of the seed's two transfer routes a workflow configuration has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Routes {
     pub worker: bool,
     pub queue: bool,
+    /// Filters whose expression could not be parsed: `filter N: why`.
+    pub malformed: Vec<String>,
 }
 
-/// Reads `task_routing.filters[].expression` for `transferTargetType == 'worker'` and `== 'queue'`
-/// (quotes and spacing as written do not matter), each with at least one target.
+/// Whether some filter of `task_routing.filters` (with at least one target) routes a transfer
+/// task of each type: its expression, parsed as TaskRouter's expression language, holds (or
+/// may hold, on attributes the template does not set) for the attributes the template's
+/// `create-transfer-task` function sets.
 pub fn routes(configuration: &str) -> Result<Routes, String> {
+    use super::expression::{Truth, eval, parse, transfer_task};
     let doc: serde_json::Value = serde_json::from_str(configuration)
         .map_err(|e| format!("workflow configuration is not JSON: {e}"))?;
     let filters = doc
         .pointer("/task_routing/filters")
         .and_then(|f| f.as_array())
         .ok_or("workflow configuration has no task_routing.filters")?;
+    let (worker, queue) = (transfer_task("worker"), transfer_task("queue"));
     let mut routes = Routes::default();
-    for filter in filters {
-        let expression: String = filter
-            .get("expression")
-            .and_then(|e| e.as_str())
-            .unwrap_or("")
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .map(|c| if c == '"' { '\'' } else { c })
-            .collect();
+    for (i, filter) in filters.iter().enumerate() {
         let has_targets = filter
             .get("targets")
             .and_then(|t| t.as_array())
@@ -140,8 +138,19 @@ pub fn routes(configuration: &str) -> Result<Routes, String> {
         if !has_targets {
             continue;
         }
-        routes.worker |= expression.contains("transferTargetType=='worker'");
-        routes.queue |= expression.contains("transferTargetType=='queue'");
+        let text = filter
+            .get("expression")
+            .and_then(|e| e.as_str())
+            .unwrap_or("");
+        match parse(text) {
+            Ok(e) => {
+                routes.worker |= eval(&e, &worker) != Truth::False;
+                routes.queue |= eval(&e, &queue) != Truth::False;
+            }
+            Err(why) => routes
+                .malformed
+                .push(format!("filter {} expression {text:?}: {why}", i + 1)),
+        }
     }
     Ok(routes)
 }
@@ -159,7 +168,8 @@ mod tests {
             routes(SEED_WORKFLOW_CONFIGURATION).unwrap(),
             Routes {
                 worker: true,
-                queue: true
+                queue: true,
+                malformed: vec![],
             }
         );
     }
@@ -171,8 +181,55 @@ mod tests {
             routes(only_worker).unwrap(),
             Routes {
                 worker: true,
-                queue: false
+                queue: false,
+                malformed: vec![],
             }
+        );
+    }
+
+    fn configuration(expressions: &[&str]) -> String {
+        let filters: Vec<serde_json::Value> = expressions
+            .iter()
+            .map(|e| serde_json::json!({"expression": e, "targets": [{"queue": "everyone"}]}))
+            .collect();
+        serde_json::json!({"task_routing": {"filters": filters}}).to_string()
+    }
+
+    #[test]
+    fn valid_variants_of_the_routing_are_not_corruption() {
+        for exprs in [
+            vec![
+                "'worker' == transferTargetType",
+                "\"queue\"==transferTargetType",
+            ],
+            vec!["transferTargetType IN ['worker','queue']"],
+            vec!["transferTargetType == 'worker' OR transferTargetType == 'queue'"],
+            vec![
+                "transferTargetType == \"worker\" and 1 == 1",
+                "transferTargetType in ['queue']",
+            ],
+        ] {
+            let r = routes(&configuration(&exprs)).unwrap();
+            assert!(
+                r.worker && r.queue && r.malformed.is_empty(),
+                "{exprs:?}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_expression_is_named_and_routes_nothing() {
+        let r = routes(&configuration(&[
+            "transferTargetType == 'worker'",
+            "transferTargetType == 'queue",
+        ]))
+        .unwrap();
+        assert!(r.worker && !r.queue);
+        assert_eq!(r.malformed.len(), 1);
+        assert!(
+            r.malformed[0].starts_with("filter 2 expression"),
+            "{:?}",
+            r.malformed
         );
     }
 
