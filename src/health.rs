@@ -30,8 +30,20 @@ pub enum Corruption {
         value: String,
         configured: String,
     },
-    /// The serverless environment has no workflow variable.
-    VariableMissing { environment: String },
+    /// The serverless environment has no workflow variable (`variable`: the one it must have).
+    VariableMissing {
+        environment: String,
+        variable: String,
+    },
+    /// The functions' `TWILIO_WORKSPACE_SID` names another workspace than the configured one.
+    WorkspaceMismatch { value: String, configured: String },
+    /// CBOs sharing one environment: this CBO's workflow variable has the same value as
+    /// another's (the seed's "each CBO requires a unique workflow SID").
+    VariableShared {
+        variable: String,
+        value: String,
+        other: String,
+    },
 }
 
 impl Corruption {
@@ -47,10 +59,12 @@ impl Corruption {
             Corruption::Shared { .. } => "shared",
             Corruption::VariableMismatch { .. } => "variable_mismatch",
             Corruption::VariableMissing { .. } => "variable_missing",
+            Corruption::WorkspaceMismatch { .. } => "workspace_mismatch",
+            Corruption::VariableShared { .. } => "variable_shared",
         }
     }
 
-    pub const IDS: [&'static str; 9] = [
+    pub const IDS: [&'static str; 11] = [
         "missing",
         "malformed",
         "not_found",
@@ -60,6 +74,8 @@ impl Corruption {
         "shared",
         "variable_mismatch",
         "variable_missing",
+        "workspace_mismatch",
+        "variable_shared",
     ];
 }
 
@@ -90,10 +106,24 @@ impl fmt::Display for Corruption {
                 f,
                 "the functions' {variable} is {value}, not the configured {configured}"
             ),
-            Corruption::VariableMissing { environment } => write!(
+            Corruption::VariableMissing {
+                environment,
+                variable,
+            } => write!(
                 f,
-                "serverless environment {environment} has no {} variable",
-                crate::config::WORKFLOW_SID_VAR
+                "serverless environment {environment} has no {variable} variable"
+            ),
+            Corruption::WorkspaceMismatch { value, configured } => write!(
+                f,
+                "the functions' TWILIO_WORKSPACE_SID is {value}, not the configured workspace {configured}"
+            ),
+            Corruption::VariableShared {
+                variable,
+                value,
+                other,
+            } => write!(
+                f,
+                "the functions' {variable} is {value}, the same workflow as cbo {other}'s: each CBO needs its own"
             ),
         }
     }
@@ -182,8 +212,18 @@ pub struct TaskRouterStatus {
     pub mismatch: Vec<Corruption>,
     /// Consecutive polls that saw a problem outside `mismatch`; corruption needs two.
     pub new_problem_polls: u32,
+    /// The transfer timeout in force and where it comes from.
+    pub transfer_timeout: TransferTimeout,
     /// `None` until the first poll that could tell.
     pub config_ok: Option<bool>,
+}
+
+/// The transfer timeout of a CBO: the functions' `CONVERSATION_TRANSFER_TIMEOUT` when set,
+/// else the configured `transfers.timeout`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransferTimeout {
+    pub seconds: u64,
+    pub source: &'static str,
 }
 
 impl TaskRouterStatus {

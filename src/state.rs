@@ -62,7 +62,13 @@ impl CboState {
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
             }),
-            taskrouter: Mutex::new(TaskRouterStatus::default()),
+            taskrouter: Mutex::new(TaskRouterStatus {
+                transfer_timeout: crate::health::TransferTimeout {
+                    seconds: config.transfers.timeout.as_secs(),
+                    source: "transfers.timeout",
+                },
+                ..TaskRouterStatus::default()
+            }),
             series,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
             max_window: config.transfers.max_window,
@@ -189,6 +195,21 @@ impl CboState {
             record(&mut inner.windows, effect, since, now_ms);
         }
         since
+    }
+
+    /// The transfer timeout in force.
+    pub fn transfer_timeout(&self) -> Duration {
+        self.lock().tracker.timeout()
+    }
+
+    /// Sets the transfer timeout; returns the one it replaces when it changed.
+    pub fn set_transfer_timeout(&self, timeout: Duration) -> Option<Duration> {
+        let mut inner = self.lock();
+        let was = inner.tracker.timeout();
+        (was != timeout).then(|| {
+            inner.tracker.set_timeout(timeout);
+            was
+        })
     }
 
     /// The instant this CBO's current deployment is judged from (`i64::MIN` before any cut).

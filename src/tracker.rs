@@ -200,6 +200,16 @@ impl Tracker {
         }
     }
 
+    /// The transfer timeout now (the functions' `CONVERSATION_TRANSFER_TIMEOUT` can change it).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms as u64)
+    }
+
+    /// Open transfers time out after `timeout` from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout_ms = timeout.as_millis() as i64;
+    }
+
     /// Transfers held now (open, or finished and kept a while for late events).
     pub fn len(&self) -> usize {
         self.open.len() + self.done.len()

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::Shared;
 use crate::config::{Cbo, Config, WORKFLOW_SID_VAR};
-use crate::health::{Baseline, Corruption, TaskRouterStatus, static_problems};
+use crate::health::{Baseline, Corruption, TaskRouterStatus, TransferTimeout, static_problems};
 use crate::sid::{AccountSid, EnvironmentSid, ServiceSid, WorkflowSid, WorkspaceSid};
 use crate::twilio::serverless::Serverless;
 use crate::twilio::taskrouter::{self, CumulativeStatistics, RealTimeStatistics, TaskRouter};
@@ -71,6 +71,9 @@ pub struct Cycle {
     pub duration: Duration,
     /// Twilio throttled this CBO's account and asked to wait this long (capped).
     pub retry_after: Option<Duration>,
+    /// The functions' `CONVERSATION_TRANSFER_TIMEOUT`, when set (and `variables_read`).
+    pub transfer_timeout: Option<Duration>,
+    pub variables_read: bool,
 }
 
 /// Polls one CBO, remembering what earlier cycles learned.
@@ -104,7 +107,29 @@ pub struct Poller {
     pub known_problems: Option<BTreeSet<String>>,
     /// Consecutive fresh polls that saw a problem outside `known_problems`.
     pub new_problem_polls: u32,
+    /// Other CBOs configured with the same Serverless environment.
+    siblings: Vec<crate::config::CboKey>,
 }
+
+/// The functions' `CONVERSATION_TRANSFER_TIMEOUT` (seconds; the per-CBO
+/// `CONVERSATION_TRANSFER_TIMEOUT_<KEY>` first), when set to a whole number of seconds.
+fn transfer_timeout(vars: &[crate::twilio::serverless::Variable], cbo: &Cbo) -> Option<Duration> {
+    let per_cbo = format!("{TIMEOUT_VAR}_{}", cbo.key.env_suffix());
+    [per_cbo.as_str(), TIMEOUT_VAR].into_iter().find_map(|name| {
+        let v = vars.iter().find(|v| v.key.as_deref() == Some(name))?;
+        let raw = v.value.as_deref()?.trim();
+        match raw.parse::<u64>() {
+            Ok(secs) if secs > 0 => Some(Duration::from_secs(secs)),
+            _ => {
+                tracing::warn!(cbo = %cbo.key, variable = name, value = raw, "not a whole number of seconds: the configured transfers.timeout applies");
+                None
+            }
+        }
+    })
+}
+
+/// The template's transfer timeout variable (seconds), as the seed documents it.
+pub const TIMEOUT_VAR: &str = "CONVERSATION_TRANSFER_TIMEOUT";
 
 /// What polling keeps across a restart per CBO: the workflow SID baseline and the problems
 /// already known when it stopped.
@@ -162,6 +187,17 @@ impl Poller {
             judged_since_ms: None,
             known_problems: None,
             new_problem_polls: 0,
+            siblings: config
+                .cbos
+                .iter()
+                .filter(|o| {
+                    o.key != cbo.key
+                        && cbo.serverless_service_sid.is_some()
+                        && o.serverless_service_sid == cbo.serverless_service_sid
+                        && o.serverless_environment_sid == cbo.serverless_environment_sid
+                })
+                .map(|o| o.key.clone())
+                .collect(),
         }
     }
 
@@ -186,6 +222,75 @@ impl Poller {
             self.cbo.serverless_service_sid?,
             self.cbo.serverless_environment_sid?,
         ))
+    }
+
+    /// What the functions' variables say is wrong: the workflow variable missing or naming
+    /// another workflow; `TWILIO_WORKSPACE_SID` naming another workspace; and where several
+    /// CBOs share this environment (the seed's multi-account deployment), this CBO's own
+    /// `…_WORKFLOW_SID_<KEY>` missing or naming a sibling's workflow.
+    fn check_variables(
+        &mut self,
+        vars: &[crate::twilio::serverless::Variable],
+        ze: &EnvironmentSid,
+    ) -> Vec<Corruption> {
+        let value = |name: &str| {
+            vars.iter()
+                .find(|v| v.key.as_deref() == Some(name))
+                .and_then(|v| v.value.as_deref())
+                .map(str::trim)
+        };
+        let mut problems = Vec::new();
+        match workflow_variable(vars, &self.cbo) {
+            None => {
+                self.functions_sid = None;
+                problems.push(Corruption::VariableMissing {
+                    environment: ze.to_string(),
+                    variable: WORKFLOW_SID_VAR.into(),
+                });
+            }
+            Some((name, value)) => {
+                self.functions_sid = Some(value.to_string());
+                if let Some(configured) = &self.cbo.workflow.raw
+                    && value.trim() != configured.trim()
+                {
+                    problems.push(Corruption::VariableMismatch {
+                        variable: name,
+                        value: value.to_string(),
+                        configured: configured.clone(),
+                    });
+                }
+            }
+        }
+        if let (Some(ws), Some(configured)) = (value("TWILIO_WORKSPACE_SID"), self.cbo.workspace_sid)
+            && ws != configured.as_str()
+        {
+            problems.push(Corruption::WorkspaceMismatch {
+                value: ws.to_string(),
+                configured: configured.to_string(),
+            });
+        }
+        if !self.siblings.is_empty() {
+            let own = format!("{WORKFLOW_SID_VAR}_{}", self.cbo.key.env_suffix());
+            match value(&own) {
+                None => problems.push(Corruption::VariableMissing {
+                    environment: ze.to_string(),
+                    variable: own,
+                }),
+                Some(mine) => {
+                    for sibling in &self.siblings {
+                        let theirs = format!("{WORKFLOW_SID_VAR}_{}", sibling.env_suffix());
+                        if value(&theirs) == Some(mine) {
+                            problems.push(Corruption::VariableShared {
+                                variable: own.clone(),
+                                value: mine.to_string(),
+                                other: sibling.to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        problems
     }
 
     /// What the configuration alone says is wrong with the workflow SID.
@@ -299,33 +404,16 @@ impl Poller {
         }
 
         if let Some((client, zs, ze)) = self.serverless_target() {
+            let base_url = self.serverless_url.clone();
             let sl = Serverless {
                 client: &client,
-                base_url: &self.serverless_url,
+                base_url: &base_url,
             };
             match sl.variables(&zs, &ze).await {
                 Ok(vars) => {
-                    let mut problems = Vec::new();
-                    match workflow_variable(&vars, &self.cbo) {
-                        None => {
-                            self.functions_sid = None;
-                            problems.push(Corruption::VariableMissing {
-                                environment: ze.to_string(),
-                            });
-                        }
-                        Some((name, value)) => {
-                            self.functions_sid = Some(value.to_string());
-                            if let Some(configured) = &self.cbo.workflow.raw
-                                && value.trim() != configured.trim()
-                            {
-                                problems.push(Corruption::VariableMismatch {
-                                    variable: name,
-                                    value: value.to_string(),
-                                    configured: configured.clone(),
-                                });
-                            }
-                        }
-                    }
+                    let problems = self.check_variables(&vars, &ze);
+                    cycle.variables_read = true;
+                    cycle.transfer_timeout = transfer_timeout(&vars, &self.cbo);
                     self.variable_problems = Some(problems);
                 }
                 Err(e) => fail(&mut cycle, e),
@@ -518,6 +606,37 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     let Some(state) = shared.fleet.get(key) else {
         return;
     };
+    // The functions' own transfer timeout, else the configured one (a poll that could not
+    // read the variables changes nothing).
+    let timeout = if cycle.variables_read {
+        cycle
+            .transfer_timeout
+            .unwrap_or(shared.config.transfers.timeout)
+    } else {
+        state.transfer_timeout()
+    };
+    if let Some(was) = state.set_transfer_timeout(timeout) {
+        let source = if cycle.transfer_timeout.is_some() {
+            crate::sources::poll::TIMEOUT_VAR
+        } else {
+            "transfers.timeout"
+        };
+        let detail = format!(
+            "transfer timeout {} -> {} ({source}{})",
+            humantime::format_duration(was),
+            humantime::format_duration(timeout),
+            cycle
+                .latest_deployment
+                .as_deref()
+                .map(|d| format!(", deployment {d}"))
+                .unwrap_or_default()
+        );
+        tracing::warn!(cbo = key, detail, "transfer timeout changed");
+        let mut e = crate::decisions::Entry::new(key, crate::decisions::Kind::Note, shared.clock.now_ms());
+        e.detail = Some(detail);
+        e.deployment = cycle.latest_deployment.clone();
+        shared.actions.record(e);
+    }
     let mut st = state.taskrouter();
     let was: Vec<String> = st.problems.iter().map(|p| p.to_string()).collect();
     for p in cycle
@@ -572,6 +691,18 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
             std::mem::take(&mut st.mismatch)
         },
         new_problem_polls: cycle.new_problem_polls,
+        transfer_timeout: if cycle.variables_read {
+            TransferTimeout {
+                seconds: timeout.as_secs(),
+                source: if cycle.transfer_timeout.is_some() {
+                    TIMEOUT_VAR
+                } else {
+                    "transfers.timeout"
+                },
+            }
+        } else {
+            std::mem::take(&mut st.transfer_timeout)
+        },
         config_ok: cycle.config_ok.or(st.config_ok),
     };
     drop(st);
