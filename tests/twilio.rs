@@ -764,3 +764,142 @@ async fn an_api_key_authenticates_instead_of_the_auth_token() {
     );
     app.shutdown().await;
 }
+
+fn timed_out(app: &App, cbo: &str) -> f64 {
+    metric_sum(
+        &metrics(app),
+        "transfer_guard_transfers_total",
+        &[&format!("cbo=\"{cbo}\""), "outcome=\"timed_out\""],
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_functions_conversation_transfer_timeout_is_the_cbos_timeout() {
+    let sim = sim().await;
+    sim.add_service(AC_B, ZS, ZE, WW_B);
+    sim.set_variable(AC_B, ZS, ZE, "CONVERSATION_TRANSFER_TIMEOUT", Some("120"));
+    let app = start(config_text_with(&sim.url(), &serverless_b())).await;
+    run_for(Duration::from_secs(2)).await;
+    let tr = app.shared.fleet.get("b").unwrap().taskrouter().clone();
+    assert_eq!(
+        (tr.transfer_timeout.seconds, tr.transfer_timeout.source),
+        (120, "CONVERSATION_TRANSFER_TIMEOUT")
+    );
+    let a = app.shared.fleet.get("a").unwrap().taskrouter().clone();
+    assert_eq!(
+        (a.transfer_timeout.seconds, a.transfer_timeout.source),
+        (300, "transfers.timeout")
+    );
+    // A transfer that never ends times out after the functions' 120 s, not the default 300 s.
+    let now = app.shared.clock.now_ms();
+    ingest_lines(&app, "b", &[event("initiated", now, 1, "")]);
+    run_for(Duration::from_secs(119)).await;
+    assert_eq!(timed_out(&app, "b"), 0.0);
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(timed_out(&app, "b"), 1.0);
+    // A deployment that changes it is logged.
+    sim.set_variable(AC_B, ZS, ZE, "CONVERSATION_TRANSFER_TIMEOUT", Some("200"));
+    sim.deploy(AC_B, ZS, ZE, None);
+    run_for(Duration::from_secs(30)).await;
+    assert_eq!(
+        app.shared.fleet.get("b").unwrap().transfer_timeout(),
+        Duration::from_secs(200)
+    );
+    let notes: Vec<String> = app
+        .shared
+        .actions
+        .log
+        .query(Some("b"), None)
+        .into_iter()
+        .filter_map(|e| e.detail.filter(|d| d.starts_with("transfer timeout")))
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("2m -> 3m 20s (CONVERSATION_TRANSFER_TIMEOUT, deployment ZD")),
+        "{notes:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_functions_workspace_other_than_the_configured_one_is_reported() {
+    let sim = sim().await;
+    sim.add_service(AC_B, ZS, ZE, WW_B);
+    sim.set_variable(AC_B, ZS, ZE, "TWILIO_WORKSPACE_SID", Some(WS_B));
+    let app = start(config_text_with(&sim.url(), &serverless_b())).await;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(config_ok(&app, "b"), Some(1.0), "{:?}", problems(&app, "b"));
+    app.shutdown().await;
+    sim.set_variable(AC_B, ZS, ZE, "TWILIO_WORKSPACE_SID", Some(WS_A));
+    let app = start(config_text_with(&sim.url(), &serverless_b())).await;
+    run_for(Duration::from_secs(2)).await;
+    let p = problems(&app, "b");
+    assert_eq!(p[0].0, "workspace_mismatch", "{p:?}");
+    assert!(p[0].1.contains(&format!(
+        "TWILIO_WORKSPACE_SID is {WS_A}, not the configured workspace {WS_B}"
+    )));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cbos_sharing_an_environment_need_their_own_distinct_workflow_variables() {
+    let sim = sim().await;
+    // One account runs the functions for both CBOs (the seed's multi-account deployment).
+    sim.add_workflow(AC_A, WS_B, WW_B);
+    sim.add_service(AC_A, ZS, ZE, WW_A);
+    sim.set_variable(
+        AC_A,
+        ZS,
+        ZE,
+        "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_A",
+        Some(WW_A),
+    );
+    let shared_env =
+        format!("serverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\n");
+    let text = config_text_with(&sim.url(), "")
+        .replace(AC_B, AC_A)
+        .replacen(
+            &format!("workflow_sid = \"{WW_A}\"\n"),
+            &format!("workflow_sid = \"{WW_A}\"\n{shared_env}"),
+            1,
+        )
+        .replacen(
+            &format!("workflow_sid = \"{WW_B}\"\n"),
+            &format!("workflow_sid = \"{WW_B}\"\n{shared_env}"),
+            1,
+        );
+    let app = start(text.clone()).await;
+    run_for(Duration::from_secs(2)).await;
+    assert!(
+        problem_ids(&app, "a").is_empty(),
+        "{:?}",
+        problems(&app, "a")
+    );
+    let p = problems(&app, "b");
+    assert!(
+        p.iter().any(|(id, m)| id == "variable_missing"
+            && m.contains("TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_B")),
+        "{p:?}"
+    );
+    app.shutdown().await;
+    // b's variable set to a's workflow: shared, on both.
+    sim.set_variable(
+        AC_A,
+        ZS,
+        ZE,
+        "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID_B",
+        Some(WW_A),
+    );
+    let app = start(text).await;
+    run_for(Duration::from_secs(2)).await;
+    for (cbo, other) in [("a", "b"), ("b", "a")] {
+        let p = problems(&app, cbo);
+        assert!(
+            p.iter()
+                .any(|(id, m)| id == "variable_shared" && m.contains(&format!("cbo {other}'s"))),
+            "{cbo}: {p:?}"
+        );
+    }
+    app.shutdown().await;
+}

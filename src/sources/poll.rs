@@ -261,7 +261,8 @@ impl Poller {
                 }
             }
         }
-        if let (Some(ws), Some(configured)) = (value("TWILIO_WORKSPACE_SID"), self.cbo.workspace_sid)
+        if let (Some(ws), Some(configured)) =
+            (value("TWILIO_WORKSPACE_SID"), self.cbo.workspace_sid)
             && ws != configured.as_str()
         {
             problems.push(Corruption::WorkspaceMismatch {
@@ -632,7 +633,8 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
                 .unwrap_or_default()
         );
         tracing::warn!(cbo = key, detail, "transfer timeout changed");
-        let mut e = crate::decisions::Entry::new(key, crate::decisions::Kind::Note, shared.clock.now_ms());
+        let mut e =
+            crate::decisions::Entry::new(key, crate::decisions::Kind::Note, shared.clock.now_ms());
         e.detail = Some(detail);
         e.deployment = cycle.latest_deployment.clone();
         shared.actions.record(e);
