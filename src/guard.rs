@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::Shared;
 use crate::actions::known::{Artifact, Verdict};
 use crate::actions::{ActionKind, Decision};
@@ -120,6 +122,10 @@ fn log_transitions(shared: &Shared, transitions: &[Transition], now_ms: i64) {
         e.from = Some(t.from.as_str().into());
         e.to = Some(t.to.as_str().into());
         e.evidence = serde_json::json!({"measured": t.evidence, "params": t.params});
+        if t.to == RuleState::Breached {
+            let since = now_ms - t.params.window.as_millis() as i64;
+            e.evidence = with_failing(shared, &t.cbo, e.evidence, since);
+        }
         entries.push(e);
         if t.to == RuleState::Ok {
             shared.actions.recovered(&t.cbo, t.rule);
@@ -306,7 +312,14 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
                     }
                 }
             }
-            crate::validation::State::Failed => validation_failed(shared, &v, tr, now_ms),
+            crate::validation::State::Failed => {
+                if let Some(state) = shared.fleet.get(&v.cbo) {
+                    shared
+                        .validations
+                        .set_failing(&v.id, state.failing(v.start_ms));
+                }
+                validation_failed(shared, &v, tr, now_ms)
+            }
             _ => {}
         }
     }
@@ -366,14 +379,15 @@ fn validation_failed(
         .unwrap_or(RuleId::SuccessRate);
     let kind = action_kind(shared.config.validation.on_fail);
     tracing::error!(cbo = %v.cbo, id = %v.id, deployment = %v.deployment, action = kind.as_str(), reason = v.reason.as_deref().unwrap_or(""), "deployment validation failed");
+    let evidence = serde_json::json!({
+        "validation": v.id, "deployment": v.deployment, "reason": v.reason,
+        "criteria": v.criteria, "on_fail": kind.as_str(),
+    });
     shared.actions.decide(Decision {
         cbo: v.cbo.clone(),
         rule,
         kind,
-        evidence: serde_json::json!({
-            "validation": v.id, "deployment": v.deployment, "reason": v.reason,
-            "criteria": v.criteria, "on_fail": kind.as_str(),
-        }),
+        evidence: with_failing(shared, &v.cbo, evidence, v.start_ms),
         deployment: tr.latest_deployment.clone(),
         decided_at: rfc3339(now_ms),
     });
@@ -411,15 +425,48 @@ fn learn_good(
     }
 }
 
-fn decision(t: &Transition, kind: ActionKind, deployment: Option<String>, now_ms: i64) -> Decision {
+fn decision(
+    shared: &Shared,
+    t: &Transition,
+    kind: ActionKind,
+    deployment: Option<String>,
+    now_ms: i64,
+) -> Decision {
     Decision {
         cbo: t.cbo.clone(),
         rule: t.rule,
         kind,
-        evidence: t.evidence.clone(),
+        evidence: with_failing(
+            shared,
+            &t.cbo,
+            t.evidence.clone(),
+            now_ms - t.params.window.as_millis() as i64,
+        ),
         deployment,
         decided_at: rfc3339(now_ms),
     }
+}
+
+/// `evidence` with the CBO's failed transfers since `since_ms` (this deployment's only): up to
+/// ten conversation SIDs with their errors, what Connie Support asks for.
+fn with_failing(shared: &Shared, cbo: &str, mut evidence: Value, since_ms: i64) -> Value {
+    let Some(state) = shared.fleet.get(cbo) else {
+        return evidence;
+    };
+    let failing = state.failing(since_ms.max(state.judged_since()));
+    if failing.is_empty() {
+        return evidence;
+    }
+    let failing = serde_json::to_value(failing).expect("failures serialize");
+    match evidence.as_object_mut() {
+        Some(o) => {
+            o.insert("failing_conversations".into(), failing);
+        }
+        None => {
+            evidence = serde_json::json!({"measured": evidence, "failing_conversations": failing});
+        }
+    }
+    evidence
 }
 
 /// Why a CBO's actions are held: a workflow problem known since start is the guard's own
@@ -458,9 +505,13 @@ fn act(
     let kind = action_kind(t.params.action);
     if t.rule == RuleId::CrossCbo {
         // Page on-call always; roll back only the CBOs deployed recently (a common release).
-        shared
-            .actions
-            .decide(decision(t, ActionKind::Alert, deployment.clone(), now_ms));
+        shared.actions.decide(decision(
+            shared,
+            t,
+            ActionKind::Alert,
+            deployment.clone(),
+            now_ms,
+        ));
         if kind == ActionKind::Alert {
             return;
         }
@@ -485,12 +536,14 @@ fn act(
             return;
         }
     }
-    shared.actions.decide(decision(t, kind, deployment, now_ms));
+    shared
+        .actions
+        .decide(decision(shared, t, kind, deployment, now_ms));
 }
 
 /// Records that a breach's action was held back, and why.
 fn suppress(shared: &Shared, t: &Transition, deployment: Option<String>, now_ms: i64, why: String) {
-    let d = decision(t, action_kind(t.params.action), deployment, now_ms);
+    let d = decision(shared, t, action_kind(t.params.action), deployment, now_ms);
     shared.actions.suppress(&d, why);
 }
 

@@ -78,6 +78,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The decision log for on-call: one line per entry, with the failing conversations (SID
+    /// and error) of each breach and action. Exit 0, or 3 when it could not be read.
+    Decisions {
+        /// The daemon, e.g. http://127.0.0.1:9843
+        #[arg(long)]
+        server: String,
+        /// Only this CBO (a CBO's token reads only its own).
+        #[arg(long)]
+        cbo: Option<String>,
+        /// Only entries at or after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Environment variable holding the admin token or the CBO's ingest token.
+        #[arg(long, default_value = "TRANSFER_GUARD_ADMIN_TOKEN")]
+        token_env: String,
+        /// Print the entries as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the in-process pipeline, memory and scrape cost (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -285,6 +304,28 @@ async fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Decisions {
+            server,
+            cbo,
+            since,
+            token_env,
+            json,
+        } => {
+            let Some(token) = std::env::var(&token_env).ok().filter(|t| !t.is_empty()) else {
+                eprintln!("transfer-guard decisions: environment variable {token_env} is not set");
+                return ExitCode::from(COULD_NOT_RUN);
+            };
+            let opts = cli::decisions::Options {
+                server,
+                token: Secret::new(token),
+                cbo,
+                since,
+                json,
+            };
+            let code =
+                cli::decisions::run(opts, &mut std::io::stdout(), &mut std::io::stderr()).await;
+            ExitCode::from(code as u8)
         }
         Command::Validate {
             server,

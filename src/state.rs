@@ -32,6 +32,27 @@ struct Inner {
     /// Transfers initiated before this instant belong to an earlier deployment: they count in
     /// the metrics, never in the windows that rules and validation windows read.
     judged_since_ms: i64,
+    /// The newest failed transfers (at most `FAILING_KEPT`), for the evidence on-call hands
+    /// Connie Support: conversation SID and error.
+    failing: VecDeque<Failing>,
+}
+
+/// Failed transfers kept per CBO for evidence.
+const FAILING_KEPT: usize = 50;
+/// Failed transfers named in one decision's evidence.
+pub const FAILING_SHOWN: usize = 10;
+
+/// One failed transfer, as the seed's escalation asks for it ("conversation SID and error
+/// details").
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Failing {
+    pub conversation_sid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+    pub at: String,
+    #[serde(skip)]
+    pub at_ms: i64,
+    pub error: String,
 }
 
 /// How far back `recent` reaches (two polls), and how many effects it holds at most. A cut older than
@@ -59,6 +80,7 @@ impl CboState {
                 windows: Windows::new(config.transfers.max_window),
                 effects: Vec::new(),
                 recent: VecDeque::new(),
+                failing: VecDeque::new(),
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
             }),
@@ -115,6 +137,21 @@ impl CboState {
             }
             accepted += 1;
             self.series.ingested(event.kind);
+            if event.kind == crate::event::EventKind::Failed {
+                if inner.failing.len() >= FAILING_KEPT {
+                    inner.failing.pop_front();
+                }
+                inner.failing.push_back(Failing {
+                    conversation_sid: event.conversation_sid.to_string(),
+                    transfer_id: event.transfer_id.clone(),
+                    at: crate::clock::rfc3339(event.timestamp_ms),
+                    at_ms: event.timestamp_ms,
+                    error: event
+                        .error
+                        .as_ref()
+                        .map_or("no error details".into(), describe_error),
+                });
+            }
             inner.tracker.apply(&event, now_ms, &mut inner.effects);
             self.drain(inner, now_ms);
         }
@@ -197,6 +234,19 @@ impl CboState {
         since
     }
 
+    /// The newest failed transfers at or after `since_ms`, newest first, at most
+    /// `FAILING_SHOWN`.
+    pub fn failing(&self, since_ms: i64) -> Vec<Failing> {
+        self.lock()
+            .failing
+            .iter()
+            .rev()
+            .filter(|f| f.at_ms >= since_ms)
+            .take(FAILING_SHOWN)
+            .cloned()
+            .collect()
+    }
+
     /// The transfer timeout in force.
     pub fn transfer_timeout(&self) -> Duration {
         self.lock().tracker.timeout()
@@ -244,6 +294,22 @@ impl CboState {
             let ratio = self.stats(now_ms, *window).success_rate;
             self.series.set_success_ratio(i, ratio);
         }
+    }
+}
+
+/// A transfer error as on-call reads it: `TaskRouter error: Bad Request (status 400, code 20001)`.
+fn describe_error(e: &crate::event::TransferError) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = e.status {
+        parts.push(format!("status {s}"));
+    }
+    if let Some(c) = e.code {
+        parts.push(format!("code {c}"));
+    }
+    match (&e.message, parts.is_empty()) {
+        (Some(m), true) => m.clone(),
+        (Some(m), false) => format!("{m} ({})", parts.join(", ")),
+        (None, _) => parts.join(", "),
     }
 }
 

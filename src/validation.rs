@@ -215,6 +215,9 @@ pub struct Validation {
     pub resumed_ms: Option<i64>,
     #[serde(default)]
     pub measured: Measured,
+    /// A failed window's failed transfers (up to ten): conversation SID and error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing: Vec<crate::state::Failing>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +329,7 @@ impl Validations {
             carried: Measured::default(),
             resumed_ms: None,
             measured: Measured::default(),
+            failing: Vec::new(),
         };
         windows.insert(id.clone(), v.clone());
         // A window that cannot be kept across a restart is not started.
@@ -368,6 +372,15 @@ impl Validations {
         }
         if ended {
             self.publish(&windows, cbo);
+            let _ = self.save(&windows);
+        }
+    }
+
+    /// Records a failed window's failed transfers.
+    pub fn set_failing(&self, id: &str, failing: Vec<crate::state::Failing>) {
+        let mut windows = self.lock();
+        if let Some(v) = windows.get_mut(id) {
+            v.failing = failing;
             let _ = self.save(&windows);
         }
     }

@@ -453,3 +453,108 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
         "clienta is left alone: {stdout}"
     );
 }
+
+#[tokio::test]
+async fn decisions_shows_a_breach_with_the_failing_conversations_for_connie_support() {
+    // Dry run: a Bad Request minute breaches, its decision is logged with the conversations.
+    let app = App::start(lenient(&config_text(
+        "[rules.bad_requests]\nminutes = 1\nwindow = \"1m\"\n",
+    )))
+    .await
+    .unwrap();
+    let now = app.shared.clock.now_ms();
+    let failed = |n: u32| {
+        event(
+            "failed",
+            now - 1_000,
+            n,
+            &format!(
+                r#","transfer_id":"t{n}","error":{{"status":400,"message":"TaskRouter error: Bad Request"}}"#
+            ),
+        )
+    };
+    let lines: Vec<String> = (1..=12)
+        .flat_map(|n| {
+            [
+                event(
+                    "initiated",
+                    now - 2_000,
+                    n,
+                    &format!(r#","transfer_id":"t{n}""#),
+                ),
+                failed(n),
+            ]
+        })
+        .collect();
+    ingest_lines(&app, "a", &lines);
+    let mut logged = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        logged = app
+            .shared
+            .actions
+            .log
+            .query(Some("a"), None)
+            .iter()
+            .any(|e| e.kind == transfer_guard::decisions::Kind::Action);
+        if logged {
+            break;
+        }
+    }
+    assert!(logged, "the breach was decided");
+    let out = tg()
+        .args([
+            "decisions",
+            "--server",
+            &app.url(),
+            "--cbo",
+            "a",
+            "--token-env",
+            "ADMIN",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("rule bad_requests"), "{stdout}");
+    // No rollback integration is configured here: the decision is recorded as held back.
+    assert!(
+        stdout.contains("for bad_requests: suppressed: "),
+        "{stdout}"
+    );
+    let named = stdout
+        .lines()
+        .filter(|l| l.contains(&format!("conversation {}", ch(12))))
+        .count();
+    assert!(named >= 1, "{stdout}");
+    assert!(
+        stdout.contains("(transfer t12)")
+            && stdout.contains(": TaskRouter error: Bad Request (status 400)"),
+        "{stdout}"
+    );
+    // Ten at most per entry, newest first: t1 and t2 are left out.
+    assert!(
+        !stdout.contains(&format!("conversation {} ", ch(1))),
+        "{stdout}"
+    );
+    // A server that is not there: could not run, and why.
+    let out = tg()
+        .args([
+            "decisions",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token-env",
+            "ADMIN",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.to_lowercase().contains("connection refused"),
+        "{stderr}"
+    );
+    app.shutdown().await;
+}

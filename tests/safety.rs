@@ -80,6 +80,21 @@ async fn one_rollback_despite(fault: Fault) {
         results[0].detail
     );
     assert_eq!(intents[0].evidence["plan"]["target"], good.as_str());
+    // Up to ten of the failing conversations, newest first, with their errors.
+    let failing = intents[0].evidence["breach"]["failing_conversations"]
+        .as_array()
+        .unwrap();
+    assert!((1..=10).contains(&failing.len()), "{failing:?}");
+    assert_eq!(
+        failing[0]["error"],
+        "TaskRouter error: Bad Request (status 400)"
+    );
+    assert!(
+        failing[0]["conversation_sid"]
+            .as_str()
+            .unwrap()
+            .starts_with("CH")
+    );
     assert_eq!(actions(&app, "a", "serverless", "fired"), 1.0);
     app.shutdown().await;
 }
