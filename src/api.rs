@@ -88,6 +88,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/events", post(sources::http::ingest))
+        .route("/v1/reports", post(sources::reports::report))
         .route("/v1/switch/{cbo}", get(get_switch).put(put_switch))
         .route("/v1/cbos/{cbo}/ack", post(ack))
         .route("/v1/decisions", get(decisions))

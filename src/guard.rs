@@ -45,17 +45,29 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
             .iter()
             .map(|c| move |w: Duration| c.stats(now_ms, w))
             .collect();
-        let inputs = statuses.iter().zip(&stats).map(|((key, tr), stats)| {
-            (
-                key.as_str(),
-                Inputs {
-                    stats,
-                    taskrouter: tr,
-                    poll_interval: shared.config.twilio.poll_interval,
-                    now_ms,
-                },
-            )
-        });
+        let hour_ago = now_ms - 3_600_000;
+        let reports: Vec<_> = shared
+            .fleet
+            .iter()
+            .map(|c| c.reports_since(hour_ago))
+            .collect();
+        let inputs =
+            statuses
+                .iter()
+                .zip(&stats)
+                .zip(&reports)
+                .map(|(((key, tr), stats), reports)| {
+                    (
+                        key.as_str(),
+                        Inputs {
+                            stats,
+                            taskrouter: tr,
+                            reports,
+                            poll_interval: shared.config.twilio.poll_interval,
+                            now_ms,
+                        },
+                    )
+                });
         shared.engine().tick(inputs, now_ms)
     };
 

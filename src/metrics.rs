@@ -169,6 +169,7 @@ pub struct CboSeries {
     duplicate: AtomicU64,
     evicted: AtomicU64,
     history_lost: AtomicU64,
+    agent_reports: AtomicU64,
     transfers: [AtomicU64; 36],
     errors: [AtomicU64; 4],
     completion: [Histogram; 2],
@@ -212,6 +213,7 @@ impl CboSeries {
             duplicate: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             history_lost: AtomicU64::new(0),
+            agent_reports: AtomicU64::new(0),
             transfers: zeros(),
             errors: zeros(),
             completion: [
@@ -259,6 +261,10 @@ impl CboSeries {
 
     pub fn evicted(&self) {
         self.evicted.fetch_add(1, Relaxed);
+    }
+
+    pub fn agent_report(&self) {
+        self.agent_reports.fetch_add(1, Relaxed);
     }
 
     pub fn history_lost(&self) {
@@ -631,6 +637,17 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
         }
     }
     w.end();
+
+    per_cbo(
+        w,
+        cbos,
+        (
+            "agent_reports_total",
+            "counter",
+            "Agents' reports of a failing transfer (POST /v1/reports).",
+        ),
+        |c| c.agent_reports.load(Relaxed),
+    );
 
     let les = le_labels(NOTIFICATION_BUCKETS);
     w.begin(

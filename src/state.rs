@@ -35,7 +35,23 @@ struct Inner {
     /// The newest failed transfers (at most `FAILING_KEPT`), for the evidence on-call hands
     /// Connie Support: conversation SID and error.
     failing: VecDeque<Failing>,
+    reports: VecDeque<Report>,
 }
+
+/// An agent's report of a failing transfer (`POST /v1/reports`): the seed's "agent reports of
+/// consistent failures".
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub conversation_sid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub at: String,
+    #[serde(skip)]
+    pub at_ms: i64,
+}
+
+/// Reports kept per CBO (the newest), for `cross_cbo` and its evidence.
+const REPORTS_KEPT: usize = 100;
 
 /// Failed transfers kept per CBO for evidence.
 const FAILING_KEPT: usize = 50;
@@ -81,6 +97,7 @@ impl CboState {
                 effects: Vec::new(),
                 recent: VecDeque::new(),
                 failing: VecDeque::new(),
+                reports: VecDeque::new(),
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
             }),
@@ -243,6 +260,26 @@ impl CboState {
             .rev()
             .filter(|f| f.at_ms >= since_ms)
             .take(FAILING_SHOWN)
+            .cloned()
+            .collect()
+    }
+
+    /// Takes an agent's report.
+    pub fn report(&self, report: Report) {
+        self.series.agent_report();
+        let mut inner = self.lock();
+        if inner.reports.len() >= REPORTS_KEPT {
+            inner.reports.pop_front();
+        }
+        inner.reports.push_back(report);
+    }
+
+    /// Agents' reports at or after `since_ms`, oldest first.
+    pub fn reports_since(&self, since_ms: i64) -> Vec<Report> {
+        self.lock()
+            .reports
+            .iter()
+            .filter(|r| r.at_ms >= since_ms)
             .cloned()
             .collect()
     }

@@ -589,3 +589,91 @@ async fn a_problem_that_appears_while_the_daemon_is_down_is_corruption_after_the
     assert_eq!(actions(&app, "a", "serverless", "fired"), 1.0);
     app.shutdown().await;
 }
+
+async fn report(app: &App, token: &str, body: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/reports", app.url()))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_reports_from_two_cbos_within_fifteen_minutes_breach_cross_cbo() {
+    let sim = sim().await;
+    let app = start_at(&serverless_only(&sim, &fresh_dir(), ""), T0).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Bad input is refused, and says what was wrong.
+    assert_eq!(
+        report(&app, "nobody", r#"{"conversation_sid": "x"}"#)
+            .await
+            .0,
+        401
+    );
+    let (status, body) = report(&app, TOKEN_A, r#"{"conversation_sid": "CH123"}"#).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("conversation_sid:"),
+        "{body}"
+    );
+    // One CBO's agent: counted, not yet a shared cause.
+    let (status, _) = report(
+        &app,
+        TOKEN_A,
+        &format!(
+            r#"{{"conversation_sid": "{}", "note": "transfer to billing spins forever"}}"#,
+            ch(1)
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state(&app, "a", "cross_cbo"), "ok");
+    assert_eq!(
+        metric(
+            &metrics(&app),
+            r#"transfer_guard_agent_reports_total{cbo="a"}"#
+        ),
+        Some(1.0)
+    );
+    // Ten minutes later another CBO's agent reports too: within 15 minutes, two CBOs.
+    tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+    let (status, _) = report(
+        &app,
+        TOKEN_B,
+        &format!(r#"{{"conversation_sid": "{}"}}"#, ch(2)),
+    )
+    .await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state(&app, "a", "cross_cbo"), "breached");
+    assert_eq!(state(&app, "b", "cross_cbo"), "breached");
+    let breach = app
+        .shared
+        .actions
+        .log
+        .query(Some("a"), None)
+        .into_iter()
+        .find(|e| e.rule.as_deref() == Some("cross_cbo") && e.to.as_deref() == Some("breached"));
+    let evidence = &breach.expect("logged").evidence["measured"];
+    let reports = evidence["agent_reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{evidence}");
+    assert_eq!(reports[0]["reports"][0]["conversation_sid"], ch(1).as_str());
+    assert_eq!(
+        reports[0]["reports"][0]["note"],
+        "transfer to billing spins forever"
+    );
+    assert!(actions(&app, "a", "alert", "fired") >= 1.0, "on-call paged");
+    // Past 15 minutes the first report no longer counts.
+    tokio::time::sleep(Duration::from_secs(6 * 60)).await;
+    assert_eq!(state(&app, "a", "cross_cbo"), "ok");
+    app.shutdown().await;
+}

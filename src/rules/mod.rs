@@ -130,6 +130,10 @@ impl Params {
             },
             RuleId::CrossCbo => Params {
                 min_cbos: 2,
+                // Agent reports: at least `min_samples` from each of `min_cbos` CBOs within
+                // the seed's 15 minutes.
+                window: 15 * MIN,
+                min_samples: 1,
                 action: RuleAction::Rollback,
                 ..base
             },
@@ -273,6 +277,8 @@ impl Tracked {
 pub struct Inputs<'a> {
     pub stats: &'a dyn Fn(Duration) -> WindowStats,
     pub taskrouter: &'a TaskRouterStatus,
+    /// Agents' reports of failing transfers (the last hour, oldest first).
+    pub reports: &'a [crate::state::Report],
     pub poll_interval: Duration,
     pub now_ms: i64,
 }
@@ -378,9 +384,16 @@ impl Engine {
     ) -> Vec<Transition> {
         let mut out = Vec::new();
         let mut breached_any: Vec<(String, Value)> = Vec::new();
+        let mut reporting: Vec<(String, Value)> = Vec::new();
         let mut all: Vec<String> = Vec::new();
         for (cbo, inputs) in cbos {
             all.push(cbo.to_string());
+            let cross = self.params[&(cbo.to_string(), RuleId::CrossCbo)];
+            let since = now_ms - cross.window.as_millis() as i64;
+            let recent: Vec<_> = inputs.reports.iter().filter(|r| r.at_ms >= since).collect();
+            if !recent.is_empty() && recent.len() as u64 >= cross.min_samples.max(1) {
+                reporting.push((cbo.to_string(), serde_json::json!(recent)));
+            }
             for rule in RuleId::ALL.into_iter().filter(|r| *r != RuleId::CrossCbo) {
                 let key = (cbo.to_string(), rule);
                 let params = self.params[&key];
@@ -412,7 +425,7 @@ impl Engine {
         for cbo in all {
             let key = (cbo.clone(), RuleId::CrossCbo);
             let params = self.params[&key];
-            let verdict = cross::verdict(&params, &cbo, &breached_any);
+            let verdict = cross::verdict(&params, &cbo, &breached_any, &reporting);
             let t = self
                 .tracked
                 .get_mut(&key)

@@ -1,5 +1,6 @@
-//! Where transfer events come in: `http` (POST /v1/events) and `file` (log files followed across rotation), `poll` (TaskRouter and the functions' configuration).
+//! Where transfer events come in: `http` (POST /v1/events) and `file` (log files followed across rotation), `poll` (TaskRouter and the functions' configuration), `reports` (agents' reports).
 
 pub mod file;
 pub mod http;
 pub mod poll;
+pub mod reports;
