@@ -239,7 +239,66 @@ pub struct RuleOverride {
     /// `config_corruption`: still breached this long after its rollback fired, disable.
     #[serde(default, with = "humantime_serde")]
     pub escalate_after: Option<Duration>,
+    /// `success_rate`: the seed's horizon, judged with `min_samples` for quiet CBOs.
+    #[serde(default, with = "humantime_serde")]
+    pub horizon: Option<Duration>,
+    /// `success_rate`: finished transfers the fast path needs in `window` (busy CBOs).
+    pub fast_min_samples: Option<u64>,
     pub action: Option<RuleAction>,
+}
+
+impl RuleOverride {
+    /// The keys set here, by name.
+    fn set_keys(&self) -> Vec<&'static str> {
+        [
+            ("threshold", self.threshold.is_some()),
+            ("window", self.window.is_some()),
+            ("for", self.for_.is_some()),
+            ("min_samples", self.min_samples.is_some()),
+            ("minutes", self.minutes.is_some()),
+            ("min_cbos", self.min_cbos.is_some()),
+            ("deploy_window", self.deploy_window.is_some()),
+            ("escalate_after", self.escalate_after.is_some()),
+            ("horizon", self.horizon.is_some()),
+            ("fast_min_samples", self.fast_min_samples.is_some()),
+            ("action", self.action.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| k)
+        .collect()
+    }
+}
+
+/// The keys each rule reads; any other is refused rather than silently ignored.
+pub fn rule_keys(rule: &str) -> &'static [&'static str] {
+    match rule {
+        "success_rate" => &[
+            "threshold",
+            "window",
+            "for",
+            "min_samples",
+            "horizon",
+            "fast_min_samples",
+            "action",
+        ],
+        "bad_requests" => &["window", "for", "minutes", "action"],
+        "taskrouter_error_rate" => &["threshold", "window", "for", "min_samples", "action"],
+        "config_corruption" => &["for", "escalate_after", "action"],
+        "cross_cbo" => &[
+            "for",
+            "min_cbos",
+            "deploy_window",
+            "window",
+            "min_samples",
+            "action",
+        ],
+        "cold_transfer_latency" | "notification_latency" => {
+            &["threshold", "window", "for", "min_samples", "action"]
+        }
+        "history_loss" => &["window", "for", "action"],
+        _ => &[],
+    }
 }
 
 /// One optional override per rule id of SPEC §4; an unknown rule id is an unknown key.
@@ -631,9 +690,18 @@ impl Resolver<'_> {
         for (id, o) in rules.each() {
             let at = Some(o.span().start);
             let rule = o.get_ref();
+            let known = rule_keys(id);
+            for key in rule.set_keys().into_iter().filter(|k| !known.contains(k)) {
+                let message = format!(
+                    "rules.{id}.{key}: rule {id} does not use {key} (it reads {})",
+                    known.join(", ")
+                );
+                self.problem(at, cbo, message, true);
+            }
             for (name, d) in [
                 ("window", rule.window),
                 ("deploy_window", rule.deploy_window),
+                ("horizon", rule.horizon),
             ] {
                 if let Some(d) = d
                     && (d.is_zero() || d > MAX_WINDOW)

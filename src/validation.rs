@@ -438,9 +438,10 @@ impl Validations {
             } else if total.decided < v.min_samples {
                 (
                     State::Inconclusive,
-                    Some(format!(
-                        "{} transfers, fewer than min_samples {}",
-                        total.decided, v.min_samples
+                    Some(crate::rules::transfer::missing(
+                        total.decided,
+                        v.min_samples,
+                        "transfers",
                     )),
                 )
             } else if v.criteria.iter().any(|c| c.verdict == Verdict::Missed) {

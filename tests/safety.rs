@@ -454,7 +454,7 @@ impl SmallDisk {
         let mut f = std::fs::File::create(&path).unwrap();
         let block = [0u8; 4096];
         while f.write_all(&block).is_ok() {}
-        let _ = f.write_all(&[0u8; 1]);
+        while f.write_all(&[0u8; 1]).is_ok() {}
         path
     }
 }
@@ -494,11 +494,11 @@ async fn with_the_state_disk_full_nothing_fires_readyz_is_503_on_call_is_refused
     };
     let sim = sim().await;
     let before = sim.deployments(AC_A, ZS_A, ZE_A).len();
+    // The disk is full before the daemon writes anything: every append needs room it has not
+    // got (a small one cannot slip into a block the log already holds).
+    let filler = disk.fill();
     let app = start_at(&serverless_only(&sim, disk.0.path(), ""), T0).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let (status, _) = http(reqwest::Method::GET, format!("{}/readyz", app.url()), None).await;
-    assert_eq!(status, 200);
-    let filler = disk.fill();
     let mut n = 0;
     bad_requests(&app, 600, &mut n).await;
     assert_eq!(state(&app, "a", "bad_requests"), "breached");
@@ -550,8 +550,17 @@ async fn with_the_state_disk_full_nothing_fires_readyz_is_503_on_call_is_refused
         metric(&metrics(&app), "transfer_guard_decision_log_writable{}"),
         Some(1.0)
     );
-    assert_eq!(sim.deployments(AC_A, ZS_A, ZE_A).len(), before + 1);
     let entries = log(&app);
+    assert_eq!(
+        sim.deployments(AC_A, ZS_A, ZE_A).len(),
+        before + 1,
+        "{:#?}",
+        entries
+            .iter()
+            .filter(|e| e.kind != Kind::State)
+            .map(|e| (&e.kind, &e.rule, &e.result, &e.detail))
+            .collect::<Vec<_>>()
+    );
     let intent = of(&entries, Kind::Intent, "serverless");
     assert_eq!(intent.len(), 1, "the rollback that fired has its intent");
     let all = app.shared.actions.log.query(None, None);

@@ -711,8 +711,11 @@ impl Actions {
         if d.kind == ActionKind::Disable {
             let reason = format!("{} breached", d.rule.as_str());
             if self.set_switch(&d.cbo, false, reason).is_err() {
+                // Not recorded, so not done: no cooldown runs from it.
                 self.count(&d.cbo, d.kind, "switch", "failed");
-                self.memory().in_flight.remove(&(d.cbo.clone(), d.kind));
+                let mut m = self.memory();
+                m.in_flight.remove(&(d.cbo.clone(), d.kind));
+                m.last_attempt.remove(&(d.cbo.clone(), d.kind));
                 return;
             }
             self.count(&d.cbo, d.kind, "switch", "fired");
@@ -724,14 +727,25 @@ impl Actions {
             ));
         }
         let known = self.known(&d.cbo);
-        let (mut fired, mut no_target) = (0, Vec::new());
+        let (mut fired, mut no_target, mut unrecorded) = (0, Vec::new(), false);
         for integration in &integrations {
             match self.run_one(&d, integration.as_ref(), &known).await {
                 Ran::Fired => fired += 1,
                 Ran::Failed => {}
                 Ran::NoTarget(why) => no_target.push(why),
-                Ran::NotRecorded => break,
+                Ran::NotRecorded => {
+                    unrecorded = true;
+                    break;
+                }
             }
+        }
+        if unrecorded && fired == 0 {
+            // Nothing was sent: no cooldown runs from it, and once the log is writable again
+            // the breach still standing is decided afresh.
+            let mut m = self.memory();
+            m.in_flight.remove(&(d.cbo.clone(), d.kind));
+            m.last_attempt.remove(&(d.cbo.clone(), d.kind));
+            return;
         }
         // The decision as a whole: fired when any integration did it.
         let result = if fired > 0 || integrations.is_empty() {

@@ -86,6 +86,9 @@ pub struct Params {
     pub deploy_window: Duration,
     #[serde(with = "humantime_serde")]
     pub escalate_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub horizon: Duration,
+    pub fast_min_samples: u64,
     pub action: RuleAction,
 }
 
@@ -103,13 +106,18 @@ impl Params {
             min_cbos: 0,
             deploy_window: 60 * MIN,
             escalate_after: 10 * MIN,
+            horizon: 15 * MIN,
+            fast_min_samples: 0,
             action: RuleAction::Alert,
         };
         match rule {
+            // Busy CBOs: 20 finished transfers in 5 minutes, below 90 % for 15 minutes. Quiet
+            // ones: 5 finished transfers over the seed's 15-minute horizon (SPEC §4).
             RuleId::SuccessRate => Params {
                 threshold: 0.90,
                 for_: 15 * MIN,
-                min_samples: 20,
+                min_samples: 5,
+                fast_min_samples: 20,
                 action: RuleAction::Rollback,
                 ..base
             },
@@ -121,6 +129,7 @@ impl Params {
             RuleId::TaskrouterErrorRate => Params {
                 threshold: 0.05,
                 for_: 15 * MIN,
+                min_samples: 20,
                 action: RuleAction::Rollback,
                 ..base
             },
@@ -160,6 +169,8 @@ impl Params {
         self.min_cbos = o.min_cbos.unwrap_or(self.min_cbos);
         self.deploy_window = o.deploy_window.unwrap_or(self.deploy_window);
         self.escalate_after = o.escalate_after.unwrap_or(self.escalate_after);
+        self.horizon = o.horizon.unwrap_or(self.horizon);
+        self.fast_min_samples = o.fast_min_samples.unwrap_or(self.fast_min_samples);
         self.action = o.action.unwrap_or(self.action);
         self
     }
@@ -208,6 +219,9 @@ impl RuleState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cond {
     True,
+    /// True, and the evidence already spans the rule's horizon: breached without waiting for
+    /// `for` (the horizon covers it).
+    Held,
     False,
     /// Too few samples, or no fresh data: no decision either way.
     Inconclusive,
@@ -245,6 +259,10 @@ impl Tracked {
     /// Advances by one evaluation; returns the previous state when it changed.
     pub fn step(&mut self, verdict: Verdict, for_: Duration, now_ms: i64) -> Option<RuleState> {
         let next = match verdict.cond {
+            Cond::Held => {
+                self.holding_since_ms.get_or_insert(now_ms);
+                RuleState::Breached
+            }
             Cond::True => {
                 let since = *self.holding_since_ms.get_or_insert(now_ms);
                 if now_ms - since >= for_.as_millis() as i64 {
@@ -286,7 +304,7 @@ pub struct Inputs<'a> {
 /// The verdict of a per-CBO rule (every rule but `cross_cbo`).
 pub fn evaluate(rule: RuleId, p: &Params, i: &Inputs) -> Verdict {
     match rule {
-        RuleId::SuccessRate => transfer::success_rate(p, &(i.stats)(p.window)),
+        RuleId::SuccessRate => transfer::success_rate(p, i.stats),
         RuleId::BadRequests => transfer::bad_requests(p, &(i.stats)(p.window)),
         RuleId::ColdTransferLatency => transfer::cold_latency(p, &(i.stats)(p.window)),
         RuleId::NotificationLatency => transfer::notification_latency(p, &(i.stats)(p.window)),
@@ -495,6 +513,15 @@ mod tests {
             &RulesSection::default(),
             &RulesSection::default(),
         );
-        assert_eq!((d.threshold, d.for_, d.min_samples), (0.90, 15 * MIN, 20));
+        assert_eq!(
+            (
+                d.threshold,
+                d.for_,
+                d.min_samples,
+                d.fast_min_samples,
+                d.horizon
+            ),
+            (0.90, 15 * MIN, 5, 20, 15 * MIN)
+        );
     }
 }
