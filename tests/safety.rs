@@ -686,3 +686,85 @@ async fn agent_reports_from_two_cbos_within_fifteen_minutes_breach_cross_cbo() {
     assert_eq!(state(&app, "a", "cross_cbo"), "ok");
     app.shutdown().await;
 }
+
+/// One transfer of cbo a at `at_ms`, failing (Bad Request-free: agent unavailable) or not.
+fn quiet_transfer(app: &App, n: u32, ok: bool) {
+    let t = now(app) - 5_000;
+    let id = format!(r#","transfer_id":"q-{n}""#);
+    let end = if ok {
+        event("completed", t + 3_000, n, &id)
+    } else {
+        event(
+            "failed",
+            t + 500,
+            n,
+            &(id.clone() + r#","error":{"code":20001}"#),
+        )
+    };
+    ingest(app, "a", vec![event("initiated", t, n, &id), end]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nine_of_nine_failing_over_sixteen_minutes_at_a_quiet_cbo_rolls_back() {
+    let sim = sim().await;
+    let before = sim.deployments(AC_A, ZS_A, ZE_A);
+    let app = start_at(&serverless_only(&sim, &fresh_dir(), ""), T0).await;
+    // A total outage at a CBO with a transfer every two minutes.
+    for n in 1..=9 {
+        quiet_transfer(&app, n, false);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    }
+    let breach = log(&app)
+        .into_iter()
+        .find(|e| e.rule.as_deref() == Some("success_rate") && e.to.as_deref() == Some("breached"))
+        .expect("success_rate breached");
+    let measured = &breach.evidence["measured"];
+    assert_eq!(measured["method"], "wilson_95");
+    assert!(measured["n"].as_u64().unwrap() >= 5, "{measured}");
+    assert_eq!(measured["successes"], 0);
+    assert!(measured["bound"].as_f64().unwrap() < 0.9);
+    let after = sim.deployments(AC_A, ZS_A, ZE_A);
+    assert_eq!(after.len(), before.len() + 1, "rolled back");
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_failures_of_three_and_one_canceled_task_of_three_decide_nothing_and_say_what_is_missing()
+ {
+    let sim = sim().await;
+    let app = start_at(&serverless_only(&sim, &fresh_dir(), ""), T0).await;
+    for (n, ok) in [(1, false), (2, true), (3, false)] {
+        quiet_transfer(&app, n, ok);
+        tokio::time::sleep(Duration::from_secs(4 * 60)).await;
+    }
+    // TaskRouter: 1 of 3 tasks canceled in the last five minutes.
+    sim.record_tasks(
+        AC_A,
+        WW_A,
+        transfer_guard::sim::twilio::TaskEvent::Entered,
+        3,
+    );
+    sim.record_tasks(
+        AC_A,
+        WW_A,
+        transfer_guard::sim::twilio::TaskEvent::Canceled,
+        1,
+    );
+    tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+    assert!(posts(&sim).is_empty(), "{:?}", posts(&sim));
+    let states = app.shared.engine().states("a");
+    assert_eq!(states["success_rate"].state.as_str(), "inconclusive");
+    assert_eq!(
+        states["success_rate"].evidence["missing"],
+        "3 of the 5 finished transfers needed"
+    );
+    assert_eq!(
+        states["taskrouter_error_rate"].state.as_str(),
+        "inconclusive"
+    );
+    assert_eq!(
+        states["taskrouter_error_rate"].evidence["missing"],
+        "3 of the 20 tasks entered needed"
+    );
+    app.shutdown().await;
+}
