@@ -384,6 +384,28 @@ struct CboSection {
     disable: Vec<DisableKind>,
     #[serde(default)]
     rules: RulesSection,
+    probe: Option<Spanned<ProbeSection>>,
+}
+
+/// `[cbo.probe]`: test transfers (SPEC §3).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeSection {
+    queue_sid: String,
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    interval: Duration,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// A CBO's test transfers: a task through its chat-transfer workflow aimed at `queue`, every
+/// `interval` (every minute while a validation window runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub queue: crate::sid::QueueSid,
+    pub interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,6 +517,7 @@ pub struct Cbo {
     pub rollback: Vec<RollbackKind>,
     pub disable: Vec<DisableKind>,
     pub rules: RulesSection,
+    pub probe: Option<Probe>,
 }
 
 #[derive(Debug, Clone)]
@@ -838,6 +861,29 @@ impl Resolver<'_> {
             self.problem(key_at, Some(k), message, true);
         }
         self.rules(&section.rules, Some(k));
+        let probe = section.probe.as_ref().and_then(|p| {
+            let at = Some(p.span().start);
+            let p = p.get_ref();
+            let queue = match crate::sid::QueueSid::parse(p.queue_sid.trim()) {
+                Ok(q) => q,
+                Err(e) => {
+                    self.problem(at, Some(k), format!("probe.queue_sid: {e}"), true);
+                    return None;
+                }
+            };
+            if p.interval < Duration::from_secs(60) || p.interval > Duration::from_secs(24 * 3600) {
+                let message = format!(
+                    "probe.interval: {} is outside 1m..=24h",
+                    humantime::format_duration(p.interval)
+                );
+                self.problem(at, Some(k), message, true);
+                return None;
+            }
+            Some(Probe {
+                queue,
+                interval: p.interval,
+            })
+        });
         let workflow = self.workflow(section, &key);
         Some(Cbo {
             key,
@@ -851,6 +897,7 @@ impl Resolver<'_> {
             rollback: section.rollback.clone(),
             disable: section.disable.clone(),
             rules: section.rules.clone(),
+            probe,
         })
     }
 

@@ -302,9 +302,15 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
             .map(|r| r.as_str().to_string())
             .collect()
     };
+    // With probes on, a window counts its test transfers (a quiet CBO's evidence).
+    let probes = |cbo: &str, since: i64| {
+        let on = shared.config.cbo(cbo).is_some_and(|c| c.probe.is_some());
+        on.then(|| shared.fleet.get(cbo).map(|c| c.probes_since(since)))
+            .flatten()
+    };
     let ended = shared
         .validations
-        .tick(now_ms, &stats, &config_ok, &triggers);
+        .tick(now_ms, &stats, &probes, &config_ok, &triggers);
     for v in ended {
         let Some((_, tr)) = statuses.iter().find(|(k, _)| *k == v.cbo) else {
             continue;

@@ -219,6 +219,18 @@ impl App {
             ));
         }
 
+        for cbo in &shared.config.cbos {
+            let key = cbo.key.to_string();
+            if let Some(prober) = sources::probe::Prober::new(&shared, &key, &clients) {
+                tasks.spawn(sources::probe::run(
+                    shared.clone(),
+                    prober,
+                    key,
+                    stopped.clone(),
+                ));
+            }
+        }
+
         // Intents written before a restart, without a result: ask Twilio what became of them.
         tasks.spawn(shared.actions.clone().settle(stopped.clone()));
 

@@ -22,6 +22,11 @@ pub const COMPLETION_BUCKETS: &[f64] = &[
 pub const NOTIFICATION_BUCKETS: &[f64] = &[
     0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 ];
+/// Probe routing buckets: the 10 s a test transfer has to be routed among them.
+pub const PROBE_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0];
+/// `probes_total{result}`.
+pub const PROBE_RESULTS: [&str; 4] = ["routed", "not_routed", "bad_request", "error"];
+
 /// Poll-cycle duration buckets.
 pub const POLL_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -170,6 +175,8 @@ pub struct CboSeries {
     evicted: AtomicU64,
     history_lost: AtomicU64,
     agent_reports: AtomicU64,
+    probes: [AtomicU64; 4],
+    probe_routing: Histogram,
     transfers: [AtomicU64; 36],
     errors: [AtomicU64; 4],
     completion: [Histogram; 2],
@@ -214,6 +221,8 @@ impl CboSeries {
             evicted: AtomicU64::new(0),
             history_lost: AtomicU64::new(0),
             agent_reports: AtomicU64::new(0),
+            probes: zeros(),
+            probe_routing: Histogram::new(PROBE_BUCKETS),
             transfers: zeros(),
             errors: zeros(),
             completion: [
@@ -261,6 +270,16 @@ impl CboSeries {
 
     pub fn evicted(&self) {
         self.evicted.fetch_add(1, Relaxed);
+    }
+
+    /// One test transfer's result (one of `PROBE_RESULTS`), and its routing time when routed.
+    pub fn probe(&self, result: &str, routing_secs: Option<f64>) {
+        if let Some(i) = PROBE_RESULTS.iter().position(|r| *r == result) {
+            self.probes[i].fetch_add(1, Relaxed);
+        }
+        if let Some(secs) = routing_secs {
+            self.probe_routing.observe(secs);
+        }
     }
 
     pub fn agent_report(&self) {
@@ -763,6 +782,28 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
             "Transfers tracked and not ended yet.",
         ),
         |c| c.open.load(Relaxed),
+    );
+
+    let les = le_labels(PROBE_BUCKETS);
+    w.begin(
+        "probe_routing_seconds",
+        "histogram",
+        "Time TaskRouter took to route a test transfer to its queue.",
+    );
+    for c in cbos {
+        w.histogram("probe_routing_seconds", &[&c.label], &c.probe_routing, &les);
+    }
+    w.end();
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "probes_total",
+            "counter",
+            "Test transfers by result: routed, not_routed (not in the queue within 10 s), bad_request (TaskRouter 400), error.",
+        ),
+        ("result", &PROBE_RESULTS),
+        |c| &c.probes,
     );
 
     let mut rule_labels = Vec::new();

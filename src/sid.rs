@@ -31,6 +31,8 @@ sid_kinds! {
     Worker WorkerSid "WK" "worker";
     Service ServiceSid "ZS" "serverless service";
     Environment EnvironmentSid "ZE" "serverless environment";
+    Queue QueueSid "WQ" "task queue";
+    Task TaskSid "WT" "task";
 }
 
 /// Total length of every Twilio SID: two letters and 32 hexadecimal digits.

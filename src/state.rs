@@ -36,7 +36,11 @@ struct Inner {
     /// Connie Support: conversation SID and error.
     failing: VecDeque<Failing>,
     reports: VecDeque<Report>,
+    /// Test transfers: (started, routed), the newest `PROBES_KEPT`.
+    probes: VecDeque<(i64, bool)>,
 }
+
+const PROBES_KEPT: usize = 200;
 
 /// An agent's report of a failing transfer (`POST /v1/reports`): the seed's "agent reports of
 /// consistent failures".
@@ -98,6 +102,7 @@ impl CboState {
                 recent: VecDeque::new(),
                 failing: VecDeque::new(),
                 reports: VecDeque::new(),
+                probes: VecDeque::new(),
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
             }),
@@ -262,6 +267,27 @@ impl CboState {
             .take(FAILING_SHOWN)
             .cloned()
             .collect()
+    }
+
+    /// A test transfer ended with `result` (an error, which is not a transfer, is not kept).
+    pub fn probed(&self, started_ms: i64, result: &str) {
+        if result == "error" {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.probes.len() >= PROBES_KEPT {
+            inner.probes.pop_front();
+        }
+        inner.probes.push_back((started_ms, result == "routed"));
+    }
+
+    /// Test transfers started at or after `since_ms`: (how many, how many routed).
+    pub fn probes_since(&self, since_ms: i64) -> (u64, u64) {
+        let inner = self.lock();
+        let ran = inner.probes.iter().filter(|(t, _)| *t >= since_ms);
+        ran.fold((0, 0), |(n, ok), (_, routed)| {
+            (n + 1, ok + u64::from(*routed))
+        })
     }
 
     /// Takes an agent's report.

@@ -74,10 +74,27 @@ pub struct Measured {
     pub cold_p95: Option<f64>,
     pub notification_p95: Option<f64>,
     pub config_ok: Option<bool>,
+    /// Test transfers (when the CBO has probes): how many ran, how many were routed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<(u64, u64)>,
 }
 
+/// Criteria that cannot recover within a window once missed: a Bad Request, a lost history,
+/// a test transfer TaskRouter did not route (the seed: validation failed, roll back now).
+const FINAL: [&str; 3] = ["bad_requests", "history_preserved", "test_transfers_routed"];
+
+/// A CBO's test transfers since an instant: `None` without probes, else (ran, routed).
+pub type Probes<'a> = dyn Fn(&str, i64) -> Option<(u64, u64)> + 'a;
+
+/// Test transfers that let a quiet CBO's window decide without `min_samples` transfers.
+pub const MIN_PROBES: u64 = 5;
+
 impl Measured {
-    fn from_stats(s: &WindowStats, config_ok: Option<bool>) -> Measured {
+    fn from_stats(
+        s: &WindowStats,
+        config_ok: Option<bool>,
+        probes: Option<(u64, u64)>,
+    ) -> Measured {
         Measured {
             completed: s.counts.completed,
             decided: s.counts.decided(),
@@ -86,6 +103,7 @@ impl Measured {
             cold_p95: s.cold_completion_p95,
             notification_p95: s.notification_p95,
             config_ok,
+            probes,
         }
     }
 
@@ -104,6 +122,10 @@ impl Measured {
             cold_p95: worse(self.cold_p95, later.cold_p95),
             notification_p95: worse(self.notification_p95, later.notification_p95),
             config_ok: later.config_ok.or(self.config_ok),
+            probes: match (self.probes, later.probes) {
+                (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
+                (a, b) => b.or(a),
+            },
         }
     }
 
@@ -121,7 +143,19 @@ impl Measured {
             Some(_) => Verdict::Missed,
         };
         let secs = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} s"));
-        vec![
+        let probes = self.probes.map(|(n, routed)| {
+            c(
+                "test_transfers_routed",
+                format!("{routed} of {n}"),
+                "all",
+                match (n, routed) {
+                    (0, _) => Verdict::NoData,
+                    (n, r) if r == n => Verdict::Met,
+                    _ => Verdict::Missed,
+                },
+            )
+        });
+        let mut criteria = vec![
             c(
                 "success_rate",
                 rate.map_or("-".into(), |r| {
@@ -187,7 +221,9 @@ impl Measured {
                     None => Verdict::NoData,
                 },
             ),
-        ]
+        ];
+        criteria.extend(probes);
+        criteria
     }
 }
 
@@ -385,6 +421,13 @@ impl Validations {
         }
     }
 
+    /// Whether a window of `cbo` is running now.
+    pub fn running(&self, cbo: &str) -> bool {
+        self.lock()
+            .values()
+            .any(|v| v.cbo == cbo && v.state == State::Running)
+    }
+
     /// Whether a window (running or ended) was ever opened for this deployment.
     pub fn exists_for(&self, cbo: &str, deployment: &str) -> bool {
         self.lock()
@@ -400,6 +443,7 @@ impl Validations {
         &self,
         now_ms: i64,
         stats: &dyn Fn(&str, i64) -> WindowStats,
+        probes: &Probes<'_>,
         config_ok: &dyn Fn(&str) -> Option<bool>,
         triggers: &dyn Fn(&str, i64) -> Vec<String>,
     ) -> Vec<Validation> {
@@ -407,7 +451,8 @@ impl Validations {
         let mut ended = Vec::new();
         for v in windows.values_mut().filter(|v| v.state == State::Running) {
             let s = stats(&v.cbo, v.resumed_ms.unwrap_or(v.start_ms));
-            v.measured = Measured::from_stats(&s, config_ok(&v.cbo));
+            let since = v.resumed_ms.unwrap_or(v.start_ms);
+            v.measured = Measured::from_stats(&s, config_ok(&v.cbo), probes(&v.cbo, since));
             let total = v.carried.plus(&v.measured);
             v.criteria = total.criteria();
             let missed = |name: &str| {
@@ -421,21 +466,20 @@ impl Validations {
                     State::Failed,
                     Some(format!("rollback trigger: {} breached", fired.join(", "))),
                 )
-            } else if missed("bad_requests") || missed("history_preserved") {
+            } else if FINAL.iter().any(|c| missed(c)) {
                 // These cannot recover within the window: fail now.
                 let which: Vec<&str> = v
                     .criteria
                     .iter()
-                    .filter(|c| {
-                        c.verdict == Verdict::Missed
-                            && matches!(c.name.as_str(), "bad_requests" | "history_preserved")
-                    })
+                    .filter(|c| c.verdict == Verdict::Missed && FINAL.contains(&c.name.as_str()))
                     .map(|c| c.name.as_str())
                     .collect();
                 (State::Failed, Some(format!("missed: {}", which.join(", "))))
             } else if now_ms < v.end_ms {
                 (State::Running, None)
-            } else if total.decided < v.min_samples {
+            } else if total.decided < v.min_samples
+                && total.probes.is_none_or(|(n, _)| n < MIN_PROBES)
+            {
                 (
                     State::Inconclusive,
                     Some(crate::rules::transfer::missing(

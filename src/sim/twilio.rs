@@ -110,9 +110,29 @@ pub struct Release {
     pub created: String,
 }
 
+/// A TaskRouter task created through the API (a test transfer).
+#[derive(Debug, Clone)]
+struct SimTask {
+    workspace: String,
+    workflow: String,
+    attributes: String,
+    status: String,
+    reason: Option<String>,
+    created_ms: i64,
+    /// The queue the workflow routes it to, and from when it is there.
+    queue: Option<(String, i64)>,
+}
+
 #[derive(Debug, Clone)]
 struct Account {
     workflows: BTreeMap<(String, String), Workflow>,
+    /// (workspace, queue SID) -> friendly name.
+    queues: BTreeMap<(String, String), String>,
+    api_tasks: BTreeMap<String, SimTask>,
+    /// Whether the workspace routes new tasks (false: they wait in the workflow, unrouted).
+    routing: bool,
+    /// How long routing a new task takes.
+    routing_delay: Duration,
     tasks: HashMap<String, Vec<(i64, TaskEvent)>>,
     services: BTreeMap<String, Service>,
     flex_configuration: Value,
@@ -245,6 +265,10 @@ impl SimTwilio {
             account.into(),
             Account {
                 workflows: BTreeMap::new(),
+                queues: BTreeMap::new(),
+                api_tasks: BTreeMap::new(),
+                routing: true,
+                routing_delay: Duration::from_millis(800),
                 tasks: HashMap::new(),
                 services: BTreeMap::new(),
                 flex_configuration: flex_configuration(account, &created),
@@ -281,6 +305,34 @@ impl SimTwilio {
                 created,
             },
         );
+    }
+
+    /// A TaskQueue named `name` (a test transfer's target).
+    pub fn add_queue(&self, account: &str, workspace: &str, queue: &str, name: &str) {
+        self.state()
+            .account(account)
+            .queues
+            .insert((workspace.into(), queue.into()), name.into());
+    }
+
+    /// Whether the account's workspaces route new tasks (a TaskRouter that stopped routing).
+    pub fn set_routing(&self, account: &str, routing: bool) {
+        self.state().account(account).routing = routing;
+    }
+
+    /// How long routing a new task takes.
+    pub fn set_routing_delay(&self, account: &str, delay: Duration) {
+        self.state().account(account).routing_delay = delay;
+    }
+
+    /// Tasks created through the API that still exist: (SID, assignment status, attributes).
+    pub fn api_tasks(&self, account: &str) -> Vec<(String, String, String)> {
+        self.state()
+            .account(account)
+            .api_tasks
+            .iter()
+            .map(|(sid, t)| (sid.clone(), t.status.clone(), t.attributes.clone()))
+            .collect()
     }
 
     pub fn remove_workflow(&self, account: &str, workspace: &str, workflow: &str) {
@@ -685,6 +737,200 @@ async fn handle(
     response
 }
 
+/// The queue a workflow's filters route `attributes` to: the first filter whose expression
+/// holds, its first target's queue (`{{task.x}}` filled in), looked up by name or SID.
+fn route_task(acc: &Account, ws: &str, configuration: &str, attributes: &Value) -> Option<String> {
+    use crate::twilio::expression::{Known, Truth, eval, parse};
+    let doc: Value = serde_json::from_str(configuration).ok()?;
+    let known: BTreeMap<&str, Known> = attributes
+        .as_object()?
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::String(s) => Known::Str(s.clone()),
+                Value::Null => Known::Absent,
+                _ => Known::Some,
+            };
+            (k.as_str(), value)
+        })
+        .collect();
+    for filter in doc.pointer("/task_routing/filters")?.as_array()? {
+        let expression = filter["expression"].as_str().unwrap_or("");
+        let Ok(e) = parse(expression) else { continue };
+        if eval(&e, &known) != Truth::True {
+            continue;
+        }
+        let target = filter["targets"].get(0)?["queue"].as_str()?;
+        let target = match target
+            .strip_prefix("{{task.")
+            .and_then(|t| t.strip_suffix("}}"))
+        {
+            Some(attr) => attributes[attr].as_str()?.to_string(),
+            None => target.to_string(),
+        };
+        return acc
+            .queues
+            .iter()
+            .find(|((w, sid), name)| w == ws && (**name == target || *sid == target))
+            .map(|((_, sid), _)| sid.clone());
+    }
+    None
+}
+
+fn task_json(account: &str, sid: &str, t: &SimTask, acc: &Account, now_ms: i64) -> Value {
+    let url = format!("{TASKROUTER}/v1/Workspaces/{}/Tasks/{sid}", t.workspace);
+    let queue = t.queue.as_ref().filter(|(_, at)| *at <= now_ms);
+    json!({
+        "account_sid": account, "age": (now_ms - t.created_ms) / 1000,
+        "assignment_status": t.status, "attributes": t.attributes, "addons": "{}",
+        "date_created": rfc3339(t.created_ms), "date_updated": rfc3339(now_ms),
+        "task_queue_entered_date": queue.map(|(_, at)| rfc3339(*at)),
+        "priority": 0, "reason": t.reason, "sid": sid,
+        "task_queue_sid": queue.map(|(q, _)| q.clone()),
+        "task_queue_friendly_name": queue.and_then(|(q, _)| acc.queues.get(&(t.workspace.clone(), q.clone())).cloned()),
+        "task_channel_sid": "TC00000000000000000000000000000001", "task_channel_unique_name": "chat",
+        "timeout": 86400, "workflow_sid": t.workflow, "workflow_friendly_name": "Chat Transfer",
+        "workspace_sid": t.workspace, "url": url,
+        "links": {"reservations": format!("{url}/Reservations"), "workspace": format!("{TASKROUTER}/v1/Workspaces/{}", t.workspace)},
+        "virtual_start_time": rfc3339(t.created_ms), "ignore_capacity": false, "routing_target": null,
+    })
+}
+
+/// TaskRouter's Tasks API: create (routed by the workflow's filters), fetch, update
+/// (cancel), delete, list with `EvaluateTaskAttributes`.
+#[allow(clippy::too_many_arguments)]
+fn tasks_api(
+    s: &mut SimState,
+    account: &str,
+    method: &str,
+    ws: &str,
+    rest: &[&str],
+    uri: &Uri,
+    body: &Bytes,
+    now_ms: i64,
+) -> Response {
+    let path = uri.path();
+    let f = form(body);
+    let sid_for_new = s.sid("WT");
+    let acc = s.account(account);
+    match (method, rest) {
+        ("POST", []) => {
+            let workflow = f.get("WorkflowSid").cloned().unwrap_or_default();
+            let Some(wf) = acc.workflows.get(&(ws.to_string(), workflow.clone())) else {
+                return twilio_error(
+                    400,
+                    20001,
+                    "Bad Request: WorkflowSid is not a workflow of this workspace",
+                );
+            };
+            let raw = f.get("Attributes").cloned().unwrap_or_else(|| "{}".into());
+            let Ok(attributes) = serde_json::from_str::<Value>(&raw) else {
+                return twilio_error(400, 20001, "Bad Request: Attributes is not JSON");
+            };
+            let queue = if acc.routing {
+                route_task(acc, ws, &wf.configuration, &attributes)
+                    .map(|q| (q, now_ms + acc.routing_delay.as_millis() as i64))
+            } else {
+                None
+            };
+            let task = SimTask {
+                workspace: ws.to_string(),
+                workflow,
+                attributes: raw,
+                status: "pending".into(),
+                reason: None,
+                created_ms: now_ms,
+                queue,
+            };
+            let body = task_json(account, &sid_for_new, &task, acc, now_ms);
+            acc.api_tasks.insert(sid_for_new, task);
+            (StatusCode::CREATED, axum::Json(body)).into_response()
+        }
+        ("GET", []) => {
+            let filter = uri
+                .query()
+                .and_then(|q| serde_urlencoded::from_str::<HashMap<String, String>>(q).ok())
+                .and_then(|q| q.get("EvaluateTaskAttributes").cloned());
+            let expression = filter.as_deref().map(crate::twilio::expression::parse);
+            let list: Vec<Value> = acc
+                .api_tasks
+                .iter()
+                .filter(|(_, t)| t.workspace == ws)
+                .filter(|(_, t)| match &expression {
+                    Some(Ok(e)) => {
+                        let attrs: Value =
+                            serde_json::from_str(&t.attributes).unwrap_or(Value::Null);
+                        let known = attrs
+                            .as_object()
+                            .map(|o| {
+                                o.iter()
+                                    .map(|(k, v)| {
+                                        let v = match v {
+                                            Value::String(s) => {
+                                                crate::twilio::expression::Known::Str(s.clone())
+                                            }
+                                            Value::Bool(true) => {
+                                                crate::twilio::expression::Known::Str("true".into())
+                                            }
+                                            _ => crate::twilio::expression::Known::Some,
+                                        };
+                                        (k.as_str(), v)
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        // `x == true` against a JSON true: compare as the word.
+                        let e = match e {
+                            crate::twilio::expression::Expr::Cmp(
+                                l,
+                                op,
+                                crate::twilio::expression::Operand::Bool(b),
+                            ) => crate::twilio::expression::Expr::Cmp(
+                                l.clone(),
+                                *op,
+                                crate::twilio::expression::Operand::Str(b.to_string()),
+                            ),
+                            other => other.clone(),
+                        };
+                        crate::twilio::expression::eval(&e, &known)
+                            == crate::twilio::expression::Truth::True
+                    }
+                    _ => true,
+                })
+                .map(|(sid, t)| task_json(account, sid, t, acc, now_ms))
+                .collect();
+            let url = format!("{TASKROUTER}/v1/Workspaces/{ws}/Tasks");
+            axum::Json(json!({ "tasks": list, "meta": meta(&url, "tasks") })).into_response()
+        }
+        (_, [sid]) => {
+            let Some(t) = acc.api_tasks.get(*sid).cloned() else {
+                return not_found(path);
+            };
+            match method {
+                "GET" => axum::Json(task_json(account, sid, &t, acc, now_ms)).into_response(),
+                "POST" => {
+                    let t = acc.api_tasks.get_mut(*sid).expect("looked up above");
+                    if let Some(status) = f.get("AssignmentStatus") {
+                        t.status = status.clone();
+                        t.queue = None;
+                    }
+                    if let Some(reason) = f.get("Reason") {
+                        t.reason = Some(reason.clone());
+                    }
+                    let t = t.clone();
+                    axum::Json(task_json(account, sid, &t, acc, now_ms)).into_response()
+                }
+                "DELETE" => {
+                    acc.api_tasks.remove(*sid);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                _ => not_found(path),
+            }
+        }
+        _ => not_found(path),
+    }
+}
+
 fn query_minutes(uri: &Uri) -> i64 {
     uri.query()
         .and_then(|q| serde_urlencoded::from_str::<HashMap<String, String>>(q).ok())
@@ -717,6 +963,23 @@ fn route(
     let json = |v: Value| axum::Json(v).into_response();
     let created = |v: Value| (StatusCode::CREATED, axum::Json(v)).into_response();
     match (method.as_str(), seg.as_slice()) {
+        (_, ["v1", "Workspaces", ws, "Tasks", rest @ ..]) => {
+            tasks_api(s, account, method.as_str(), ws, rest, uri, body, now_ms)
+        }
+        ("GET", ["v1", "Workspaces", ws, "TaskQueues", wq]) => {
+            let acc = s.account(account);
+            let Some(name) = acc.queues.get(&(ws.to_string(), wq.to_string())) else {
+                return not_found(path);
+            };
+            let url = format!("{TASKROUTER}/v1/Workspaces/{ws}/TaskQueues/{wq}");
+            json(json!({
+                "account_sid": account, "assignment_activity_sid": null, "assignment_activity_name": null,
+                "date_created": now, "date_updated": now, "friendly_name": name,
+                "max_reserved_workers": 1, "reservation_activity_sid": null, "reservation_activity_name": null,
+                "sid": wq, "target_workers": "1==1", "task_order": "FIFO", "url": url, "workspace_sid": ws,
+                "links": {"statistics": format!("{url}/Statistics")},
+            }))
+        }
         ("GET", ["v1", "Workspaces", ws, "Workflows", ww, rest @ ..]) => {
             let acc = s.account(account);
             let Some(wf) = acc.workflows.get(&(ws.to_string(), ww.to_string())) else {

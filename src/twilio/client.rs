@@ -232,6 +232,12 @@ impl TwilioClient {
             .await
     }
 
+    /// DELETE: a write (sent once; only a 429 is retried); the answer has no body.
+    pub async fn delete(&self, url: &str, resource: &str) -> Result<(), TwilioError> {
+        self.call(resource, Method::Write, || self.http.delete(url))
+            .await
+    }
+
     pub async fn post_json<T: DeserializeOwned>(
         &self,
         url: &str,
@@ -359,6 +365,12 @@ impl TwilioClient {
                 None,
             ));
         }
+        // 204 No Content (a DELETE): nothing to read.
+        let bytes = if bytes.is_empty() {
+            axum::body::Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
         serde_json::from_slice::<T>(&bytes).map_err(|e| {
             (
                 TwilioError::Decode {

@@ -3,7 +3,29 @@
 use serde::Deserialize;
 
 use super::{TwilioClient, TwilioError};
-use crate::sid::{WorkflowSid, WorkspaceSid};
+use crate::sid::{QueueSid, TaskSid, WorkflowSid, WorkspaceSid};
+
+/// `taskrouter.v1.workspace.task`, the fields we read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Task {
+    pub sid: String,
+    pub assignment_status: Option<String>,
+    pub task_queue_sid: Option<String>,
+    pub attributes: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Tasks {
+    #[serde(default)]
+    tasks: Vec<Task>,
+}
+
+/// `taskrouter.v1.workspace.task_queue`, the fields we read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskQueue {
+    pub sid: String,
+    pub friendly_name: Option<String>,
+}
 
 /// `taskrouter.v1.workspace.workflow`, the fields we read.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +73,108 @@ pub struct TaskRouter<'a> {
 }
 
 impl TaskRouter<'_> {
+    fn tasks_url(&self, ws: &WorkspaceSid, tail: &str) -> String {
+        format!(
+            "{}/v1/Workspaces/{ws}/Tasks{tail}",
+            self.base_url.trim_end_matches('/')
+        )
+    }
+
+    pub async fn task_queue(
+        &self,
+        ws: &WorkspaceSid,
+        queue: &QueueSid,
+    ) -> Result<TaskQueue, TwilioError> {
+        let url = format!(
+            "{}/v1/Workspaces/{ws}/TaskQueues/{queue}",
+            self.base_url.trim_end_matches('/')
+        );
+        self.client
+            .get(&url, &[], &format!("task queue {queue}"))
+            .await
+    }
+
+    /// Creates a task through `workflow` on the chat channel with `attributes`.
+    pub async fn create_task(
+        &self,
+        ws: &WorkspaceSid,
+        workflow: &WorkflowSid,
+        attributes: &serde_json::Value,
+    ) -> Result<Task, TwilioError> {
+        let form = [
+            ("WorkflowSid", workflow.to_string()),
+            ("TaskChannel", "chat".to_string()),
+            ("Attributes", attributes.to_string()),
+        ];
+        self.client
+            .post_form(
+                &self.tasks_url(ws, ""),
+                &form,
+                &format!("workflow {workflow} task"),
+            )
+            .await
+    }
+
+    pub async fn task(&self, ws: &WorkspaceSid, task: &TaskSid) -> Result<Task, TwilioError> {
+        self.client
+            .get(
+                &self.tasks_url(ws, &format!("/{task}")),
+                &[],
+                &format!("task {task}"),
+            )
+            .await
+    }
+
+    /// Cancels a task (`AssignmentStatus=canceled`).
+    pub async fn cancel_task(
+        &self,
+        ws: &WorkspaceSid,
+        task: &TaskSid,
+        reason: &str,
+    ) -> Result<Task, TwilioError> {
+        let form = [
+            ("AssignmentStatus", "canceled".to_string()),
+            ("Reason", reason.to_string()),
+        ];
+        self.client
+            .post_form(
+                &self.tasks_url(ws, &format!("/{task}")),
+                &form,
+                &format!("task {task}"),
+            )
+            .await
+    }
+
+    pub async fn delete_task(&self, ws: &WorkspaceSid, task: &TaskSid) -> Result<(), TwilioError> {
+        self.client
+            .delete(
+                &self.tasks_url(ws, &format!("/{task}")),
+                &format!("task {task}"),
+            )
+            .await
+    }
+
+    /// Tasks whose attributes satisfy `expression` (TaskRouter's `EvaluateTaskAttributes`).
+    pub async fn tasks_where(
+        &self,
+        ws: &WorkspaceSid,
+        expression: &str,
+    ) -> Result<Vec<Task>, TwilioError> {
+        let query = [
+            ("EvaluateTaskAttributes", expression.to_string()),
+            ("PageSize", "1000".to_string()),
+        ];
+        let page: Tasks = self
+            .client
+            .get(
+                &self.tasks_url(ws, ""),
+                &query,
+                &format!("workspace {ws} tasks"),
+            )
+            .await?;
+        Ok(page.tasks)
+    }
+
     fn url(&self, ws: &WorkspaceSid, ww: &WorkflowSid, tail: &str) -> String {
         format!(
             "{}/v1/Workspaces/{ws}/Workflows/{ww}{tail}",
