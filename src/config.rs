@@ -394,6 +394,13 @@ struct ProbeSection {
     queue_sid: String,
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
     interval: Duration,
+    /// How often while a validation window of the CBO runs.
+    #[serde(default = "default_probe_during_validation", with = "humantime_serde")]
+    during_validation: Duration,
+}
+
+fn default_probe_during_validation() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_probe_interval() -> Duration {
@@ -406,6 +413,7 @@ fn default_probe_interval() -> Duration {
 pub struct Probe {
     pub queue: crate::sid::QueueSid,
     pub interval: Duration,
+    pub during_validation: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,9 +887,18 @@ impl Resolver<'_> {
                 self.problem(at, Some(k), message, true);
                 return None;
             }
+            if p.during_validation < Duration::from_secs(10) || p.during_validation > p.interval {
+                let message = format!(
+                    "probe.during_validation: {} is outside 10s..=interval",
+                    humantime::format_duration(p.during_validation)
+                );
+                self.problem(at, Some(k), message, true);
+                return None;
+            }
             Some(Probe {
                 queue,
                 interval: p.interval,
+                during_validation: p.during_validation,
             })
         });
         let workflow = self.workflow(section, &key);

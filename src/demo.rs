@@ -20,6 +20,13 @@ const WRONG_WORKFLOW: &str = "WW000000000000000000000000000000ff";
 /// The Bad Request share of nss's transfers while its functions use the wrong workflow.
 const BROKEN_BAD_REQUESTS: f64 = 0.6;
 
+/// The quiet CBO's Serverless environment and its test transfers' queue.
+const QUIET_SERVICE: &str = "ZS00000000000000000000000000000003";
+const QUIET_ENVIRONMENT: &str = "ZE00000000000000000000000000000003";
+const QUIET_QUEUE: &str = "WQ00000000000000000000000000000003";
+/// When the quiet CBO deploys (a sound build), judged by test transfers alone.
+const QUIET_DEPLOYS_AFTER: Duration = Duration::from_secs(5);
+
 /// The demo CBOs: key, ingest token, account, workspace, workflow, healthy traffic.
 fn cbos() -> [(
     &'static str,
@@ -28,7 +35,7 @@ fn cbos() -> [(
     &'static str,
     &'static str,
     Profile,
-); 2] {
+); 3] {
     let healthy = Profile {
         bad_request: 0.0,
         cancelled: 0.01,
@@ -53,6 +60,18 @@ fn cbos() -> [(
             Profile {
                 rate: 1.0,
                 agent_unavailable: 0.03,
+                ..healthy.clone()
+            },
+        ),
+        (
+            // A community organisation with a handful of transfers an hour.
+            "quiet",
+            "demo-token-quiet",
+            "AC00000000000000000000000000000003",
+            "WS00000000000000000000000000000003",
+            "WW00000000000000000000000000000003",
+            Profile {
+                rate: 1.0 / 900.0,
                 ..healthy
             },
         ),
@@ -72,6 +91,9 @@ poll_interval = "5s"
 [actions]
 dry_run = false
 cooldown = "5m"
+
+[validation]
+duration = "60s"
 
 [[cbo]]
 key = "nss"
@@ -97,6 +119,22 @@ account_sid = "AC00000000000000000000000000000002"
 auth_token_env = "DEMO_TWILIO_TOKEN"
 workspace_sid = "WS00000000000000000000000000000002"
 workflow_sid = "WW00000000000000000000000000000002"
+
+[[cbo]]
+key = "quiet"
+ingest_token_env = "DEMO_TOKEN_QUIET"
+account_sid = "AC00000000000000000000000000000003"
+auth_token_env = "DEMO_TWILIO_TOKEN"
+workspace_sid = "WS00000000000000000000000000000003"
+workflow_sid = "WW00000000000000000000000000000003"
+serverless_service_sid = "ZS00000000000000000000000000000003"
+serverless_environment_sid = "ZE00000000000000000000000000000003"
+rollback = ["serverless"]
+
+[cbo.probe]
+queue_sid = "WQ00000000000000000000000000000003"
+interval = "5m"
+during_validation = "10s"
 "#;
 
 /// The embedded configuration, listening on `listen`, with Twilio at `twilio`. Its secrets are
@@ -106,6 +144,7 @@ pub fn config(listen: SocketAddr, twilio: &str) -> Config {
         ("DEMO_ADMIN", ADMIN_TOKEN),
         ("DEMO_TOKEN_NSS", "demo-token-nss"),
         ("DEMO_TOKEN_CLIENTA", "demo-token-clienta"),
+        ("DEMO_TOKEN_QUIET", "demo-token-quiet"),
         ("DEMO_TWILIO_TOKEN", TWILIO_TOKEN),
     ]);
     let checked = check_str(CONFIG, &|k| env.get(k).map(|v| v.to_string()));
@@ -133,6 +172,11 @@ pub async fn twilio(clock: Clock) -> SimTwilio {
             sim.age_history(account, Duration::from_secs(22 * 3600));
             sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, None);
             sim.age_history(account, Duration::from_secs(2 * 3600));
+        }
+        if key == "quiet" {
+            sim.add_service(account, QUIET_SERVICE, QUIET_ENVIRONMENT, workflow);
+            sim.age_history(account, Duration::from_secs(24 * 3600));
+            sim.add_queue(account, workspace, QUIET_QUEUE, "transfer-guard-probe");
         }
     }
     sim
@@ -222,14 +266,15 @@ pub async fn run(
     let app = App::start(config(listen, &sim.url())).await?;
     let server = app.url();
     println!(
-        "transfer-guard demo: two simulated CBOs (nss, clienta) on a simulated Twilio at {}",
+        "transfer-guard demo: three simulated CBOs (nss, clienta, quiet) on a simulated Twilio at {}",
         sim.url()
     );
     println!("  metrics: {server}/metrics");
     println!("  status:  curl -H 'Authorization: Bearer {ADMIN_TOKEN}' {server}/v1/status");
     println!("  stop:    Ctrl-C");
     println!(
-        "  the story: healthy traffic; after {} a deploy resets nss's {WORKFLOW_SID_VAR} and Bad Requests start; transfer-guard rolls it back",
+        "  the story: healthy traffic; after {} quiet deploys and its test transfers judge it; after {} a deploy resets nss's {WORKFLOW_SID_VAR} and Bad Requests start; transfer-guard rolls it back",
+        humantime::format_duration(QUIET_DEPLOYS_AFTER),
         humantime::format_duration(breach_after)
     );
 
@@ -262,6 +307,8 @@ pub async fn run(
     let every = Duration::from_secs(10);
     let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut deployed = false;
+    let mut quiet_deployed = false;
+    let mut windows_shown = std::collections::BTreeSet::new();
     let mut shown = app.shared.actions.log.last_seq();
     let elapsed = |now: i64| {
         let s = (now - started) / 1000;
@@ -277,6 +324,30 @@ pub async fn run(
                     let (_, _, account, ..) = generators[0];
                     let d = sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, Some(WRONG_WORKFLOW));
                     println!("{} scenario: nss deploys build {} and it resets {WORKFLOW_SID_VAR} to {WRONG_WORKFLOW}", elapsed(now), d.build_sid);
+                }
+                if !quiet_deployed && now - started >= QUIET_DEPLOYS_AFTER.as_millis() as i64 {
+                    quiet_deployed = true;
+                    let d = sim.deploy(generators[2].2, QUIET_SERVICE, QUIET_ENVIRONMENT, None);
+                    println!("{} scenario: quiet (a handful of transfers an hour) deploys build {}; test transfers judge it", elapsed(now), d.build_sid);
+                }
+                for v in app.shared.validations.list(None) {
+                    if v.state != crate::validation::State::Running && windows_shown.insert(v.id.clone()) {
+                        let criteria: Vec<String> = v
+                            .criteria
+                            .iter()
+                            .filter(|c| c.verdict != crate::validation::Verdict::NoData)
+                            .map(|c| format!("{} {}", c.name, c.value))
+                            .collect();
+                        println!(
+                            "{} {}: validation window for {} {}{}: {}",
+                            elapsed(now),
+                            v.cbo,
+                            v.deployment,
+                            v.state.as_str(),
+                            v.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                            criteria.join(", ")
+                        );
+                    }
                 }
                 for (key, token, account, workflow, g) in &mut generators {
                     if *key == "nss" {

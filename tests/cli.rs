@@ -421,7 +421,7 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
             "--breach-after",
             "3s",
             "--duration",
-            "30s",
+            "75s",
         ])
         .output()
         .await
@@ -451,6 +451,15 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
     assert!(
         !stdout.contains("clienta: rollback"),
         "clienta is left alone: {stdout}"
+    );
+    // The quiet CBO's deployment is judged by its test transfers, not left inconclusive.
+    let quiet = stdout
+        .lines()
+        .find(|l| l.contains("quiet: validation window for"))
+        .unwrap_or_else(|| panic!("no quiet window ended:\n{stdout}"));
+    assert!(
+        quiet.contains(" passed: ") && quiet.contains("test_transfers_routed"),
+        "{quiet}"
     );
 }
 

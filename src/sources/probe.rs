@@ -19,8 +19,6 @@ pub const ROUTING_TIMEOUT: Duration = Duration::from_secs(10);
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 /// The attribute every test transfer carries, by which orphans are found.
 pub const PROBE_ATTRIBUTE: &str = "transferGuardProbe";
-/// While a validation window runs, a test transfer every minute.
-const DURING_VALIDATION: Duration = Duration::from_secs(60);
 
 /// How one test transfer ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,7 +256,7 @@ pub fn events(
 }
 
 /// Runs one CBO's test transfers until `stop`: orphans removed first; then every `interval`,
-/// every minute while a validation window of the CBO runs. Test transfers change no
+/// every `during_validation` (a minute) while a validation window of the CBO runs. Test transfers change no
 /// configuration, so they run in dry run too.
 pub async fn run(
     shared: Arc<Shared>,
@@ -279,7 +277,7 @@ pub async fn run(
     let mut last: Option<tokio::time::Instant> = None;
     loop {
         let every = if shared.validations.running(&key) {
-            DURING_VALIDATION
+            prober.probe.during_validation
         } else {
             prober.probe.interval
         };
