@@ -1223,4 +1223,18 @@ mod tests {
         let p = &check_str("[rules.succes_rate]\nthreshold = 0.9\n", &env(&[])).problems[0];
         assert!(p.message.contains("succes_rate"), "{p}");
     }
+
+    #[test]
+    fn a_key_the_rule_does_not_read_is_refused_not_ignored() {
+        let text = "[rules.success_rate]\nminutes = 3\n\n[rules.taskrouter_error_rate]\nmin_samples = 20\n";
+        let checked = check_str(text, &env(&[]));
+        assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+        let p = &checked.problems[0];
+        assert!(p.fatal && p.line == Some(1), "{p}");
+        assert!(
+            p.message
+                .starts_with("rules.success_rate.minutes: rule success_rate does not use minutes"),
+            "{p}"
+        );
+    }
 }
