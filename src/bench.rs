@@ -291,6 +291,8 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
         sim.add_account(&ac, "bench");
         sim.add_workflow(&ac, &ws, &ww);
         sim.add_service(&ac, &zs, &ze, &ww);
+        // The first build ran for hours (a known-good target), the second is the one breaking.
+        sim.age_history(&ac, std::time::Duration::from_secs(3 * 3600));
         sim.deploy(&ac, &zs, &ze, None);
         text += &format!(
             "[[cbo]]\nkey = \"c{i}\"\ningest_token_env = \"T\"\naccount_sid = \"{ac}\"\nauth_token_env = \"A\"\nworkspace_sid = \"{ws}\"\nworkflow_sid = \"{ww}\"\nserverless_service_sid = \"{zs}\"\nserverless_environment_sid = \"{ze}\"\nrollback = [\"serverless\"]\n[cbo.rules.bad_requests]\nminutes = 1\n"
