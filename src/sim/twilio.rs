@@ -740,20 +740,9 @@ async fn handle(
 /// The queue a workflow's filters route `attributes` to: the first filter whose expression
 /// holds, its first target's queue (`{{task.x}}` filled in), looked up by name or SID.
 fn route_task(acc: &Account, ws: &str, configuration: &str, attributes: &Value) -> Option<String> {
-    use crate::twilio::expression::{Known, Truth, eval, parse};
+    use crate::twilio::expression::{Truth, eval, known, parse};
     let doc: Value = serde_json::from_str(configuration).ok()?;
-    let known: BTreeMap<&str, Known> = attributes
-        .as_object()?
-        .iter()
-        .map(|(k, v)| {
-            let value = match v {
-                Value::String(s) => Known::Str(s.clone()),
-                Value::Null => Known::Absent,
-                _ => Known::Some,
-            };
-            (k.as_str(), value)
-        })
-        .collect();
+    let known = known(attributes);
     for filter in doc.pointer("/task_routing/filters")?.as_array()? {
         let expression = filter["expression"].as_str().unwrap_or("");
         let Ok(e) = parse(expression) else { continue };
@@ -860,39 +849,8 @@ fn tasks_api(
                     Some(Ok(e)) => {
                         let attrs: Value =
                             serde_json::from_str(&t.attributes).unwrap_or(Value::Null);
-                        let known = attrs
-                            .as_object()
-                            .map(|o| {
-                                o.iter()
-                                    .map(|(k, v)| {
-                                        let v = match v {
-                                            Value::String(s) => {
-                                                crate::twilio::expression::Known::Str(s.clone())
-                                            }
-                                            Value::Bool(true) => {
-                                                crate::twilio::expression::Known::Str("true".into())
-                                            }
-                                            _ => crate::twilio::expression::Known::Some,
-                                        };
-                                        (k.as_str(), v)
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        // `x == true` against a JSON true: compare as the word.
-                        let e = match e {
-                            crate::twilio::expression::Expr::Cmp(
-                                l,
-                                op,
-                                crate::twilio::expression::Operand::Bool(b),
-                            ) => crate::twilio::expression::Expr::Cmp(
-                                l.clone(),
-                                *op,
-                                crate::twilio::expression::Operand::Str(b.to_string()),
-                            ),
-                            other => other.clone(),
-                        };
-                        crate::twilio::expression::eval(&e, &known)
+                        let known = crate::twilio::expression::known(&attrs);
+                        crate::twilio::expression::eval(e, &known)
                             == crate::twilio::expression::Truth::True
                     }
                     _ => true,

@@ -42,6 +42,7 @@ pub enum Operand {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Known {
     Str(String),
+    Bool(bool),
     /// Present, value not known (a worker SID, a queue name).
     Some,
     /// Not set on the task.
@@ -313,6 +314,7 @@ fn value(o: &Operand, task: &BTreeMap<&str, Known>) -> V {
         // `task.x` in worker expressions names the same attribute as `x` in a filter.
         Operand::Attr(a) => match task.get(a.strip_prefix("task.").unwrap_or(a)) {
             Some(Known::Str(s)) => V::Str(s.clone()),
+            Some(Known::Bool(b)) => V::Bool(*b),
             Some(Known::Absent) => V::Null,
             Some(Known::Some) | None => V::Unknown,
         },
@@ -368,6 +370,26 @@ pub fn eval(e: &Expr, task: &BTreeMap<&str, Known>) -> Truth {
             V::List(_) | V::Unknown => Truth::Unknown,
         },
     }
+}
+
+/// What a task's JSON attributes say of each attribute (for a task whose attributes are all
+/// known, as the simulated Twilio has them).
+pub fn known(attributes: &serde_json::Value) -> BTreeMap<&str, Known> {
+    use serde_json::Value;
+    attributes
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let known = match v {
+                Value::String(s) => Known::Str(s.clone()),
+                Value::Bool(b) => Known::Bool(*b),
+                Value::Null => Known::Absent,
+                _ => Known::Some,
+            };
+            (k.as_str(), known)
+        })
+        .collect()
 }
 
 /// The attributes the template's `create-transfer-task` function sets on a transfer task of
