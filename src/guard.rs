@@ -45,11 +45,12 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
             .iter()
             .map(|c| move |w: Duration| c.stats(now_ms, w))
             .collect();
+        // Reports about an earlier deployment are old evidence, like its transfers.
         let hour_ago = now_ms - 3_600_000;
         let reports: Vec<_> = shared
             .fleet
             .iter()
-            .map(|c| c.reports_since(hour_ago))
+            .map(|c| c.reports_since(hour_ago.max(c.judged_since())))
             .collect();
         let inputs =
             statuses
@@ -162,8 +163,13 @@ fn cut(shared: &Shared, cbo: &str, at_ms: i64, why: &str) -> Option<i64> {
     let before = state.judged_since();
     let since = state.cut(at_ms, now_ms);
     if since > before {
-        // What polling saw before the cut is evidence about the old deployment too.
-        state.taskrouter().new_problem_polls = 0;
+        // What polling saw before a cut that comes after its last poll (this guard's own
+        // rollback) is evidence about the old deployment.
+        let mut tr = state.taskrouter();
+        if tr.last_poll_ms.is_some_and(|p| p < since) {
+            tr.new_problem_polls = 0;
+        }
+        drop(tr);
         tracing::info!(cbo, judged_since = %rfc3339(since), why, "a new deployment is judged on its own traffic");
         let evidence = serde_json::json!({"judged_since": rfc3339(since), "why": why});
         let transitions = shared.engine().restart(cbo, now_ms, &evidence);

@@ -202,6 +202,9 @@ pub struct TaskRouterStatus {
     /// When Twilio says the latest deployment was created (ms since the epoch).
     #[serde(skip)]
     pub latest_deployment_at_ms: Option<i64>,
+    /// When the last poll started (ms since the epoch).
+    #[serde(skip)]
+    pub last_poll_ms: Option<i64>,
     /// When `statistics` were last read (ms since the epoch), so stale ones decide nothing.
     #[serde(skip)]
     pub statistics_at_ms: Option<i64>,

@@ -831,7 +831,9 @@ impl Actions {
         let mut last_error = String::new();
         for attempt in 1..=attempts + 1 {
             if attempt > 1 {
-                // Never send a change again blindly: read first whether the last one took effect.
+                tokio::time::sleep(backoff(attempt - 1)).await;
+                // Never send a change again blindly: read first whether the last one took
+                // effect, and send nothing while that cannot be read.
                 match integration.took_effect(&plan, intent.at_ms).await {
                     Ok(Effect::Applied(detail)) => {
                         let done = format!(
@@ -842,14 +844,15 @@ impl Actions {
                     }
                     Ok(Effect::NotApplied | Effect::Unknown) => {}
                     Err(e) => {
-                        last_error =
-                            format!("{last_error}; could not read whether it took effect: {e}")
+                        last_error = format!(
+                            "{last_error}; could not read whether it took effect, so not sent again: {e}"
+                        );
+                        continue;
                     }
                 }
                 if attempt > attempts {
                     break;
                 }
-                tokio::time::sleep(backoff(attempt - 1)).await;
             }
             match integration.run(attempt_of).await {
                 Ok(done) => return self.done(d, name, &plan, &key, attempt, done),

@@ -107,6 +107,8 @@ pub struct Poller {
     pub known_problems: Option<BTreeSet<String>>,
     /// Consecutive fresh polls that saw a problem outside `known_problems`.
     pub new_problem_polls: u32,
+    /// When the last cycle started (ms since the epoch).
+    last_cycle_ms: i64,
     /// Other CBOs configured with the same Serverless environment.
     siblings: Vec<crate::config::CboKey>,
 }
@@ -187,6 +189,7 @@ impl Poller {
             judged_since_ms: None,
             known_problems: None,
             new_problem_polls: 0,
+            last_cycle_ms: i64::MIN,
             siblings: config
                 .cbos
                 .iter()
@@ -656,6 +659,9 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
         polled: true,
         first_poll_done: true,
         last_poll: Some(now.to_string()),
+        last_poll_ms: chrono::DateTime::parse_from_rfc3339(now)
+            .ok()
+            .map(|t| t.timestamp_millis()),
         last_success: if result == PollResult::Ok {
             Some(now.to_string())
         } else {
@@ -756,10 +762,15 @@ pub async fn run(
             .map(|s| s.judged_since())
             .filter(|t| *t != i64::MIN);
         if judged_since != poller.judged_since_ms {
-            // A new deployment: problems count again from its first poll.
-            poller.new_problem_polls = 0;
+            // A deployment took effect after the last poll (this guard's rollback): what that
+            // poll saw belongs to the one before, so problems count again from the next poll.
+            // One seen by a poll is not such: that poll's sightings are of it already.
+            if judged_since.is_some_and(|j| j > poller.last_cycle_ms) {
+                poller.new_problem_polls = 0;
+            }
             poller.judged_since_ms = judged_since;
         }
+        poller.last_cycle_ms = shared.clock.now_ms();
         let cycle = tokio::select! {
             c = poller.cycle(&now) => c,
             _ = stop.changed() => break,
