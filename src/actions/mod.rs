@@ -257,7 +257,11 @@ impl Memory {
                 }
             }
             Kind::Action => {
-                if let Some(key) = &e.key {
+                // Only a result settles an intent: a `retrying` entry says an attempt failed,
+                // not whether the next one (or that one, late) took effect.
+                if let Some(key) = &e.key
+                    && matches!(e.result.as_deref(), Some("fired" | "failed"))
+                {
                     self.unsettled.remove(key);
                 }
                 let Some(kind) = kind.filter(|k| *k != ActionKind::Alert) else {
