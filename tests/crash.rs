@@ -120,7 +120,9 @@ async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static 
     let _ = first.wait().await;
     let restarted_ms = Clock::new().now_ms();
     let mut second = daemon(&config, &url).await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Long enough for a whole rollback from scratch: ready, breach, plan, intent, a late answer
+    // (up to 3 s), its backoff, the check.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     feeder.abort();
     second.start_kill().unwrap();
     let _ = second.wait().await;
