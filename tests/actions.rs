@@ -297,14 +297,11 @@ async fn two_cbos_breached_at_once_page_and_roll_back_only_the_recently_deployed
         actions(&app, "b", "alert", "fired") >= 1.0,
         "on-call paged for b"
     );
-    let b_log = app.shared.actions.log.query(Some("b"), None);
-    assert!(b_log.iter().any(|e| {
-        e.result.as_deref() == Some("suppressed")
-            && e.detail
-                .as_deref()
-                .unwrap_or("")
-                .contains("no deployment younger than 1h")
-    }));
+    assert!(suppressed_because(
+        &app,
+        "b",
+        "no deployment younger than 1h"
+    ));
     app.shutdown().await;
 }
 

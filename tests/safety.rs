@@ -345,13 +345,11 @@ async fn a_workflow_sid_typo_present_from_the_start_is_config_mismatch_and_nothi
     bad_requests(&app, 600, &mut n).await;
     assert_eq!(state(&app, "a", "bad_requests"), "breached");
     assert!(posts(&sim).is_empty());
-    assert!(log(&app).iter().any(|e| {
-        e.result.as_deref() == Some("suppressed")
-            && e.detail
-                .as_deref()
-                .unwrap_or("")
-                .starts_with("config_mismatch")
-    }));
+    assert!(suppressed_because(
+        &app,
+        "a",
+        "config_mismatch (present since"
+    ));
     app.shutdown().await;
 }
 

@@ -126,3 +126,16 @@ pub fn posts(sim: &SimTwilio) -> Vec<String> {
 pub fn fresh_dir() -> std::path::PathBuf {
     tempfile::tempdir().unwrap().keep()
 }
+
+/// Whether `cbo`'s log holds an action held back for a reason containing `why`.
+pub fn suppressed_because(app: &App, cbo: &str, why: &str) -> bool {
+    app.shared
+        .actions
+        .log
+        .query(Some(cbo), None)
+        .iter()
+        .any(|e| {
+            e.result.as_deref() == Some("suppressed")
+                && e.detail.as_deref().unwrap_or("").contains(why)
+        })
+}
