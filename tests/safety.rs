@@ -394,19 +394,7 @@ async fn a_failed_validation_window_rolls_back_once() {
     // 93 % of transfers complete: no rule breaches (90 %), but the window wants 95 %.
     for step in 0..200u64 {
         n += 1;
-        let t = now(&app) - 5_000;
-        let id = format!(r#","transfer_id":"a-{n}""#);
-        let end = if step % 14 == 13 {
-            event(
-                "failed",
-                t + 500,
-                n,
-                &(id.clone() + r#","error":{"code":20001}"#),
-            )
-        } else {
-            event("completed", t + 3_000, n, &id)
-        };
-        ingest(&app, "a", vec![event("initiated", t, n, &id), end]);
+        transfer_failing_with(&app, "a", n, (step % 14 == 13).then_some(AGENT_UNAVAILABLE));
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
     let v = app
@@ -713,21 +701,9 @@ async fn agent_reports_from_two_cbos_within_fifteen_minutes_breach_cross_cbo() {
     app.shutdown().await;
 }
 
-/// One transfer of cbo a at `at_ms`, failing (Bad Request-free: agent unavailable) or not.
+/// One transfer of cbo a, failing (not a Bad Request: agent unavailable) or not.
 fn quiet_transfer(app: &App, n: u32, ok: bool) {
-    let t = now(app) - 5_000;
-    let id = format!(r#","transfer_id":"q-{n}""#);
-    let end = if ok {
-        event("completed", t + 3_000, n, &id)
-    } else {
-        event(
-            "failed",
-            t + 500,
-            n,
-            &(id.clone() + r#","error":{"code":20001}"#),
-        )
-    };
-    ingest(app, "a", vec![event("initiated", t, n, &id), end]);
+    transfer_failing_with(app, "a", n, (!ok).then_some(AGENT_UNAVAILABLE));
 }
 
 #[tokio::test(start_paused = true)]

@@ -52,28 +52,26 @@ pub fn ingest(app: &App, cbo: &str, lines: Vec<String>) {
     ingest_lines(app, cbo, &lines);
 }
 
+/// The error of a failed transfer: TaskRouter's Bad Request.
+pub const BAD_REQUEST: &str = r#"{"status":400,"message":"TaskRouter error: Bad Request"}"#;
+/// The error of a failed transfer: the target agent unavailable (not a Bad Request).
+pub const AGENT_UNAVAILABLE: &str = r#"{"code":20001}"#;
+
 /// One transfer of `cbo`: completed after 3 s, or failed with a Bad Request.
 pub fn transfer(app: &App, cbo: &str, n: u32, ok: bool) {
+    transfer_failing_with(app, cbo, n, (!ok).then_some(BAD_REQUEST));
+}
+
+/// One transfer of `cbo`, initiated 5 s ago: completed after 3 s, or failed after 0.5 s with
+/// `error` (a JSON object).
+pub fn transfer_failing_with(app: &App, cbo: &str, n: u32, error: Option<&str>) {
     let t = now(app) - 5_000;
     let tid = format!(r#","transfer_id":"{cbo}-{n}""#);
-    let end = if ok {
-        event("completed", t + 3_000, n, &tid)
-    } else {
-        event(
-            "failed",
-            t + 500,
-            n,
-            &(tid + r#","error":{"status":400,"message":"TaskRouter error: Bad Request"}"#),
-        )
+    let end = match error {
+        None => event("completed", t + 3_000, n, &tid),
+        Some(e) => event("failed", t + 500, n, &format!(r#"{tid},"error":{e}"#)),
     };
-    ingest(
-        app,
-        cbo,
-        vec![
-            event("initiated", t, n, &format!(r#","transfer_id":"{cbo}-{n}""#)),
-            end,
-        ],
-    );
+    ingest(app, cbo, vec![event("initiated", t, n, &tid), end]);
 }
 
 /// Runs `minutes` of traffic, one step every 10 s, `per_step(app, step)` feeding it.
