@@ -71,19 +71,7 @@ async fn success_rate_at_85_percent_rolls_back_only_after_its_for() {
         for _ in 0..10 {
             n += 1;
             // 17 of 20 complete: 85 %; failures are agent_unavailable, not Bad Requests.
-            let t = now(&app) - 5_000;
-            let id = format!(r#","transfer_id":"a-{n}""#);
-            let end = if n % 20 < 17 {
-                event("completed", t + 3_000, n, &id)
-            } else {
-                event(
-                    "failed",
-                    t + 500,
-                    n,
-                    &(id.clone() + r#","error":{"code":20001}"#),
-                )
-            };
-            ingest(&app, "a", vec![event("initiated", t, n, &id), end]);
+            transfer_failing_with(&app, "a", n, (n % 20 >= 17).then_some(AGENT_UNAVAILABLE));
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
         // The `for` runs from the last time the condition started holding.
