@@ -800,7 +800,12 @@ fn tasks_api(
 ) -> Response {
     let path = uri.path();
     let f = form(body);
-    let sid_for_new = s.sid("WT");
+    // Only a create takes a SID.
+    let sid_for_new = if (method, rest) == ("POST", &[][..]) {
+        s.sid("WT")
+    } else {
+        String::new()
+    };
     let acc = s.account(account);
     match (method, rest) {
         ("POST", []) => {
