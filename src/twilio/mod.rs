@@ -4,6 +4,7 @@ pub mod client;
 pub mod expression;
 pub mod flex;
 pub mod serverless;
+pub mod signature;
 pub mod taskrouter;
 
 pub use client::{ApiErrorBody, PollResult, Retry, TwilioClient, TwilioError};
