@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::sid::{ConversationSid, WorkerSid};
+use crate::sid::{ConversationSid, TaskSid, WorkerSid};
 
 /// The marker the plugin's `logTransferEvent` prints before every event.
 pub const LOG_MARKER: &str = "[ConversationTransfer]";
@@ -170,6 +170,57 @@ pub struct Event {
     pub history_preserved: Option<bool>,
     /// Only honoured with the admin token.
     pub cbo: Option<String>,
+    /// The TaskRouter task of this transfer, when the source knows it (the plugin may send
+    /// `task_sid`; TaskRouter's own events always have it). Joins sources (SPEC §2b).
+    pub task_sid: Option<TaskSid>,
+    /// Who reported it.
+    pub source: Source,
+}
+
+/// Where a transfer event came from (SPEC §2b). The plugin's family (`plugin`,
+/// `serverless_logs`) reports what the plugin and functions log; TaskRouter's family
+/// (`taskrouter_events`, `taskrouter_callback`, `event_streams`) is Twilio's own record, whose
+/// outcome wins a disagreement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Source {
+    #[default]
+    Plugin,
+    ServerlessLogs,
+    TaskRouterEvents,
+    TaskRouterCallback,
+    EventStreams,
+    /// The guard's own test transfers (SPEC §3), never counted as seen by a source.
+    Probe,
+}
+
+impl Source {
+    /// The sources that see transfers, in `transfers_seen_total`'s label order.
+    pub const SEEING: [Source; 5] = [
+        Source::Plugin,
+        Source::ServerlessLogs,
+        Source::TaskRouterEvents,
+        Source::TaskRouterCallback,
+        Source::EventStreams,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Plugin => "plugin",
+            Source::ServerlessLogs => "serverless_logs",
+            Source::TaskRouterEvents => "taskrouter_events",
+            Source::TaskRouterCallback => "taskrouter_callback",
+            Source::EventStreams => "event_streams",
+            Source::Probe => "probe",
+        }
+    }
+
+    /// Twilio's TaskRouter record.
+    pub fn is_taskrouter(self) -> bool {
+        matches!(
+            self,
+            Source::TaskRouterEvents | Source::TaskRouterCallback | Source::EventStreams
+        )
+    }
 }
 
 impl Event {
@@ -300,6 +351,8 @@ struct RawEvent<'a> {
     history_preserved: Option<bool>,
     #[serde(default, borrow)]
     cbo: Option<Text<'a>>,
+    #[serde(default, borrow, alias = "taskSid")]
+    task_sid: Option<Text<'a>>,
 }
 
 /// Parses one JSON object.
@@ -550,6 +603,7 @@ mod scan {
                 "from_agent" | "fromAgent" => (64, &mut raw.from_agent),
                 "to_target" | "toTarget" => (128, &mut raw.to_target),
                 "cbo" => (256, &mut raw.cbo),
+                "task_sid" | "taskSid" => (2048, &mut raw.task_sid),
                 "history_preserved" | "historyPreserved" => {
                     let v = s.boolean()?;
                     return once(&mut seen, 512, &mut raw.history_preserved, v);
@@ -592,7 +646,7 @@ fn describe_json_error(text: &str, err: serde_json::Error) -> EventError {
 
 /// Maps a serde path back onto our field names so the error can borrow a static name.
 fn leak_field_name(path: &str) -> &'static str {
-    const NAMES: [&str; 11] = [
+    const NAMES: [&str; 12] = [
         "event",
         "timestamp",
         "conversation_sid",
@@ -604,6 +658,7 @@ fn leak_field_name(path: &str) -> &'static str {
         "error",
         "history_preserved",
         "cbo",
+        "task_sid",
     ];
     let head = path.split('.').next().unwrap_or(path);
     let snake: String = head
@@ -822,6 +877,13 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
         // Absent means the source did not say; only an explicit `false` is a loss.
     }
 
+    let task_sid = match raw.task_sid.as_deref() {
+        None => None,
+        Some(t) => {
+            Some(TaskSid::parse(t).map_err(|e| EventError::field("task_sid", e.to_string()))?)
+        }
+    };
+
     Ok(Event {
         kind,
         timestamp_ms,
@@ -832,6 +894,8 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
         error,
         history_preserved: raw.history_preserved,
         cbo: raw.cbo.map(Text::into_owned),
+        task_sid,
+        source: Source::Plugin,
     })
 }
 

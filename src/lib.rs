@@ -12,6 +12,7 @@ pub mod event;
 pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod reconcile;
 pub mod rules;
 pub mod sid;
 pub mod sim;

@@ -208,7 +208,29 @@ pub struct CboSeries {
     disabled: AtomicU8,
     /// 0 before any validation window, else 1 + the latest window's `State`.
     validation: AtomicU8,
+    /// `transfers_seen_total`, in the order of `Source::SEEING`.
+    seen: [AtomicU64; 5],
+    /// `source_disagreements_total`, in the order of `Disagreement::ALL`.
+    disagreements: [AtomicU64; 3],
+    /// `source_polls_total`, `POLLED_SOURCES` × `PollResult::ALL`.
+    source_polls: [AtomicU64; 15],
+    /// `bad_request_signals_total`, in the order of `SignalSource::ALL`.
+    signals: [AtomicU64; 2],
+    /// `pushes_total`, `PUSH_SOURCES` × `PUSH_RESULTS`.
+    pushes: [AtomicU64; 6],
+    /// `reservation_failures_total`: rejected, timeout.
+    reservation_failures: [AtomicU64; 2],
+    /// `twilio_alerts_total` by error code (at most `ALERT_CODES_KEPT` codes, then `other`).
+    alerts: Mutex<BTreeMap<String, u64>>,
 }
+
+/// The sources transfer-guard polls itself (SPEC §2b), in `source_polls_total`'s order.
+pub const POLLED_SOURCES: [&str; 3] = ["taskrouter_events", "serverless_logs", "twilio_alerts"];
+/// The push receivers and what became of a push.
+pub const PUSH_SOURCES: [&str; 2] = ["taskrouter_callback", "event_streams"];
+pub const PUSH_RESULTS: [&str; 3] = ["accepted", "bad_signature", "malformed"];
+/// Distinct debugger error codes counted per CBO; the rest count as `other`.
+const ALERT_CODES_KEPT: usize = 32;
 
 impl CboSeries {
     fn new(key: &str) -> CboSeries {
@@ -248,7 +270,64 @@ impl CboSeries {
             actions: zeros(),
             disabled: AtomicU8::new(0),
             validation: AtomicU8::new(0),
+            seen: zeros(),
+            disagreements: zeros(),
+            source_polls: zeros(),
+            signals: zeros(),
+            pushes: zeros(),
+            reservation_failures: zeros(),
+            alerts: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// A source reported a transfer for the first time.
+    pub fn seen(&self, source: crate::event::Source) {
+        if let Some(i) = crate::event::Source::SEEING
+            .iter()
+            .position(|s| *s == source)
+        {
+            self.seen[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn disagreement(&self, kind: crate::reconcile::Disagreement) {
+        self.disagreements[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    /// One poll of `source` (one of `POLLED_SOURCES`).
+    pub fn source_poll(&self, source: &str, result: PollResult) {
+        if let Some(i) = POLLED_SOURCES.iter().position(|s| *s == source) {
+            self.source_polls[i * PollResult::ALL.len() + result as usize].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn bad_request_signal(&self, source: crate::state::SignalSource) {
+        self.signals[source as usize].fetch_add(1, Relaxed);
+    }
+
+    /// One push to a receiver (one of `PUSH_SOURCES`) with its result (one of `PUSH_RESULTS`).
+    pub fn push(&self, source: &str, result: &str) {
+        let s = PUSH_SOURCES.iter().position(|x| *x == source);
+        let r = PUSH_RESULTS.iter().position(|x| *x == result);
+        if let (Some(s), Some(r)) = (s, r) {
+            self.pushes[s * PUSH_RESULTS.len() + r].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A reservation rejected (`false`: timed out): a failed attempt, not an outcome.
+    pub fn reservation_failure(&self, rejected: bool) {
+        self.reservation_failures[usize::from(!rejected)].fetch_add(1, Relaxed);
+    }
+
+    /// One error-level debugger alert with its error code.
+    pub fn twilio_alert(&self, code: &str) {
+        let mut alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        let code = if alerts.contains_key(code) || alerts.len() < ALERT_CODES_KEPT {
+            code
+        } else {
+            "other"
+        };
+        *alerts.entry(code.to_string()).or_default() += 1;
     }
 
     /// Counts a rejection of one of the `Reject::PER_CBO` reasons; false for the others.
@@ -898,6 +977,113 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], metrics: &Metrics) {
             &c.poll_seconds,
             &les,
         );
+    }
+    w.end();
+
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "transfers_seen_total",
+            "counter",
+            "Transfers each source reported (SPEC 2b); a transfer seen by several sources counts once in transfers_total.",
+        ),
+        ("source", &crate::event::Source::SEEING.map(|s| s.as_str())),
+        |c| &c.seen,
+    );
+
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "source_disagreements_total",
+            "counter",
+            "Transfers the sources disagree on: outcome (TaskRouter's wins), plugin_missing (TaskRouter saw it, the plugin never reported it), taskrouter_missing.",
+        ),
+        (
+            "kind",
+            &crate::reconcile::Disagreement::ALL.map(|d| d.as_str()),
+        ),
+        |c| &c.disagreements,
+    );
+
+    let mut poll_labels = Vec::new();
+    for source in POLLED_SOURCES {
+        for result in PollResult::ALL {
+            poll_labels.push(format!(
+                ",source=\"{source}\",result=\"{}\"",
+                result.as_str()
+            ));
+        }
+    }
+    w.begin(
+        "source_polls_total",
+        "counter",
+        "Polls of Twilio's record (taskrouter_events, serverless_logs, twilio_alerts), by result.",
+    );
+    for c in cbos {
+        for (l, n) in poll_labels.iter().zip(&c.source_polls) {
+            w.int("source_polls_total", &[&c.label, l], n.load(Relaxed));
+        }
+    }
+    w.end();
+
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "bad_request_signals_total",
+            "counter",
+            "Bad Requests that left no transfer event (a function's error line, a debugger alert), each counted once across sources.",
+        ),
+        (
+            "source",
+            &crate::state::SignalSource::ALL.map(|s| s.as_str()),
+        ),
+        |c| &c.signals,
+    );
+
+    let mut push_labels = Vec::new();
+    for source in PUSH_SOURCES {
+        for result in PUSH_RESULTS {
+            push_labels.push(format!(",source=\"{source}\",result=\"{result}\""));
+        }
+    }
+    w.begin(
+        "pushes_total",
+        "counter",
+        "Requests Twilio pushed (taskrouter_callback, event_streams), by result: accepted, bad_signature (answered 403), malformed.",
+    );
+    for c in cbos {
+        for (l, n) in push_labels.iter().zip(&c.pushes) {
+            w.int("pushes_total", &[&c.label, l], n.load(Relaxed));
+        }
+    }
+    w.end();
+
+    per_cbo_and(
+        w,
+        cbos,
+        (
+            "reservation_failures_total",
+            "counter",
+            "Reservations of transfer tasks rejected or timed out: failed attempts, not outcomes.",
+        ),
+        ("kind", &["rejected", "timeout"]),
+        |c| &c.reservation_failures,
+    );
+
+    w.begin(
+        "twilio_alerts_total",
+        "counter",
+        "Error-level alerts in Twilio's debugger (Monitor API), by error code.",
+    );
+    for c in cbos {
+        let alerts = c.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (code, n) in alerts {
+            let code = format!(",code=\"{}\"", escape(&code));
+            w.int("twilio_alerts_total", &[&c.label, &code], n);
+        }
     }
     w.end();
 

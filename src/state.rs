@@ -5,9 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Config, FUTURE_TOLERANCE};
-use crate::event::Event;
+use crate::event::{ErrorClass, Event};
 use crate::health::TaskRouterStatus;
 use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject};
+use crate::reconcile::{Counted, JOIN_WINDOW_MS, Reconciler, Route};
+use crate::sid::ConversationSid;
 use crate::tracker::{Effect, Tracker};
 use crate::window::{WindowStats, Windows};
 
@@ -38,6 +40,43 @@ struct Inner {
     reports: VecDeque<Report>,
     /// Test transfers: (started, routed), the newest `PROBES_KEPT`.
     probes: VecDeque<(i64, bool)>,
+    /// Joins the sources that report one transfer (SPEC §2b).
+    reconciler: Reconciler,
+    /// Bad Requests seen outside a transfer event (the functions' logs, the debugger), the
+    /// last `SIGNALS_SPAN_MS`, so one Bad Request reported by several sources counts once.
+    signals: VecDeque<Signal>,
+}
+
+/// One Bad Request reported by the functions' logs or Twilio's debugger.
+#[derive(Debug)]
+struct Signal {
+    at_ms: i64,
+    conversation: Option<ConversationSid>,
+    /// Bit per `SignalSource` that reported it.
+    sources: u8,
+    /// Counted in the windows as a Bad Request of its own (not yet known to be a transfer's).
+    counted: bool,
+}
+
+const SIGNALS_SPAN_MS: i64 = 600_000;
+const SIGNALS_MAX: usize = 1024;
+
+/// Where a Bad Request outside a transfer event was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalSource {
+    ServerlessLogs,
+    TwilioAlerts,
+}
+
+impl SignalSource {
+    pub const ALL: [SignalSource; 2] = [SignalSource::ServerlessLogs, SignalSource::TwilioAlerts];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalSource::ServerlessLogs => "serverless_logs",
+            SignalSource::TwilioAlerts => "twilio_alerts",
+        }
+    }
 }
 
 const PROBES_KEPT: usize = 200;
@@ -103,6 +142,8 @@ impl CboState {
                 failing: VecDeque::new(),
                 reports: VecDeque::new(),
                 probes: VecDeque::new(),
+                reconciler: Reconciler::new(config.transfers.max_open),
+                signals: VecDeque::new(),
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
             }),
@@ -159,31 +200,114 @@ impl CboState {
             }
             accepted += 1;
             self.series.ingested(event.kind);
-            if event.kind == crate::event::EventKind::Failed {
-                if inner.failing.len() >= FAILING_KEPT {
-                    inner.failing.pop_front();
+            let mut counted = Counted::default();
+            let route = inner
+                .reconciler
+                .route(&event, now_ms, &mut inner.effects, &mut counted);
+            if let Route::Apply(key) = route {
+                let before = inner.effects.len();
+                inner
+                    .tracker
+                    .apply_as(&key, &event, now_ms, &mut inner.effects);
+                for effect in &inner.effects[before..] {
+                    inner.reconciler.finished(&key, effect, event.source);
                 }
-                inner.failing.push_back(Failing {
-                    conversation_sid: event.conversation_sid.to_string(),
-                    transfer_id: event.transfer_id.clone(),
-                    at: crate::clock::rfc3339(event.timestamp_ms),
-                    at_ms: event.timestamp_ms,
-                    error: event
+                if event.kind == crate::event::EventKind::Failed {
+                    remember_failing(&mut inner.failing, &event);
+                    if event
                         .error
                         .as_ref()
-                        .map_or("no error details".into(), describe_error),
-                });
+                        .is_some_and(|e| e.class() == ErrorClass::BadRequest)
+                    {
+                        // Its Bad Request counts with the transfer; one the logs or the
+                        // debugger reported for this conversation is the same one.
+                        settle_signal(inner, &event, now_ms);
+                    }
+                }
             }
-            inner.tracker.apply(&event, now_ms, &mut inner.effects);
+            self.count(&counted);
             self.drain(inner, now_ms);
         }
         accepted
+    }
+
+    fn count(&self, counted: &Counted) {
+        for source in &counted.seen {
+            self.series.seen(*source);
+        }
+        for d in &counted.disagreements {
+            self.series.disagreement(*d);
+        }
+    }
+
+    /// A Bad Request the functions' logs or Twilio's debugger reported at `at_ms`, for
+    /// `conversation` when the report names one. Counted once: not when a transfer's failure
+    /// already counts it, nor when another source reported the same one (the same
+    /// conversation, or, when a report names none, another source's within a minute).
+    /// Returns whether it counted.
+    pub fn bad_request_signal(
+        &self,
+        source: SignalSource,
+        at_ms: i64,
+        conversation: Option<ConversationSid>,
+        now_ms: i64,
+    ) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let bit = 1u8 << (source as u8);
+        let near = |t: i64| (t - at_ms).abs() <= JOIN_WINDOW_MS;
+        if let Some(c) = &conversation
+            && inner.reconciler.bad_request_of(c, at_ms)
+        {
+            return false;
+        }
+        let same = inner.signals.iter_mut().find(|s| {
+            near(s.at_ms)
+                && match (&s.conversation, &conversation) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => s.sources & bit == 0,
+                }
+        });
+        if let Some(s) = same {
+            s.sources |= bit;
+            s.conversation = s.conversation.or(conversation);
+            return false;
+        }
+        while inner.signals.len() >= SIGNALS_MAX
+            || inner
+                .signals
+                .front()
+                .is_some_and(|s| s.at_ms < now_ms - SIGNALS_SPAN_MS)
+        {
+            inner.signals.pop_front();
+        }
+        let counts = at_ms >= inner.judged_since_ms;
+        inner.signals.push_back(Signal {
+            at_ms,
+            conversation,
+            sources: bit,
+            counted: counts,
+        });
+        if counts {
+            inner.windows.record_bad_request_signal(at_ms, now_ms, 1);
+        }
+        self.series.bad_request_signal(source);
+        true
+    }
+
+    /// TaskRouter's record has been read up to `at_ms` (for `taskrouter_missing`).
+    pub fn taskrouter_covered(&self, at_ms: i64) {
+        self.lock().reconciler.taskrouter_covered(at_ms);
     }
 
     /// Lets time pass: timeouts, orphaned terminal events, forgetting finished transfers.
     pub fn sweep(&self, now_ms: i64) {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        let mut counted = Counted::default();
+        let timeout_ms = inner.tracker.timeout().as_millis() as i64;
+        inner.reconciler.sweep(now_ms, timeout_ms, &mut counted);
+        self.count(&counted);
         inner.tracker.sweep(now_ms, &mut inner.effects);
         self.drain(inner, now_ms);
         self.series.set_open(inner.tracker.open());
@@ -193,6 +317,11 @@ impl CboState {
         let mut effects = std::mem::take(&mut inner.effects);
         for effect in effects.drain(..) {
             match &effect {
+                // A correction counts in the windows only: the counters have its first outcome.
+                Effect::Finished {
+                    correction: true, ..
+                }
+                | Effect::Retracted { .. } => {}
                 Effect::Finished {
                     outcome,
                     transfer_type,
@@ -360,6 +489,38 @@ impl CboState {
     }
 }
 
+/// Keeps a failed transfer for the evidence, the newest `FAILING_KEPT`.
+fn remember_failing(failing: &mut VecDeque<Failing>, event: &Event) {
+    if failing.len() >= FAILING_KEPT {
+        failing.pop_front();
+    }
+    failing.push_back(Failing {
+        conversation_sid: event.conversation_sid.to_string(),
+        transfer_id: event
+            .transfer_id
+            .clone()
+            .or_else(|| event.task_sid.map(|t| t.to_string())),
+        at: crate::clock::rfc3339(event.timestamp_ms),
+        at_ms: event.timestamp_ms,
+        error: event
+            .error
+            .as_ref()
+            .map_or("no error details".into(), describe_error),
+    });
+}
+
+/// A transfer failed with a Bad Request: a logs' or debugger's report of it for the same
+/// conversation, counted on its own before, is taken back (it counts with the transfer).
+fn settle_signal(inner: &mut Inner, event: &Event, now_ms: i64) {
+    let near = |t: i64| (t - event.timestamp_ms).abs() <= JOIN_WINDOW_MS;
+    if let Some(s) = inner.signals.iter_mut().find(|s| {
+        s.counted && near(s.at_ms) && s.conversation.as_ref() == Some(&event.conversation_sid)
+    }) {
+        s.counted = false;
+        inner.windows.record_bad_request_signal(s.at_ms, now_ms, -1);
+    }
+}
+
 /// A transfer error as on-call reads it: `TaskRouter error: Bad Request (status 400, code 20001)`.
 fn describe_error(e: &crate::event::TransferError) -> String {
     let mut parts = Vec::new();
@@ -380,6 +541,11 @@ fn describe_error(e: &crate::event::TransferError) -> String {
 fn judged_by(effect: &Effect) -> Option<i64> {
     match effect {
         Effect::Finished {
+            at_ms,
+            initiated_ms,
+            ..
+        }
+        | Effect::Retracted {
             at_ms,
             initiated_ms,
             ..
@@ -413,6 +579,12 @@ fn record(windows: &mut Windows, effect: &Effect, since_ms: i64, now_ms: i64) {
             }
             windows.record_outcome(at_ms, now_ms, outcome, class);
         }
+        Effect::Retracted {
+            at_ms,
+            outcome,
+            class,
+            ..
+        } => windows.retract_outcome(at_ms, now_ms, outcome, class),
         Effect::Notified { at_ms, secs } => windows.record_notification(at_ms, now_ms, secs),
         Effect::HistoryLost { at_ms, .. } => windows.record_history_lost(at_ms, now_ms),
         Effect::Duplicate | Effect::Evicted => {}

@@ -57,6 +57,16 @@ pub enum Effect {
         target_type: Option<TargetType>,
         class: Option<ErrorClass>,
         completion_secs: Option<f64>,
+        /// TaskRouter's outcome replacing the one the plugin reported (after a `Retracted`):
+        /// counted in the windows, not again in the counters.
+        correction: bool,
+    },
+    /// An outcome taken back from the windows (TaskRouter's record says otherwise).
+    Retracted {
+        at_ms: i64,
+        initiated_ms: Option<i64>,
+        outcome: Outcome,
+        class: Option<ErrorClass>,
     },
     /// `notified` - `initiated` of one transfer.
     Notified { at_ms: i64, secs: f64 },
@@ -126,6 +136,7 @@ impl Transfer {
             target_type: self.target_type,
             class: self.class,
             completion_secs,
+            correction: false,
         });
         if self.history_lost {
             out.push(Effect::HistoryLost {
@@ -225,7 +236,12 @@ impl Tracker {
     }
 
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
-        let key = self.hasher.hash_one(event.transfer_key());
+        self.apply_as(event.transfer_key(), event, now_ms, out)
+    }
+
+    /// Applies `event` to the transfer known as `key` (the key sources were joined under).
+    pub fn apply_as(&mut self, key: &str, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
+        let key = self.hasher.hash_one(key);
         let is_open = self.open.contains_key(&key);
         if !is_open && let Some(d) = self.done.get_mut(&key) {
             let bit = event.kind.bit();
@@ -260,6 +276,12 @@ impl Tracker {
         if let Some(ts) = t.ts(event.kind) {
             if ts == event.timestamp_ms {
                 out.push(Effect::Duplicate);
+            }
+            if event.kind == EventKind::Initiated {
+                // A second source's `initiated` may say what the first could not (TaskRouter
+                // does not know cold from warm; the plugin does).
+                t.transfer_type = t.transfer_type.or(event.transfer_type);
+                t.target_type = t.target_type.or(event.target_type);
             }
             // Another event of a kind already seen: the first one stands.
             return;

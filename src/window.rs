@@ -362,20 +362,44 @@ impl Windows {
         outcome: Outcome,
         class: Option<ErrorClass>,
     ) {
+        self.count_outcome(ts_ms, now_ms, outcome, class, 1);
+    }
+
+    /// Takes back an outcome recorded before (TaskRouter's record corrected the plugin's).
+    pub fn retract_outcome(
+        &mut self,
+        ts_ms: i64,
+        now_ms: i64,
+        outcome: Outcome,
+        class: Option<ErrorClass>,
+    ) {
+        self.count_outcome(ts_ms, now_ms, outcome, class, -1);
+    }
+
+    fn count_outcome(
+        &mut self,
+        ts_ms: i64,
+        now_ms: i64,
+        outcome: Outcome,
+        class: Option<ErrorClass>,
+        delta: i32,
+    ) {
         self.bucket(ts_ms, now_ms, |c| {
-            match outcome {
-                Outcome::Completed => c.completed += 1,
-                Outcome::Failed => c.failed += 1,
-                Outcome::TimedOut => c.timed_out += 1,
-                Outcome::Cancelled => c.cancelled += 1,
-            }
-            match class {
-                Some(ErrorClass::BadRequest) => c.bad_request += 1,
-                Some(ErrorClass::AgentUnavailable) => c.agent_unavailable += 1,
-                Some(ErrorClass::TargetNotFound) => c.target_not_found += 1,
-                Some(ErrorClass::Other) => c.other_error += 1,
-                None => {}
-            }
+            let n = match outcome {
+                Outcome::Completed => &mut c.completed,
+                Outcome::Failed => &mut c.failed,
+                Outcome::TimedOut => &mut c.timed_out,
+                Outcome::Cancelled => &mut c.cancelled,
+            };
+            *n = n.saturating_add_signed(delta);
+            let n = match class {
+                Some(ErrorClass::BadRequest) => &mut c.bad_request,
+                Some(ErrorClass::AgentUnavailable) => &mut c.agent_unavailable,
+                Some(ErrorClass::TargetNotFound) => &mut c.target_not_found,
+                Some(ErrorClass::Other) => &mut c.other_error,
+                None => return,
+            };
+            *n = n.saturating_add_signed(delta);
         });
     }
 
@@ -402,7 +426,16 @@ impl Windows {
     }
 
     pub fn record_taskrouter_bad_request(&mut self, now_ms: i64) {
-        self.bucket(now_ms, now_ms, |c| c.taskrouter_bad_request += 1);
+        self.record_bad_request_signal(now_ms, now_ms, 1);
+    }
+
+    /// A Bad Request outside any transfer the windows hold (a poll's 400, a function's error
+    /// line, a debugger alert) at `ts_ms`; `-1` takes one back (it turned out to be a
+    /// transfer's, counted with its outcome).
+    pub fn record_bad_request_signal(&mut self, ts_ms: i64, now_ms: i64, delta: i32) {
+        self.bucket(ts_ms, now_ms, |c| {
+            c.taskrouter_bad_request = c.taskrouter_bad_request.saturating_add_signed(delta)
+        });
     }
 
     /// Sums the trailing `window` (the current bucket included, and the few ahead that hold

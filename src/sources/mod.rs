@@ -5,3 +5,4 @@ pub mod http;
 pub mod poll;
 pub mod probe;
 pub mod reports;
+pub mod twilio_record;

@@ -222,6 +222,8 @@ pub fn events(
         error,
         history_preserved: None,
         cbo: None,
+        task_sid: None,
+        source: crate::event::Source::Probe,
     };
     let end = match outcome {
         Outcome::Routed(took) => event(

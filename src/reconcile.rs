@@ -1,0 +1,475 @@
+//! One transfer, counted once, whatever number of sources saw it (SPEC §2b).
+//!
+//! The plugin's family (its events, and the functions' log lines) and TaskRouter's family
+//! (its Events API, the workspace callback, Event Streams) report the same transfers under
+//! different keys: the plugin under its transfer id or conversation SID, TaskRouter under the
+//! task SID. A plugin event joins the task by `task_sid` when it carries one, else by the
+//! conversation SID within `JOIN_WINDOW_MS` of `initiated`. Each transfer is then fed to the
+//! tracker under one key, each kind of event once, so nothing counts twice.
+//!
+//! When sources disagree on the outcome, TaskRouter's wins: a plugin outcome for a transfer
+//! TaskRouter already knows is held back (compared, not applied); one applied before TaskRouter
+//! spoke is corrected when TaskRouter's differs (the windows that rules, validation windows and
+//! the success ratio read move to TaskRouter's outcome; the counters, which cannot go down,
+//! keep the first outcome, and `source_disagreements_total{kind="outcome"}` counts it).
+//! A transfer only TaskRouter saw is `plugin_missing`; one only the plugin saw, while
+//! TaskRouter's record covered its time, is `taskrouter_missing` (a Bad Request, which creates
+//! no task, excepted).
+
+use std::collections::VecDeque;
+
+use crate::event::{ErrorClass, Event, EventKind, Source};
+use crate::sid::ConversationSid;
+use crate::tracker::{Effect, Outcome};
+
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
+/// How far apart the plugin's `initiated` and TaskRouter's `task.created` of one transfer may be.
+pub const JOIN_WINDOW_MS: i64 = 60_000;
+/// How long a transfer's record is kept after it was first seen, past the transfer timeout:
+/// late sources (a log file, the next poll) still join it in that time.
+const KEEP_AFTER_TIMEOUT_MS: i64 = 120_000;
+
+/// Disagreements between sources (`source_disagreements_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disagreement {
+    Outcome,
+    PluginMissing,
+    TaskRouterMissing,
+}
+
+impl Disagreement {
+    pub const ALL: [Disagreement; 3] = [
+        Disagreement::Outcome,
+        Disagreement::PluginMissing,
+        Disagreement::TaskRouterMissing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disagreement::Outcome => "outcome",
+            Disagreement::PluginMissing => "plugin_missing",
+            Disagreement::TaskRouterMissing => "taskrouter_missing",
+        }
+    }
+}
+
+/// What the caller does with one event.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    /// Apply it to the tracker under this key.
+    Apply(String),
+    /// Nothing more to do (seen already, or held back; its effects, if any, are in `out`).
+    Done,
+}
+
+/// What became of one transfer, as the tracker finished it.
+#[derive(Debug, Clone, PartialEq)]
+struct Finished {
+    at_ms: i64,
+    initiated_ms: Option<i64>,
+    outcome: Outcome,
+    class: Option<ErrorClass>,
+    by_taskrouter: bool,
+}
+
+#[derive(Debug)]
+struct Joined {
+    conversation: ConversationSid,
+    /// Event time of the first `initiated`, from whichever source.
+    initiated_ms: Option<i64>,
+    /// Bit per `Source` that reported it.
+    sources: u8,
+    /// Bit per `EventKind` applied to the tracker.
+    applied: u8,
+    plugin_outcome: Option<Outcome>,
+    taskrouter_outcome: Option<Outcome>,
+    finished: Option<Finished>,
+    bad_request: bool,
+    /// Other keys this transfer is known by (removed with it).
+    aliases: Vec<String>,
+}
+
+impl Joined {
+    fn seen_by_taskrouter(&self) -> bool {
+        Source::SEEING
+            .iter()
+            .any(|s| s.is_taskrouter() && self.sources & bit(*s) != 0)
+    }
+
+    fn seen_by_plugin(&self) -> bool {
+        Source::SEEING
+            .iter()
+            .any(|s| !s.is_taskrouter() && self.sources & bit(*s) != 0)
+    }
+}
+
+fn bit(source: Source) -> u8 {
+    1 << (source as u8)
+}
+
+fn outcome_of(kind: EventKind) -> Option<Outcome> {
+    match kind {
+        EventKind::Completed => Some(Outcome::Completed),
+        EventKind::Failed => Some(Outcome::Failed),
+        EventKind::TimedOut => Some(Outcome::TimedOut),
+        EventKind::Cancelled => Some(Outcome::Cancelled),
+        _ => None,
+    }
+}
+
+/// What the reconciler reports besides effects.
+#[derive(Debug, Default, PartialEq)]
+pub struct Counted {
+    /// A source saw a transfer for the first time.
+    pub seen: Vec<Source>,
+    pub disagreements: Vec<Disagreement>,
+}
+
+/// The join state of one CBO. Bounded: records leave after the transfer timeout plus two
+/// minutes, and at most `max` are held.
+pub struct Reconciler {
+    transfers: HashMap<String, Joined>,
+    alias: HashMap<String, String>,
+    by_conversation: HashMap<ConversationSid, Vec<String>>,
+    /// (first seen, daemon ms; key), oldest first.
+    order: VecDeque<(i64, String)>,
+    max: usize,
+    /// TaskRouter's record is complete up to this event time (the events poller's cursor).
+    taskrouter_covered_ms: i64,
+}
+
+impl Reconciler {
+    pub fn new(max: usize) -> Reconciler {
+        Reconciler {
+            transfers: HashMap::default(),
+            alias: HashMap::default(),
+            by_conversation: HashMap::default(),
+            order: VecDeque::new(),
+            max: max.max(16),
+            taskrouter_covered_ms: i64::MIN,
+        }
+    }
+
+    /// Transfers whose sources are being joined now.
+    pub fn len(&self) -> usize {
+        self.transfers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.transfers.is_empty()
+    }
+
+    /// TaskRouter's record has been read up to `at_ms` (event time).
+    pub fn taskrouter_covered(&mut self, at_ms: i64) {
+        self.taskrouter_covered_ms = self.taskrouter_covered_ms.max(at_ms);
+    }
+
+    /// Whether a transfer of `conversation` started near `at_ms` failed with a Bad Request
+    /// (reported by a transfer event, which counts it).
+    pub fn bad_request_of(&self, conversation: &ConversationSid, at_ms: i64) -> bool {
+        self.by_conversation.get(conversation).is_some_and(|keys| {
+            keys.iter().filter_map(|k| self.transfers.get(k)).any(|t| {
+                t.bad_request
+                    && t.initiated_ms
+                        .is_none_or(|i| (i - at_ms).abs() <= JOIN_WINDOW_MS)
+            })
+        })
+    }
+
+    /// The key `event` belongs under, joining sources; registers the transfer when new.
+    /// An event is known by its task SID when it has one, and by its own key (transfer id or
+    /// conversation SID) too.
+    fn key_for(&mut self, event: &Event, now_ms: i64, counted: &mut Counted) -> String {
+        let own = event.transfer_key();
+        let task = event.task_sid.as_ref().map(|t| t.as_str());
+        let names: Vec<&str> = match task {
+            Some(t) if t != own => vec![t, own],
+            Some(t) => vec![t],
+            None => vec![own],
+        };
+        let known = names.iter().find_map(|n| {
+            let key = self.alias.get(*n).map_or(*n, String::as_str);
+            self.transfers
+                .get(key)
+                .filter(|t| !self.restarted_record(t, event))
+                .map(|_| key.to_string())
+        });
+        let key = match known {
+            Some(key) => key,
+            None => {
+                // Keys whose transfer ended and began again: the old one is done with.
+                for n in &names {
+                    let stale = self.alias.remove(*n).unwrap_or_else(|| n.to_string());
+                    if self
+                        .transfers
+                        .get(&stale)
+                        .is_some_and(|t| self.restarted_record(t, event))
+                        && let Some(t) = self.remove(&stale)
+                    {
+                        self.missing(&t, counted);
+                    }
+                }
+                // A new transfer: join one of the other family started within the window.
+                match (event.kind == EventKind::Initiated)
+                    .then(|| self.partner(event))
+                    .flatten()
+                {
+                    Some(other) => other,
+                    None => {
+                        self.insert(names[0], event, now_ms);
+                        names[0].to_string()
+                    }
+                }
+            }
+        };
+        for n in names {
+            if n != key && self.alias.get(n).is_none_or(|k| *k != key) {
+                self.add_alias(n, &key);
+            }
+        }
+        key
+    }
+
+    /// A new `initiated` at another time under a key whose transfer already began: the
+    /// conversation is transferred again.
+    fn restarted_record(&self, t: &Joined, event: &Event) -> bool {
+        event.kind == EventKind::Initiated
+            && t.initiated_ms.is_some_and(|i| {
+                (i - event.timestamp_ms).abs() > JOIN_WINDOW_MS
+                    || (t.finished.is_some() && t.sources & bit(event.source) != 0)
+            })
+    }
+
+    /// A transfer of the same conversation reported only by the other family, started within
+    /// the join window of `event`.
+    fn partner(&self, event: &Event) -> Option<String> {
+        let keys = self.by_conversation.get(&event.conversation_sid)?;
+        keys.iter()
+            .filter_map(|k| self.transfers.get(k).map(|t| (k, t)))
+            .filter(|(_, t)| {
+                let other = if event.source.is_taskrouter() {
+                    !t.seen_by_taskrouter()
+                } else {
+                    !t.seen_by_plugin()
+                };
+                other
+                    && t.initiated_ms
+                        .is_some_and(|i| (i - event.timestamp_ms).abs() <= JOIN_WINDOW_MS)
+            })
+            .min_by_key(|(_, t)| (t.initiated_ms.unwrap_or(0) - event.timestamp_ms).abs())
+            .map(|(k, _)| k.clone())
+    }
+
+    fn add_alias(&mut self, alias: &str, key: &str) {
+        self.alias.insert(alias.to_string(), key.to_string());
+        if let Some(t) = self.transfers.get_mut(key) {
+            t.aliases.push(alias.to_string());
+        }
+    }
+
+    fn insert(&mut self, key: &str, event: &Event, now_ms: i64) {
+        while self.transfers.len() >= self.max {
+            let Some((_, old)) = self.order.pop_front() else {
+                break;
+            };
+            self.remove(&old);
+        }
+        self.transfers.insert(
+            key.to_string(),
+            Joined {
+                conversation: event.conversation_sid,
+                initiated_ms: None,
+                sources: 0,
+                applied: 0,
+                plugin_outcome: None,
+                taskrouter_outcome: None,
+                finished: None,
+                bad_request: false,
+                aliases: Vec::new(),
+            },
+        );
+        let keys = self
+            .by_conversation
+            .entry(event.conversation_sid)
+            .or_default();
+        keys.push(key.to_string());
+        self.order.push_back((now_ms, key.to_string()));
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Joined> {
+        let t = self.transfers.remove(key)?;
+        for a in &t.aliases {
+            if self.alias.get(a).is_some_and(|k| k == key) {
+                self.alias.remove(a);
+            }
+        }
+        if let Some(keys) = self.by_conversation.get_mut(&t.conversation) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_conversation.remove(&t.conversation);
+            }
+        }
+        Some(t)
+    }
+
+    /// Decides what `event` does. Effects that need no tracker (a held-back plugin outcome's
+    /// lost history, a correction) go to `out`.
+    pub fn route(
+        &mut self,
+        event: &Event,
+        now_ms: i64,
+        out: &mut Vec<Effect>,
+        counted: &mut Counted,
+    ) -> Route {
+        if event.source == Source::Probe {
+            return Route::Apply(event.transfer_key().to_string());
+        }
+        let key = self.key_for(event, now_ms, counted);
+        let t = self.transfers.get_mut(&key).expect("registered by key_for");
+        if t.sources & bit(event.source) == 0 {
+            t.sources |= bit(event.source);
+            counted.seen.push(event.source);
+        }
+        if event.kind == EventKind::Initiated && t.initiated_ms.is_none() {
+            t.initiated_ms = Some(event.timestamp_ms);
+        }
+        if event
+            .error
+            .as_ref()
+            .is_some_and(|e| e.class() == ErrorClass::BadRequest)
+        {
+            t.bad_request = true;
+        }
+        let Some(outcome) = outcome_of(event.kind) else {
+            if t.applied & event.kind.bit() != 0 {
+                return Route::Done;
+            }
+            t.applied |= event.kind.bit();
+            return Route::Apply(key);
+        };
+        let taskrouter = event.source.is_taskrouter();
+        if taskrouter {
+            t.taskrouter_outcome.get_or_insert(outcome);
+        } else {
+            t.plugin_outcome.get_or_insert(outcome);
+        }
+        let disagree = matches!(
+            (t.plugin_outcome, t.taskrouter_outcome),
+            (Some(p), Some(r)) if p != r
+        );
+        match (t.finished.clone(), taskrouter) {
+            // The first terminal of a transfer: it decides, unless it is the plugin's and
+            // TaskRouter knows the transfer (TaskRouter's own terminal will decide).
+            (None, false) if t.seen_by_taskrouter() => {
+                if event.kind == EventKind::Completed && event.history_preserved == Some(false) {
+                    out.push(Effect::HistoryLost {
+                        at_ms: event.timestamp_ms,
+                        initiated_ms: t.initiated_ms,
+                    });
+                }
+                if disagree {
+                    counted.disagreements.push(Disagreement::Outcome);
+                }
+                Route::Done
+            }
+            (None, _) => {
+                if disagree {
+                    counted.disagreements.push(Disagreement::Outcome);
+                }
+                t.applied |= event.kind.bit();
+                Route::Apply(key)
+            }
+            // The plugin decided first; TaskRouter now says otherwise: TaskRouter's wins.
+            (Some(f), true) if !f.by_taskrouter && f.outcome != outcome => {
+                counted.disagreements.push(Disagreement::Outcome);
+                let class = event.error.as_ref().map(|e| e.class());
+                out.push(Effect::Retracted {
+                    at_ms: f.at_ms,
+                    initiated_ms: f.initiated_ms,
+                    outcome: f.outcome,
+                    class: f.class,
+                });
+                let initiated_ms = f.initiated_ms;
+                out.push(Effect::Finished {
+                    at_ms: event.timestamp_ms,
+                    initiated_ms,
+                    outcome,
+                    transfer_type: None,
+                    target_type: None,
+                    class: class.filter(|_| outcome == Outcome::Failed),
+                    completion_secs: None,
+                    correction: true,
+                });
+                t.finished = Some(Finished {
+                    at_ms: event.timestamp_ms,
+                    initiated_ms,
+                    outcome,
+                    class,
+                    by_taskrouter: true,
+                });
+                Route::Done
+            }
+            // Finished already, and this source agrees or comes second.
+            (Some(f), _) => {
+                if disagree && f.by_taskrouter != taskrouter {
+                    counted.disagreements.push(Disagreement::Outcome);
+                }
+                Route::Done
+            }
+        }
+    }
+
+    /// The tracker finished the transfer known as `key` with `effect` (from `source`).
+    pub fn finished(&mut self, key: &str, effect: &Effect, source: Source) {
+        let (
+            Some(t),
+            Effect::Finished {
+                at_ms,
+                initiated_ms,
+                outcome,
+                class,
+                ..
+            },
+        ) = (self.transfers.get_mut(key), effect)
+        else {
+            return;
+        };
+        t.finished.get_or_insert(Finished {
+            at_ms: *at_ms,
+            initiated_ms: *initiated_ms,
+            outcome: *outcome,
+            class: *class,
+            by_taskrouter: source.is_taskrouter(),
+        });
+    }
+
+    /// Forgets transfers past the time late sources can still join them, counting those only
+    /// one family saw.
+    pub fn sweep(&mut self, now_ms: i64, timeout_ms: i64, counted: &mut Counted) {
+        while let Some((first_seen, _)) = self.order.front() {
+            if now_ms - first_seen < timeout_ms + KEEP_AFTER_TIMEOUT_MS {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("peeked");
+            if let Some(t) = self.remove(&key) {
+                self.missing(&t, counted);
+            }
+        }
+    }
+
+    /// Counts a transfer, forgotten now, that only one family reported.
+    fn missing(&self, t: &Joined, counted: &mut Counted) {
+        match (t.seen_by_taskrouter(), t.seen_by_plugin()) {
+            (true, false) => counted.disagreements.push(Disagreement::PluginMissing),
+            (false, true)
+                if !t.bad_request
+                    && t.initiated_ms
+                        .is_some_and(|i| i + JOIN_WINDOW_MS <= self.taskrouter_covered_ms) =>
+            {
+                counted.disagreements.push(Disagreement::TaskRouterMissing)
+            }
+            _ => {}
+        }
+    }
+}

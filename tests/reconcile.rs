@@ -1,0 +1,294 @@
+//! One transfer, counted once, whatever number of sources saw it (SPEC §2b): the plugin's
+//! events and TaskRouter's record joined by task SID or conversation, TaskRouter's outcome
+//! winning, `plugin_missing` and `taskrouter_missing`, and Bad Requests the logs and the
+//! debugger report counted once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use transfer_guard::App;
+use transfer_guard::clock::Clock;
+use transfer_guard::event::{Event, Source, parse_line};
+use transfer_guard::sid::{ConversationSid, TaskSid};
+use transfer_guard::state::SignalSource;
+
+fn wt(n: u32) -> String {
+    format!("WT{n:032x}")
+}
+
+/// A TaskRouter event of transfer `n` (task `wt(n)`, conversation `ch(n)`), as the mapper
+/// makes it.
+fn taskrouter(kind: &str, at_ms: i64, n: u32, error: &str) -> Event {
+    let mut e = parse_line(&event(
+        kind,
+        at_ms,
+        n,
+        &format!(
+            r#","transfer_id":"{}","task_sid":"{}"{error}"#,
+            wt(n),
+            wt(n)
+        ),
+    ))
+    .unwrap();
+    e.source = Source::TaskRouterEvents;
+    e
+}
+
+/// A plugin event of transfer `n`, with its own invite id and no task SID.
+fn plugin(kind: &str, at_ms: i64, n: u32, extra: &str) -> Event {
+    parse_line(&event(
+        kind,
+        at_ms,
+        n,
+        &format!(r#","transfer_id":"KI{n:032x}"{extra}"#),
+    ))
+    .unwrap()
+}
+
+fn give(app: &App, events: Vec<Event>) {
+    let mut rejected = Vec::new();
+    let now = app.shared.clock.now_ms();
+    app.shared
+        .fleet
+        .get("a")
+        .unwrap()
+        .ingest(events.into_iter().enumerate(), now, &mut rejected);
+    assert!(rejected.is_empty(), "{rejected:?}");
+}
+
+fn sum(app: &App, name: &str, labels: &[&str]) -> f64 {
+    let mut all = vec![r#"cbo="a""#];
+    all.extend_from_slice(labels);
+    metric_sum(&app.shared.metrics.render(), name, &all)
+}
+
+async fn start() -> App {
+    App::start_with_clock(config(""), Clock::starting_at(T0 + 60_000))
+        .await
+        .unwrap()
+}
+
+/// Lets the daemon's tasks (the ticker) run.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn window(app: &App) -> transfer_guard::window::WindowStats {
+    app.shared
+        .fleet
+        .get("a")
+        .unwrap()
+        .stats(app.shared.clock.now_ms(), Duration::from_secs(300))
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_plugin_and_taskrouter_seeing_one_transfer_count_it_once() {
+    let app = start().await;
+    // The plugin first (its events arrive at once), TaskRouter's a poll later; joined by the
+    // conversation, 800 ms apart.
+    give(
+        &app,
+        vec![
+            plugin("initiated", T0, 1, ""),
+            plugin("notified", T0 + 2_000, 1, ""),
+            plugin("completed", T0 + 6_000, 1, r#","history_preserved":true"#),
+        ],
+    );
+    give(
+        &app,
+        vec![
+            taskrouter("initiated", T0 + 800, 1, ""),
+            taskrouter("notified", T0 + 2_100, 1, ""),
+            taskrouter("completed", T0 + 5_900, 1, ""),
+        ],
+    );
+    // And one the plugin sends its task SID with: joined by it.
+    give(
+        &app,
+        vec![
+            taskrouter("initiated", T0 + 10_000, 2, ""),
+            plugin(
+                "initiated",
+                T0 + 9_000,
+                2,
+                &format!(r#","task_sid":"{}""#, wt(2)),
+            ),
+            taskrouter("completed", T0 + 14_000, 2, ""),
+            plugin("completed", T0 + 14_500, 2, ""),
+        ],
+    );
+    let transfers = sum(&app, "transfer_guard_transfers_total", &[]);
+    assert_eq!(transfers, 2.0);
+    assert_eq!(window(&app).counts.completed, 2);
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_transfers_seen_total",
+            &[r#"source="plugin""#]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_transfers_seen_total",
+            &[r#"source="taskrouter_events""#]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sum(&app, "transfer_guard_source_disagreements_total", &[]),
+        0.0
+    );
+    // Notification latency once per transfer (the first source's).
+    assert_eq!(
+        sum(&app, "transfer_guard_agent_notification_seconds_count", &[]),
+        1.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transfer_only_taskrouter_saw_counts_fully_and_as_plugin_missing() {
+    let app = start().await;
+    give(
+        &app,
+        vec![
+            taskrouter("initiated", T0, 3, ""),
+            taskrouter("notified", T0 + 1_500, 3, ""),
+            taskrouter("completed", T0 + 4_000, 3, ""),
+        ],
+    );
+    let s = window(&app);
+    assert_eq!(s.counts.completed, 1);
+    // Latencies from TaskRouter's timestamps (quantiles interpolate within buckets).
+    let cold = s.cold_completion_p95.unwrap();
+    let notification = s.notification_p95.unwrap();
+    assert!((2.5..=5.0).contains(&cold), "{cold}");
+    assert!((1.0..=2.5).contains(&notification), "{notification}");
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_source_disagreements_total",
+            &[r#"kind="plugin_missing""#]
+        ),
+        0.0,
+        "the plugin may still report it"
+    );
+    // Past the transfer timeout and the two minutes late sources have to join.
+    settle().await;
+    tokio::time::advance(Duration::from_secs(300 + 121)).await;
+    settle().await;
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_source_disagreements_total",
+            &[r#"kind="plugin_missing""#]
+        ),
+        1.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn taskrouters_outcome_wins_a_disagreement() {
+    let app = start().await;
+    // The plugin says completed before TaskRouter spoke; TaskRouter then says the task's TTL
+    // ran out (the seed's silent failure): the windows move to TaskRouter's outcome.
+    give(
+        &app,
+        vec![
+            plugin("initiated", T0, 4, ""),
+            plugin("completed", T0 + 3_000, 4, ""),
+        ],
+    );
+    assert_eq!(window(&app).counts.completed, 1);
+    give(
+        &app,
+        vec![
+            taskrouter("initiated", T0 + 500, 4, ""),
+            taskrouter("timed_out", T0 + 30_000, 4, ""),
+        ],
+    );
+    let s = window(&app);
+    assert_eq!((s.counts.completed, s.counts.timed_out), (0, 1));
+    assert_eq!(s.success_rate, Some(0.0));
+
+    // TaskRouter knows the transfer before the plugin's outcome comes: the plugin's failure
+    // is held back, and TaskRouter's completion decides.
+    give(&app, vec![taskrouter("initiated", T0 + 40_000, 5, "")]);
+    give(
+        &app,
+        vec![
+            plugin("initiated", T0 + 40_200, 5, ""),
+            plugin(
+                "failed",
+                T0 + 41_000,
+                5,
+                r#","error":{"status":500,"message":"Internal error"}"#,
+            ),
+        ],
+    );
+    give(&app, vec![taskrouter("completed", T0 + 45_000, 5, "")]);
+    let s = window(&app);
+    assert_eq!((s.counts.completed, s.counts.failed), (1, 0));
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_source_disagreements_total",
+            &[r#"kind="outcome""#]
+        ),
+        2.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_request_reported_by_the_logs_the_debugger_and_the_plugin_counts_once() {
+    let app = start().await;
+    let state = app.shared.fleet.get("a").unwrap().clone();
+    let now = app.shared.clock.now_ms();
+    let conv = ConversationSid::parse(&ch(6)).unwrap();
+    // The function's error line names the conversation; the debugger's alert does not.
+    assert!(state.bad_request_signal(SignalSource::ServerlessLogs, T0, Some(conv), now));
+    assert!(!state.bad_request_signal(SignalSource::TwilioAlerts, T0 + 1_000, None, now));
+    assert_eq!(window(&app).counts.taskrouter_bad_request, 1);
+    // The plugin then reports the failed transfer: it counts with the transfer, not twice.
+    give(
+        &app,
+        vec![
+            plugin("initiated", T0 - 500, 6, ""),
+            plugin(
+                "failed",
+                T0 + 200,
+                6,
+                r#","error":{"status":400,"message":"TaskRouter error: Bad Request"}"#,
+            ),
+        ],
+    );
+    let s = window(&app);
+    assert_eq!(
+        (s.counts.bad_request, s.counts.taskrouter_bad_request),
+        (1, 0)
+    );
+    // A second log line for the same failure (a re-read) is the same Bad Request.
+    assert!(!state.bad_request_signal(SignalSource::ServerlessLogs, T0 + 300, Some(conv), now));
+    // Another conversation's, a minute and more later, is a new one.
+    let other = ConversationSid::parse(&ch(7)).unwrap();
+    assert!(state.bad_request_signal(
+        SignalSource::ServerlessLogs,
+        T0 + 90_000,
+        Some(other),
+        now + 90_000
+    ));
+    assert_eq!(
+        sum(&app, "transfer_guard_bad_request_signals_total", &[]),
+        2.0
+    );
+    let _ = TaskSid::parse(&wt(1)).unwrap();
+    app.shutdown().await;
+}
