@@ -89,7 +89,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", post(sources::http::ingest))
         .route("/v1/reports", post(sources::reports::report))
-        .route("/v1/switch/{cbo}", get(get_switch).put(put_switch))
+        .route(
+            "/v1/switch/{cbo}",
+            get(get_switch).put(put_switch).options(switch_preflight),
+        )
+        .route(
+            "/v1/twilio/{cbo}/taskrouter",
+            post(sources::push::taskrouter),
+        )
+        .route(
+            "/v1/twilio/{cbo}/event-streams",
+            post(sources::push::event_streams),
+        )
         .route("/v1/cbos/{cbo}/ack", post(ack))
         .route("/v1/decisions", get(decisions))
         .route(
@@ -217,11 +228,49 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     .into_response()
 }
 
-async fn get_switch(State(shared): State<Arc<Shared>>, Path(cbo): Path<String>) -> Response {
-    match shared.actions.switch(&cbo) {
+/// The CORS headers for a browser at `Origin` when `server.allowed_origins` lists it (the
+/// plugin, in Flex, reads the switch); none otherwise, so the browser keeps the answer from it.
+fn cors(shared: &Shared, headers: &HeaderMap, mut response: Response) -> Response {
+    let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+    let allowed = origin.filter(|o| {
+        shared
+            .config
+            .server
+            .allowed_origins
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+    });
+    let h = response.headers_mut();
+    h.insert("vary", axum::http::HeaderValue::from_static("Origin"));
+    if let Some(origin) = allowed.and_then(|o| o.parse().ok()) {
+        h.insert("access-control-allow-origin", origin);
+        h.insert(
+            "access-control-allow-methods",
+            axum::http::HeaderValue::from_static("GET"),
+        );
+        h.insert(
+            "access-control-max-age",
+            axum::http::HeaderValue::from_static("600"),
+        );
+    }
+    response
+}
+
+async fn get_switch(
+    State(shared): State<Arc<Shared>>,
+    Path(cbo): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let response = match shared.actions.switch(&cbo) {
         Some(s) => Json(s).into_response(),
         None => unknown_cbo(&cbo),
-    }
+    };
+    cors(&shared, &headers, response)
+}
+
+/// A browser's preflight before reading the switch.
+async fn switch_preflight(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    cors(&shared, &headers, StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -229,6 +278,9 @@ struct SwitchChange {
     transfers_enabled: bool,
     #[serde(default)]
     reason: Option<String>,
+    /// Turning off: which flags (default: the CBO's `disable_features`).
+    #[serde(default)]
+    features: Option<Vec<crate::config::Feature>>,
 }
 
 /// On-call turns transfers back on (restoring the Flex flags seen before) or off by hand.
@@ -249,7 +301,9 @@ async fn put_switch(
         Err(e) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
-                &format!("body must be {{\"transfers_enabled\": true|false}}: {e}"),
+                &format!(
+                    "body must be {{\"transfers_enabled\": true|false, \"features\": [\"enabled\"|\"cold_transfer\"|\"multi_participant\"]}}: {e}"
+                ),
             );
         }
     };
@@ -268,7 +322,11 @@ async fn put_switch(
         let reason = change
             .reason
             .unwrap_or_else(|| "disabled by on-call".into());
-        match shared.actions.set_switch(&cbo, false, reason) {
+        let off = change
+            .features
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| config.disable_features.clone());
+        match shared.actions.set_switch(&cbo, &off, reason) {
             Ok(s) => Json(s).into_response(),
             Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         }

@@ -274,7 +274,7 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     use crate::sim::twilio::SimTwilio;
     let sim = SimTwilio::start(Clock::new()).await;
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\n[actions]\ndry_run = false\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\nmonitor_url = \"{url}\"\n[actions]\ndry_run = false\n",
         std::env::temp_dir()
             .join(format!("tg-bench-{}", std::process::id()))
             .display(),

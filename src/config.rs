@@ -54,6 +54,11 @@ pub struct ServerSection {
     pub state_dir: PathBuf,
     /// Largest accepted `POST /v1/events` body.
     pub max_body_bytes: usize,
+    /// The URL Twilio calls this daemon at (its pushes are signed over it); without it the
+    /// push receivers answer 503.
+    pub public_url: Option<String>,
+    /// Origins allowed to read `GET /v1/switch/{cbo}` from a browser (the plugin, in Flex).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -63,6 +68,8 @@ impl Default for ServerSection {
             admin_token_env: None,
             state_dir: PathBuf::from("/var/lib/transfer-guard"),
             max_body_bytes: 1024 * 1024,
+            public_url: None,
+            allowed_origins: vec!["https://flex.twilio.com".into()],
         }
     }
 }
@@ -73,6 +80,8 @@ pub struct TwilioSection {
     pub taskrouter_url: String,
     pub serverless_url: String,
     pub flex_url: String,
+    /// Twilio's debugger (Monitor API), for its alerts (SPEC §2b).
+    pub monitor_url: String,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -91,6 +100,7 @@ impl Default for TwilioSection {
             taskrouter_url: "https://taskrouter.twilio.com".into(),
             serverless_url: "https://serverless.twilio.com".into(),
             flex_url: "https://flex-api.twilio.com".into(),
+            monitor_url: "https://monitor.twilio.com".into(),
             poll_interval: Duration::from_secs(15),
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: 4,
@@ -337,6 +347,38 @@ impl RulesSection {
 struct SourcesSection {
     #[serde(default)]
     file: Vec<Spanned<FileSourceSection>>,
+    #[serde(default)]
+    twilio: TwilioSources,
+}
+
+/// `[sources.twilio]`: reading Twilio's own record of transfers (SPEC §2b), every CBO.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioSources {
+    /// Poll TaskRouter's Events API.
+    pub taskrouter_events: bool,
+    /// Poll the functions' logs (when the CBO has `serverless_*` SIDs).
+    pub serverless_logs: bool,
+    /// Poll the debugger's error-level alerts.
+    pub twilio_alerts: bool,
+    /// How far each poll reaches back before its cursor (events that show up late).
+    #[serde(with = "humantime_serde")]
+    pub overlap: Duration,
+    /// How far back the first poll of a CBO without a cursor reads.
+    #[serde(with = "humantime_serde")]
+    pub first_read: Duration,
+}
+
+impl Default for TwilioSources {
+    fn default() -> Self {
+        TwilioSources {
+            taskrouter_events: true,
+            serverless_logs: true,
+            twilio_alerts: true,
+            overlap: Duration::from_secs(120),
+            first_read: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +398,30 @@ pub enum RollbackKind {
     PluginRelease,
     Webhook,
     Command,
+}
+
+/// A flag of the template's `conversation_transfer` feature that the disable switch can turn
+/// off (SPEC §5): the whole feature, or cold transfers or inviting a second agent alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feature {
+    Enabled,
+    ColdTransfer,
+    MultiParticipant,
+}
+
+impl Feature {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Enabled => "enabled",
+            Feature::ColdTransfer => "cold_transfer",
+            Feature::MultiParticipant => "multi_participant",
+        }
+    }
+}
+
+fn default_disable_features() -> Vec<Feature> {
+    vec![Feature::Enabled]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -382,6 +448,9 @@ struct CboSection {
     rollback: Vec<RollbackKind>,
     #[serde(default)]
     disable: Vec<DisableKind>,
+    /// Which flags the disable switch turns off (default: the whole feature).
+    #[serde(default = "default_disable_features")]
+    disable_features: Vec<Feature>,
     #[serde(default)]
     rules: RulesSection,
     probe: Option<Spanned<ProbeSection>>,
@@ -524,6 +593,7 @@ pub struct Cbo {
     pub serverless_environment_sid: Option<EnvironmentSid>,
     pub rollback: Vec<RollbackKind>,
     pub disable: Vec<DisableKind>,
+    pub disable_features: Vec<Feature>,
     pub rules: RulesSection,
     pub probe: Option<Probe>,
 }
@@ -546,6 +616,8 @@ pub struct Config {
     pub validation: ValidationSection,
     pub rules: RulesSection,
     pub file_sources: Vec<FileSource>,
+    /// `[sources.twilio]`.
+    pub record: TwilioSources,
     pub cbos: Vec<Cbo>,
 }
 
@@ -913,6 +985,7 @@ impl Resolver<'_> {
             serverless_environment_sid,
             rollback: section.rollback.clone(),
             disable: section.disable.clone(),
+            disable_features: section.disable_features.clone(),
             rules: section.rules.clone(),
             probe,
         })
@@ -928,6 +1001,7 @@ impl Resolver<'_> {
             ("twilio.taskrouter_url", &file.twilio.taskrouter_url),
             ("twilio.serverless_url", &file.twilio.serverless_url),
             ("twilio.flex_url", &file.twilio.flex_url),
+            ("twilio.monitor_url", &file.twilio.monitor_url),
         ] {
             if let Err(e) = reqwest::Url::parse(url) {
                 self.problem(
@@ -1015,6 +1089,18 @@ impl Resolver<'_> {
             self.problem(None, Some(&cbo), message, false);
         }
 
+        if let Some(url) = &file.server.public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            let message =
+                format!("server.public_url {url:?} must start with https:// (or http://)");
+            self.problem(None, None, message, true);
+        }
+        if file.sources.twilio.overlap > Duration::from_secs(3600) {
+            let message = "sources.twilio.overlap must be at most 1h".to_string();
+            self.problem(None, None, message, true);
+        }
+
         let mut file_sources = Vec::new();
         for src in &file.sources.file {
             let at = Some(src.span().start);
@@ -1052,6 +1138,10 @@ impl Resolver<'_> {
                     true,
                 );
             }
+            if cbo.disable_features.is_empty() {
+                let message = "disable_features is empty: the switch would turn nothing off (enabled, cold_transfer or multi_participant)";
+                self.problem(at, Some(key), message.into(), true);
+            }
             let serverless = cbo.serverless_service_sid.is_some();
             if cbo.rollback.contains(&RollbackKind::Serverless) && !serverless {
                 let message = "the serverless rollback needs serverless_service_sid and serverless_environment_sid";
@@ -1068,6 +1158,7 @@ impl Resolver<'_> {
             validation: file.validation,
             rules: file.rules,
             file_sources,
+            record: file.sources.twilio,
             cbos,
         };
         Checked {

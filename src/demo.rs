@@ -156,6 +156,7 @@ pub fn config(listen: SocketAddr, twilio: &str) -> Config {
     config.twilio.taskrouter_url = twilio.to_string();
     config.twilio.serverless_url = twilio.to_string();
     config.twilio.flex_url = twilio.to_string();
+    config.twilio.monitor_url = twilio.to_string();
     config
 }
 
@@ -283,14 +284,19 @@ pub async fn run(
     let mut generators: Vec<_> = cbos()
         .into_iter()
         .enumerate()
-        .map(|(i, (key, token, account, _, workflow, profile))| {
+        .map(|(i, (key, token, account, workspace, workflow, profile))| {
             // Ten minutes of history first, so the windows and panels have data at once.
             let start = started - 10 * 60 * 1000;
+            let functions = match key {
+                "nss" => Some((NSS_SERVICE, NSS_ENVIRONMENT)),
+                "quiet" => Some((QUIET_SERVICE, QUIET_ENVIRONMENT)),
+                _ => None,
+            };
             (
                 key,
                 token,
-                account,
-                workflow,
+                (account, workspace, workflow),
+                functions,
                 Generator::new(profile, 42 + i as u64, start),
             )
         })
@@ -308,6 +314,7 @@ pub async fn run(
     let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut deployed = false;
     let mut quiet_deployed = false;
+    let mut silenced = false;
     let mut windows_shown = std::collections::BTreeSet::new();
     let mut shown = app.shared.actions.log.last_seq();
     let elapsed = |now: i64| {
@@ -321,13 +328,13 @@ pub async fn run(
                 let now = clock.now_ms();
                 if !deployed && now - started >= breach_after.as_millis() as i64 {
                     deployed = true;
-                    let (_, _, account, ..) = generators[0];
+                    let (_, _, (account, ..), ..) = generators[0];
                     let d = sim.deploy(account, NSS_SERVICE, NSS_ENVIRONMENT, Some(WRONG_WORKFLOW));
                     println!("{} scenario: nss deploys build {} and it resets {WORKFLOW_SID_VAR} to {WRONG_WORKFLOW}", elapsed(now), d.build_sid);
                 }
                 if !quiet_deployed && now - started >= QUIET_DEPLOYS_AFTER.as_millis() as i64 {
                     quiet_deployed = true;
-                    let d = sim.deploy(generators[2].2, QUIET_SERVICE, QUIET_ENVIRONMENT, None);
+                    let d = sim.deploy(generators[2].2.0, QUIET_SERVICE, QUIET_ENVIRONMENT, None);
                     println!("{} scenario: quiet (a handful of transfers an hour) deploys build {}; test transfers judge it", elapsed(now), d.build_sid);
                 }
                 for v in app.shared.validations.list(None) {
@@ -349,16 +356,37 @@ pub async fn run(
                         );
                     }
                 }
-                for (key, token, account, workflow, g) in &mut generators {
+                for (key, token, (account, workspace, workflow), functions, g) in &mut generators {
+                    let mut quiet_plugin = false;
                     if *key == "nss" {
-                        // The functions route with whatever the variable says now.
+                        // The functions route with whatever the variable says now, and the bad
+                        // build breaks the plugin's logging too: only Twilio's record shows it.
                         let broken = sim.variable(account, NSS_SERVICE, NSS_ENVIRONMENT, WORKFLOW_SID_VAR).as_deref() != Some(*workflow);
                         g.profile.bad_request = if broken { BROKEN_BAD_REQUESTS } else { 0.0 };
+                        quiet_plugin = broken;
+                        if broken != silenced {
+                            silenced = broken;
+                            println!(
+                                "{} scenario: nss's plugin {}",
+                                elapsed(now),
+                                if broken {
+                                    "stops logging transfers; transfer-guard still reads TaskRouter's events, the functions' logs and Twilio's debugger"
+                                } else {
+                                    "logs transfers again"
+                                }
+                            );
+                        }
                     }
                     g.start_until(now);
+                    for (at, record) in g.due_records(now) {
+                        record.apply(&sim, (account, workspace, workflow), *functions, at);
+                    }
                     let lines = g.due(now);
                     for line in &lines {
                         record_task(&sim, account, workflow, line);
+                    }
+                    if quiet_plugin {
+                        continue;
                     }
                     if let Err(e) = traffic::post(&client, &server, token, &lines).await {
                         eprintln!("demo traffic for {key}: {e}");
@@ -410,7 +438,7 @@ fn print_summary(app: &App, at: String) {
             cbo.key,
             s.counts.decided() + s.counts.cancelled,
             rate,
-            s.counts.bad_request,
+            s.counts.bad_request + s.counts.taskrouter_bad_request,
             secs(s.cold_completion_p95),
             secs(s.notification_p95),
             tr.error_ratio

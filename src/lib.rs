@@ -232,6 +232,20 @@ impl App {
             }
         }
 
+        // Twilio's own record of each CBO's transfers (SPEC §2b).
+        let record = &shared.config.record;
+        if record.taskrouter_events || record.serverless_logs || record.twilio_alerts {
+            for cbo in &shared.config.cbos {
+                if let Some(poller) = sources::record::RecordPoller::new(&shared, cbo, &clients) {
+                    tasks.spawn(sources::record::run(
+                        shared.clone(),
+                        poller,
+                        stopped.clone(),
+                    ));
+                }
+            }
+        }
+
         // Intents written before a restart, without a result: ask Twilio what became of them.
         tasks.spawn(shared.actions.clone().settle(stopped.clone()));
 

@@ -165,18 +165,6 @@ impl Reconciler {
         self.taskrouter_covered_ms = self.taskrouter_covered_ms.max(at_ms);
     }
 
-    /// Whether a transfer of `conversation` started near `at_ms` failed with a Bad Request
-    /// (reported by a transfer event, which counts it).
-    pub fn bad_request_of(&self, conversation: &ConversationSid, at_ms: i64) -> bool {
-        self.by_conversation.get(conversation).is_some_and(|keys| {
-            keys.iter().filter_map(|k| self.transfers.get(k)).any(|t| {
-                t.bad_request
-                    && t.initiated_ms
-                        .is_none_or(|i| (i - at_ms).abs() <= JOIN_WINDOW_MS)
-            })
-        })
-    }
-
     /// The key `event` belongs under, joining sources; registers the transfer when new.
     /// An event is known by its task SID when it has one, and by its own key (transfer id or
     /// conversation SID) too.

@@ -59,6 +59,8 @@ struct Signal {
 }
 
 const SIGNALS_SPAN_MS: i64 = 600_000;
+/// The `Signal::sources` bit of a transfer event's own Bad Request.
+const TRANSFER_REPORTED: u8 = 1 << 7;
 const SIGNALS_MAX: usize = 1024;
 
 /// Where a Bad Request outside a transfer event was seen.
@@ -231,6 +233,11 @@ impl CboState {
         accepted
     }
 
+    /// Counts one rejected event of this CBO that never reached `ingest`.
+    pub fn reject_one(&self, reason: Reject) {
+        self.series.reject(reason);
+    }
+
     fn count(&self, counted: &Counted) {
         for source in &counted.seen {
             self.series.seen(*source);
@@ -242,8 +249,8 @@ impl CboState {
 
     /// A Bad Request the functions' logs or Twilio's debugger reported at `at_ms`, for
     /// `conversation` when the report names one. Counted once: not when a transfer's failure
-    /// already counts it, nor when another source reported the same one (the same
-    /// conversation, or, when a report names none, another source's within a minute).
+    /// or another source reported the same one (the same conversation, or, when a report
+    /// names none, another source's within a minute).
     /// Returns whether it counted.
     pub fn bad_request_signal(
         &self,
@@ -256,11 +263,6 @@ impl CboState {
         let inner = &mut *inner;
         let bit = 1u8 << (source as u8);
         let near = |t: i64| (t - at_ms).abs() <= JOIN_WINDOW_MS;
-        if let Some(c) = &conversation
-            && inner.reconciler.bad_request_of(c, at_ms)
-        {
-            return false;
-        }
         let same = inner.signals.iter_mut().find(|s| {
             near(s.at_ms)
                 && match (&s.conversation, &conversation) {
@@ -273,15 +275,8 @@ impl CboState {
             s.conversation = s.conversation.or(conversation);
             return false;
         }
-        while inner.signals.len() >= SIGNALS_MAX
-            || inner
-                .signals
-                .front()
-                .is_some_and(|s| s.at_ms < now_ms - SIGNALS_SPAN_MS)
-        {
-            inner.signals.pop_front();
-        }
         let counts = at_ms >= inner.judged_since_ms;
+        push_signal(&mut inner.signals, now_ms);
         inner.signals.push_back(Signal {
             at_ms,
             conversation,
@@ -509,15 +504,46 @@ fn remember_failing(failing: &mut VecDeque<Failing>, event: &Event) {
     });
 }
 
-/// A transfer failed with a Bad Request: a logs' or debugger's report of it for the same
-/// conversation, counted on its own before, is taken back (it counts with the transfer).
+/// Makes room for one more Bad Request report.
+fn push_signal(signals: &mut VecDeque<Signal>, now_ms: i64) {
+    while signals.len() >= SIGNALS_MAX
+        || signals
+            .front()
+            .is_some_and(|s| s.at_ms < now_ms - SIGNALS_SPAN_MS)
+    {
+        signals.pop_front();
+    }
+}
+
+/// A transfer failed with a Bad Request, which counts with the transfer: a logs' or
+/// debugger's report of it (the same conversation, or one naming none, within a minute),
+/// counted on its own before, is taken back; one coming later finds it here.
 fn settle_signal(inner: &mut Inner, event: &Event, now_ms: i64) {
     let near = |t: i64| (t - event.timestamp_ms).abs() <= JOIN_WINDOW_MS;
-    if let Some(s) = inner.signals.iter_mut().find(|s| {
-        s.counted && near(s.at_ms) && s.conversation.as_ref() == Some(&event.conversation_sid)
-    }) {
-        s.counted = false;
-        inner.windows.record_bad_request_signal(s.at_ms, now_ms, -1);
+    let conversation = event.conversation_sid;
+    let same = inner.signals.iter_mut().find(|s| {
+        near(s.at_ms)
+            && s.sources & TRANSFER_REPORTED == 0
+            && s.conversation.is_none_or(|c| c == conversation)
+    });
+    match same {
+        Some(s) => {
+            s.sources |= TRANSFER_REPORTED;
+            s.conversation = Some(conversation);
+            if s.counted {
+                s.counted = false;
+                inner.windows.record_bad_request_signal(s.at_ms, now_ms, -1);
+            }
+        }
+        None => {
+            push_signal(&mut inner.signals, now_ms);
+            inner.signals.push_back(Signal {
+                at_ms: event.timestamp_ms,
+                conversation: Some(conversation),
+                sources: TRANSFER_REPORTED,
+                counted: false,
+            });
+        }
     }
 }
 

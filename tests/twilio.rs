@@ -697,7 +697,7 @@ async fn fifty_cbos_polled_every_second_never_exceed_the_per_account_limit() {
         sim.add_account(ac, TWILIO_SECRET);
     }
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[twilio]\ntaskrouter_url = \"{0}\"\nserverless_url = \"{0}\"\nflex_url = \"{0}\"\npoll_interval = \"1s\"\nmax_concurrent_requests = 3\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[twilio]\ntaskrouter_url = \"{0}\"\nserverless_url = \"{0}\"\nflex_url = \"{0}\"\nmonitor_url = \"{0}\"\npoll_interval = \"1s\"\nmax_concurrent_requests = 3\n",
         sim.url()
     );
     for i in 0..50 {

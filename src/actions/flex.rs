@@ -10,6 +10,7 @@ use super::{
     Actions, Attempt, BoxFuture, Decision, Effect, Integration, Known, Plan, PlanError,
     plan_rollback, rolled_back,
 };
+use crate::config::Feature;
 use crate::twilio::TwilioClient;
 use crate::twilio::flex::Flex;
 
@@ -122,6 +123,18 @@ pub struct FlagOff {
     pub client: TwilioClient,
     pub base_url: String,
     pub actions: Weak<Actions>,
+    /// The flags it turns off (`enabled`, or `cold_transfer` / `multi_participant` alone).
+    pub features: Vec<Feature>,
+}
+
+impl FlagOff {
+    fn names(&self) -> String {
+        self.features
+            .iter()
+            .map(|f| format!("{}.{}", FLAG_PATH[..3].join("."), f.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl Integration for FlagOff {
@@ -155,19 +168,26 @@ impl Integration for FlagOff {
                     .remember_flags(&d.cbo, Value::Object(previous.clone()))
                     .map_err(|e| e.to_string())?;
             }
-            f.insert("enabled".into(), Value::Bool(false));
+            for feature in &self.features {
+                f.insert(feature.as_str().into(), Value::Bool(false));
+            }
             flex.update_ui_attributes(&ui)
                 .await
                 .map_err(|e| e.to_string())?;
+            let was: Vec<String> = self
+                .features
+                .iter()
+                .map(|f| previous[f.as_str()].to_string())
+                .collect();
             Ok(format!(
                 "set ui_attributes.{} = false (was {})",
-                FLAG_PATH.join("."),
-                previous["enabled"]
+                self.names(),
+                was.join(", ")
             ))
         })
     }
 
-    /// Took effect when the flag reads false now.
+    /// Took effect when every flag it turns off reads false now.
     fn took_effect<'a>(&'a self, _: &'a Plan, _: i64) -> BoxFuture<'a, Result<Effect, String>> {
         Box::pin(async move {
             let flex = Flex {
@@ -176,11 +196,15 @@ impl Integration for FlagOff {
             };
             let config = flex.configuration().await.map_err(|e| e.to_string())?;
             let mut node = &config["ui_attributes"];
-            for key in FLAG_PATH {
+            for key in &FLAG_PATH[..3] {
                 node = &node[key];
             }
-            Ok(if node == &Value::Bool(false) {
-                Effect::Applied(format!("ui_attributes.{} is false", FLAG_PATH.join(".")))
+            let off = self
+                .features
+                .iter()
+                .all(|f| node[f.as_str()] == Value::Bool(false));
+            Ok(if off {
+                Effect::Applied(format!("ui_attributes.{} false", self.names()))
             } else {
                 Effect::NotApplied
             })

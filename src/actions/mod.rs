@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::{Clock, rfc3339};
-use crate::config::{Cbo, Config, DisableKind, RollbackKind};
+use crate::config::{Cbo, Config, DisableKind, Feature, RollbackKind};
 use crate::decisions::{DecisionLog, Entry, Kind, LogError};
 use crate::metrics::Metrics;
 use crate::rules::RuleId;
@@ -206,12 +206,23 @@ pub trait Integration: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Switch {
     pub cbo: String,
+    /// The feature as a whole (`conversation_transfer.enabled`).
     pub transfers_enabled: bool,
+    /// Cold transfers alone (`conversation_transfer.cold_transfer`).
+    #[serde(default = "on")]
+    pub cold_transfer: bool,
+    /// Inviting a second agent alone (`conversation_transfer.multi_participant`).
+    #[serde(default = "on")]
+    pub multi_participant: bool,
     pub reason: Option<String>,
     pub since: Option<String>,
     /// The Flex flag values seen before the switch went off, restored when it goes back on.
     #[serde(skip)]
     pub previous_flags: Option<Value>,
+}
+
+fn on() -> bool {
+    true
 }
 
 impl Switch {
@@ -220,10 +231,24 @@ impl Switch {
         Switch {
             cbo: cbo.to_string(),
             transfers_enabled: true,
+            cold_transfer: true,
+            multi_participant: true,
             reason: None,
             since: None,
             previous_flags: None,
         }
+    }
+
+    /// Some part of the feature is switched off.
+    pub fn is_off(&self) -> bool {
+        !(self.transfers_enabled && self.cold_transfer && self.multi_participant)
+    }
+
+    /// Switches `off` (flag names) off and every other flag on.
+    fn set(&mut self, off: &[Feature]) {
+        self.transfers_enabled = !off.contains(&Feature::Enabled);
+        self.cold_transfer = !off.contains(&Feature::ColdTransfer);
+        self.multi_participant = !off.contains(&Feature::MultiParticipant);
     }
 }
 
@@ -401,7 +426,7 @@ impl Actions {
         log.for_each(|e| memory.replay(e));
         for (cbo, s) in &memory.switches {
             if let Some(m) = metrics.cbo(cbo) {
-                m.set_disabled(!s.transfers_enabled);
+                m.set_disabled(s.is_off());
             }
         }
         Actions {
@@ -568,6 +593,7 @@ impl Actions {
                             client: c.clone(),
                             base_url: self.config.twilio.flex_url.clone(),
                             actions: Arc::downgrade(self),
+                            features: cbo.disable_features.clone(),
                         })),
                         (DisableKind::Webhook, _) => out.extend(webhook()),
                         _ => {}
@@ -656,7 +682,7 @@ impl Actions {
                     d.deployment.as_deref().unwrap_or("")
                 ))
             } else if d.kind == ActionKind::Disable
-                && m.switches.get(&d.cbo).is_some_and(|s| !s.transfers_enabled)
+                && m.switches.get(&d.cbo).is_some_and(Switch::is_off)
             {
                 Some("transfers are already disabled".into())
             } else if let Some(at) = m
@@ -714,7 +740,11 @@ impl Actions {
     async fn fire(self: Arc<Self>, d: Decision, integrations: Vec<Box<dyn Integration>>) {
         if d.kind == ActionKind::Disable {
             let reason = format!("{} breached", d.rule.as_str());
-            if self.set_switch(&d.cbo, false, reason).is_err() {
+            let off = self
+                .config
+                .cbo(&d.cbo)
+                .map_or(vec![Feature::Enabled], |c| c.disable_features.clone());
+            if self.set_switch(&d.cbo, &off, reason).is_err() {
                 // Not recorded, so not done: no cooldown runs from it.
                 self.count(&d.cbo, d.kind, "switch", "failed");
                 let mut m = self.memory();
@@ -1022,20 +1052,21 @@ impl Actions {
         Some(e)
     }
 
-    /// Sets the daemon's own switch: logged first, then changed (an unrecorded change is not
-    /// made). Turning it on forgets the Flex values kept for restoring.
+    /// Sets the daemon's own switch: the `off` features off, the rest on (none: all back
+    /// on); logged first, then changed (an unrecorded change is not made). Turning it all on
+    /// forgets the Flex values kept for restoring.
     pub fn set_switch(
         &self,
         cbo: &str,
-        enabled: bool,
+        off: &[Feature],
         reason: String,
     ) -> Result<Switch, NotRecorded> {
         let now = self.clock.now_ms();
         let mut switch = self.switch(cbo).unwrap_or_else(|| Switch::on(cbo));
-        switch.transfers_enabled = enabled;
+        switch.set(off);
         switch.reason = Some(reason);
         switch.since = Some(rfc3339(now));
-        if enabled {
+        if off.is_empty() {
             switch.previous_flags = None;
         }
         self.log_switch(&switch)?;
@@ -1043,7 +1074,7 @@ impl Actions {
             .switches
             .insert(cbo.to_string(), switch.clone());
         if let Some(m) = self.metrics.cbo(cbo) {
-            m.set_disabled(!enabled);
+            m.set_disabled(switch.is_off());
         }
         Ok(switch)
     }
@@ -1067,14 +1098,7 @@ impl Actions {
     fn log_switch(&self, switch: &Switch) -> Result<(), NotRecorded> {
         let mut e = Entry::new(&switch.cbo, Kind::Switch, self.clock.now_ms());
         e.detail = switch.reason.clone();
-        e.action = Some(
-            if switch.transfers_enabled {
-                "enable"
-            } else {
-                "disable"
-            }
-            .into(),
-        );
+        e.action = Some(if switch.is_off() { "disable" } else { "enable" }.into());
         let mut evidence = serde_json::to_value(switch).expect("switch serializes");
         evidence["previous_flags"] = switch.previous_flags.clone().unwrap_or(Value::Null);
         e.evidence = evidence;
@@ -1117,7 +1141,7 @@ impl Actions {
                 .map_err(EnableError::Twilio)?;
             self.count(cbo.key.as_str(), ActionKind::Disable, "flex_flag", "fired");
         }
-        self.set_switch(cbo.key.as_str(), true, reason)
+        self.set_switch(cbo.key.as_str(), &[], reason)
             .map_err(|e| EnableError::NotRecorded(e.to_string()))
     }
 

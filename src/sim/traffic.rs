@@ -50,11 +50,74 @@ impl Default for Profile {
     }
 }
 
+/// What Twilio records of a generated transfer (SPEC §2b): its task's TaskRouter events, the
+/// transfer function's error line and the debugger's alert when TaskRouter refused the task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Task {
+        event_type: &'static str,
+        task: String,
+        attributes: serde_json::Value,
+        reason: Option<String>,
+    },
+    FunctionLog {
+        level: &'static str,
+        message: String,
+    },
+    Alert {
+        code: &'static str,
+        text: String,
+        url: String,
+    },
+}
+
+impl Record {
+    /// Puts it into the simulated Twilio of the CBO (`functions`: its service and environment).
+    pub fn apply(
+        &self,
+        sim: &crate::sim::twilio::SimTwilio,
+        (account, workspace, workflow): (&str, &str, &str),
+        functions: Option<(&str, &str)>,
+        at_ms: i64,
+    ) {
+        match self {
+            Record::Task {
+                event_type,
+                task,
+                attributes,
+                reason,
+            } => {
+                sim.taskrouter_event(
+                    account,
+                    workspace,
+                    workflow,
+                    event_type,
+                    at_ms,
+                    task,
+                    attributes,
+                    reason.as_deref(),
+                );
+            }
+            Record::FunctionLog { level, message } => {
+                if let Some((service, environment)) = functions {
+                    sim.function_log(account, service, environment, level, message, at_ms);
+                }
+            }
+            Record::Alert { code, text, url } => {
+                sim.debugger_alert(account, "error", code, text, url, at_ms)
+            }
+        }
+    }
+}
+
 /// Generates transfers and holds their events until their timestamps come due.
 pub struct Generator {
     rng: fastrand::Rng,
     pub profile: Profile,
     due: BinaryHeap<Reverse<(i64, u64, String)>>,
+    /// Twilio's record of the same transfers, by due time.
+    records: BinaryHeap<Reverse<(i64, u64)>>,
+    record_items: std::collections::HashMap<u64, Record>,
     seq: u64,
     /// When the next transfer starts (Poisson arrivals), in event time.
     next_start_ms: i64,
@@ -72,6 +135,8 @@ impl Generator {
             rng: fastrand::Rng::with_seed(seed),
             profile,
             due: BinaryHeap::new(),
+            records: BinaryHeap::new(),
+            record_items: std::collections::HashMap::new(),
             seq: 0,
             next_start_ms: start_ms,
         }
@@ -84,6 +149,27 @@ impl Generator {
     fn push(&mut self, at_ms: i64, line: serde_json::Value) {
         self.seq += 1;
         self.due.push(Reverse((at_ms, self.seq, line.to_string())));
+    }
+
+    fn record(&mut self, at_ms: i64, r: Record) {
+        self.seq += 1;
+        self.records.push(Reverse((at_ms, self.seq)));
+        self.record_items.insert(self.seq, r);
+    }
+
+    /// Twilio's record due at or before `now_ms`, oldest first: (when, what).
+    pub fn due_records(&mut self, now_ms: i64) -> Vec<(i64, Record)> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, seq))) = self.records.peek().copied() {
+            if at > now_ms {
+                break;
+            }
+            self.records.pop();
+            if let Some(r) = self.record_items.remove(&seq) {
+                out.push((at, r));
+            }
+        }
+        out
     }
 
     /// Queues every event of one transfer started at `t0`.
@@ -115,6 +201,28 @@ impl Generator {
             v
         };
         self.push(t0, event("initiated", t0, json!({"reason": "expertise"})));
+        // The template's create-transfer-task creates the task a moment later.
+        let task = format!("WT{}", hex(&mut self.rng));
+        let attributes = json!({
+            "transferTargetType": if worker { "worker" } else { "queue" },
+            "transferTargetSid": if worker { to.clone() } else { String::new() },
+            "transferQueueName": if worker { serde_json::Value::Null } else { json!(to) },
+            "transferReason": "expertise",
+            "conversations": {"conversation_id": conversation},
+        });
+        let created_at = t0 + 300;
+        let task_event =
+            |g: &mut Generator, at: i64, event_type: &'static str, reason: Option<&str>| {
+                g.record(
+                    at,
+                    Record::Task {
+                        event_type,
+                        task: task.clone(),
+                        attributes: attributes.clone(),
+                        reason: reason.map(str::to_string),
+                    },
+                );
+            };
 
         let u = self.rng.f64();
         let mut edge = 0.0;
@@ -135,12 +243,52 @@ impl Generator {
             None
         };
         if let Some(error) = error {
+            if error["status"] == 400 {
+                // TaskRouter refused the task: the function's error line and the debugger's
+                // alert are Twilio's only trace.
+                self.record(
+                    fail_at,
+                    Record::FunctionLog {
+                        level: "error",
+                        message: format!(
+                            "create-transfer-task failed for {conversation}: TaskRouter error: Bad Request (status 400)"
+                        ),
+                    },
+                );
+                self.record(
+                    fail_at,
+                    Record::Alert {
+                        code: "20001",
+                        text: "Msg=Bad Request&httpResponse=400".into(),
+                        url: "https://taskrouter.twilio.com/v1/Workspaces/WS/Tasks".into(),
+                    },
+                );
+            } else {
+                task_event(self, created_at, "task.created", None);
+                let reason = error["message"]
+                    .as_str()
+                    .map(|m| match error["code"].as_i64() {
+                        Some(code) => format!("{m} ({code})"),
+                        None => m.to_string(),
+                    });
+                task_event(
+                    self,
+                    fail_at.max(created_at + 1),
+                    "task.canceled",
+                    reason.as_deref(),
+                );
+            }
             self.push(fail_at, event("failed", fail_at, json!({ "error": error })));
             return;
         }
+        task_event(self, created_at, "task.created", None);
         let notified = t0 + self.between(p.notify_secs);
+        let notified = notified.max(created_at + 50);
         self.push(notified, event("notified", notified, json!({})));
+        task_event(self, notified, "reservation.created", None);
         if next(p.silent) {
+            // Nobody accepts; the workflow's timeout ends the task.
+            task_event(self, t0 + 300_000, "workflow.timeout", None);
             return;
         }
         if next(p.cancelled) {
@@ -149,12 +297,19 @@ impl Generator {
                 at,
                 event("cancelled", at, json!({"reason": "customer left"})),
             );
+            task_event(
+                self,
+                at,
+                "task.canceled",
+                Some("Conversation ended: customer left"),
+            );
             return;
         }
         let done = t0 + self.between(if cold { p.cold_secs } else { p.warm_secs });
         let done = done.max(notified + 200);
         let accepted = notified + (done - notified) / 2;
         self.push(accepted, event("accepted", accepted, json!({})));
+        task_event(self, accepted, "reservation.accepted", None);
         let lost = self.rng.f64() < p.history_lost;
         self.push(
             done,

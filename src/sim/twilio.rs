@@ -138,6 +138,65 @@ struct Account {
     flex_configuration: Value,
     plugin_configurations: Vec<(String, String, String)>,
     releases: Vec<Release>,
+    /// TaskRouter's Event resources, oldest first (SPEC §2b).
+    events: Vec<Value>,
+    /// The functions' log lines (`serverless.v1.service.environment.log`), oldest first.
+    logs: Vec<Value>,
+    /// The debugger's alerts (`monitor.v1.alert`), oldest first.
+    alerts: Vec<Value>,
+    /// The workspace's `EventCallbackUrl`: (where to send, the URL signed).
+    callback: Option<(String, String)>,
+}
+
+/// The form TaskRouter posts to a workspace's `EventCallbackUrl` for `event` (an Event
+/// resource as the Events API lists it).
+pub fn callback_form(event: &Value) -> Vec<(String, String)> {
+    let s = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        v => Some(v.to_string()),
+    };
+    let data = &event["event_data"];
+    [
+        ("Sid", &event["sid"]),
+        ("AccountSid", &event["account_sid"]),
+        ("WorkspaceSid", &event["workspace_sid"]),
+        ("EventType", &event["event_type"]),
+        ("EventDescription", &event["description"]),
+        ("ResourceType", &event["resource_type"]),
+        ("ResourceSid", &event["resource_sid"]),
+        ("TaskSid", &data["task_sid"]),
+        ("TaskAttributes", &data["task_attributes"]),
+        ("WorkflowSid", &data["workflow_sid"]),
+        ("TaskCanceledReason", &data["task_canceled_reason"]),
+        ("TaskChannelUniqueName", &data["task_channel_unique_name"]),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| s(v).map(|v| (k.to_string(), v)))
+    .chain(std::iter::once((
+        "Timestamp".to_string(),
+        (event["event_date_ms"].as_i64().unwrap_or(0) / 1000).to_string(),
+    )))
+    .collect()
+}
+
+/// The CloudEvent an Event Streams webhook sink receives for `event`.
+pub fn cloud_event(event: &Value) -> Value {
+    let ty = event["event_type"].as_str().unwrap_or_default();
+    let mut payload = event["event_data"].clone();
+    payload["eventtype"] = json!(ty);
+    payload["sid"] = event["sid"].clone();
+    payload["timestamp"] = event["event_date"].clone();
+    json!({
+        "specversion": "1.0",
+        "type": format!("com.twilio.taskrouter.{ty}"),
+        "source": format!("/v1/Workspaces/{}/Events", event["workspace_sid"].as_str().unwrap_or_default()),
+        "id": event["sid"],
+        "dataschema": "https://events-schemas.twilio.com/TaskRouter.WDSTaskRouterEvent/1",
+        "datacontenttype": "application/json",
+        "time": event["event_date"],
+        "data": {"name": ty, "workspace_sid": event["workspace_sid"], "payload": payload},
+    })
 }
 
 #[derive(Default)]
@@ -251,6 +310,11 @@ impl SimTwilio {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Its clock's now, in ms since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.shared.clock.now_ms()
+    }
+
     fn now(&self) -> String {
         rfc3339(self.shared.clock.now_ms())
     }
@@ -274,8 +338,152 @@ impl SimTwilio {
                 flex_configuration: flex_configuration(account, &created),
                 plugin_configurations: Vec::new(),
                 releases: Vec::new(),
+                events: Vec::new(),
+                logs: Vec::new(),
+                alerts: Vec::new(),
+                callback: None,
             },
         );
+    }
+
+    /// Records a TaskRouter event of `task` in `workflow` at `at_ms`, as the Events API lists
+    /// it, and pushes it to the workspace's `EventCallbackUrl` when one is set. Returns the
+    /// Event resource.
+    #[allow(clippy::too_many_arguments)]
+    pub fn taskrouter_event(
+        &self,
+        account: &str,
+        workspace: &str,
+        workflow: &str,
+        event_type: &str,
+        at_ms: i64,
+        task: &str,
+        attributes: &Value,
+        reason: Option<&str>,
+    ) -> Value {
+        let mut s = self.state();
+        let sid = s.sid("EV");
+        let (resource_type, resource_sid) = if event_type.starts_with("reservation.") {
+            ("reservation", s.sid("WR"))
+        } else {
+            ("task", task.to_string())
+        };
+        let event = json!({
+            "account_sid": account,
+            "actor_sid": null,
+            "actor_type": null,
+            "actor_url": null,
+            "description": format!("{event_type} of task {task}"),
+            "event_data": {
+                "task_sid": task,
+                "task_attributes": attributes.to_string(),
+                "workflow_sid": workflow,
+                "workspace_sid": workspace,
+                "task_canceled_reason": reason,
+                "task_channel_unique_name": "chat",
+            },
+            "event_date": rfc3339(at_ms),
+            "event_date_ms": at_ms,
+            "event_type": event_type,
+            "resource_sid": resource_sid,
+            "resource_type": resource_type,
+            "resource_url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Tasks/{task}"),
+            "sid": sid,
+            "source": "twilio",
+            "source_ip_address": "127.0.0.1",
+            "url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Events/{sid}"),
+            "workspace_sid": workspace,
+        });
+        let token = s.credentials.get(account).map(|(t, _)| t.clone());
+        let acc = s.account(account);
+        acc.events.push(event.clone());
+        if let (Some((send_to, signed)), Some(token)) = (acc.callback.clone(), token) {
+            let form = callback_form(&event);
+            let signature = crate::twilio::signature::sign(&token, &signed, &form);
+            tokio::spawn(async move {
+                let _ = reqwest::Client::new()
+                    .post(send_to)
+                    .header("x-twilio-signature", signature)
+                    .form(&form)
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await;
+            });
+        }
+        event
+    }
+
+    /// Pushes every later TaskRouter event of `account` to `send_to` (the workspace's
+    /// `EventCallbackUrl`), signed over `signed_url`, the URL Twilio would have called.
+    pub fn set_event_callback(&self, account: &str, send_to: &str, signed_url: &str) {
+        self.state().account(account).callback = Some((send_to.into(), signed_url.into()));
+    }
+
+    /// Every TaskRouter event recorded for `account`, oldest first.
+    pub fn events(&self, account: &str) -> Vec<Value> {
+        self.state().account(account).events.clone()
+    }
+
+    /// A line of the functions' logs of `service`/`environment`.
+    pub fn function_log(
+        &self,
+        account: &str,
+        service: &str,
+        environment: &str,
+        level: &str,
+        message: &str,
+        at_ms: i64,
+    ) {
+        let mut s = self.state();
+        let sid = s.sid("NO");
+        let function = s.sid("ZH");
+        let log = json!({
+            "sid": sid,
+            "account_sid": account,
+            "service_sid": service,
+            "environment_sid": environment,
+            "build_sid": null,
+            "deployment_sid": null,
+            "function_sid": function,
+            "request_sid": null,
+            "level": level,
+            "message": message,
+            "date_created": rfc3339(at_ms),
+            "url": format!("{SERVERLESS}/v1/Services/{service}/Environments/{environment}/Logs/{sid}"),
+        });
+        s.account(account).logs.push(log);
+    }
+
+    /// An alert in the debugger.
+    pub fn debugger_alert(
+        &self,
+        account: &str,
+        level: &str,
+        code: &str,
+        text: &str,
+        request_url: &str,
+        at_ms: i64,
+    ) {
+        let mut s = self.state();
+        let sid = s.sid("NO");
+        let alert = json!({
+            "account_sid": account,
+            "alert_text": text,
+            "api_version": "2010-04-01",
+            "date_created": rfc3339(at_ms),
+            "date_generated": rfc3339(at_ms),
+            "date_updated": rfc3339(at_ms),
+            "error_code": code,
+            "log_level": level,
+            "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+            "request_method": "POST",
+            "request_url": request_url,
+            "resource_sid": null,
+            "service_sid": null,
+            "sid": sid,
+            "url": format!("{MONITOR}/v1/Alerts/{sid}"),
+        });
+        s.account(account).alerts.push(alert);
     }
 
     pub fn add_api_key(&self, account: &str, key_sid: &str, secret: &str) {
@@ -911,6 +1119,67 @@ fn query_start(uri: &Uri) -> Option<i64> {
 const TASKROUTER: &str = "https://taskrouter.twilio.com";
 const SERVERLESS: &str = "https://serverless.twilio.com";
 const FLEX: &str = "https://flex-api.twilio.com";
+const MONITOR: &str = "https://monitor.twilio.com";
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    let q = serde_urlencoded::from_str::<HashMap<String, String>>(uri.query()?).ok()?;
+    q.get(name).cloned()
+}
+
+/// One page of a list resource, newest first as Twilio lists them, with `meta` and a
+/// `next_page_url` (on Twilio's host) while more remain.
+fn paged(uri: &Uri, url: &str, key: &str, mut items: Vec<Value>) -> Response {
+    items.reverse();
+    let size: usize = query_param(uri, "PageSize")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(50)
+        .clamp(1, 1000);
+    let page: usize = query_param(uri, "Page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let mut query: Vec<(String, String)> = uri
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    query.retain(|(k, _)| k != "Page" && k != "PageSize" && k != "PageToken");
+    let link = |n: usize| {
+        let mut q = query.clone();
+        q.push(("PageSize".into(), size.to_string()));
+        q.push(("Page".into(), n.to_string()));
+        format!(
+            "{url}?{}",
+            serde_urlencoded::to_string(&q).expect("strings encode")
+        )
+    };
+    let more = items.len() > (page + 1) * size;
+    let list: Vec<Value> = items.into_iter().skip(page * size).take(size).collect();
+    axum::Json(json!({
+        key: list,
+        "meta": {
+            "first_page_url": link(0),
+            "key": key,
+            "next_page_url": if more { Value::String(link(page + 1)) } else { Value::Null },
+            "page": page,
+            "page_size": size,
+            "previous_page_url": if page > 0 { Value::String(link(page - 1)) } else { Value::Null },
+            "url": link(page),
+        }
+    }))
+    .into_response()
+}
+
+/// When a listed item happened, from its date field.
+fn item_ms(v: &Value, field: &str) -> i64 {
+    v[field]
+        .as_i64()
+        .or_else(|| {
+            v[field]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_millis())
+        })
+        .unwrap_or(i64::MIN)
+}
 
 fn route(
     s: &mut SimState,
@@ -926,6 +1195,54 @@ fn route(
     let json = |v: Value| axum::Json(v).into_response();
     let created = |v: Value| (StatusCode::CREATED, axum::Json(v)).into_response();
     match (method.as_str(), seg.as_slice()) {
+        ("GET", ["v1", "Workspaces", ws, "Events"]) => {
+            let since = query_start(uri).unwrap_or(now_ms - query_minutes(uri) * 60_000);
+            let workflow = query_param(uri, "WorkflowSid");
+            let items = s
+                .account(account)
+                .events
+                .iter()
+                .filter(|e| e["workspace_sid"] == *ws && item_ms(e, "event_date_ms") >= since)
+                .filter(|e| {
+                    workflow
+                        .as_deref()
+                        .is_none_or(|w| e["event_data"]["workflow_sid"] == w)
+                })
+                .cloned()
+                .collect();
+            paged(
+                uri,
+                &format!("{TASKROUTER}/v1/Workspaces/{ws}/Events"),
+                "events",
+                items,
+            )
+        }
+        ("GET", ["v1", "Services", zs, "Environments", ze, "Logs"]) => {
+            let since = query_start(uri).unwrap_or(i64::MIN);
+            let items = s
+                .account(account)
+                .logs
+                .iter()
+                .filter(|l| l["service_sid"] == *zs && l["environment_sid"] == *ze)
+                .filter(|l| item_ms(l, "date_created") >= since)
+                .cloned()
+                .collect();
+            let url = format!("{SERVERLESS}/v1/Services/{zs}/Environments/{ze}/Logs");
+            paged(uri, &url, "logs", items)
+        }
+        ("GET", ["v1", "Alerts"]) => {
+            let since = query_start(uri).unwrap_or(i64::MIN);
+            let level = query_param(uri, "LogLevel");
+            let items = s
+                .account(account)
+                .alerts
+                .iter()
+                .filter(|a| item_ms(a, "date_generated") >= since)
+                .filter(|a| level.as_deref().is_none_or(|l| a["log_level"] == l))
+                .cloned()
+                .collect();
+            paged(uri, &format!("{MONITOR}/v1/Alerts"), "alerts", items)
+        }
         (_, ["v1", "Workspaces", ws, "Tasks", rest @ ..]) => {
             tasks_api(s, account, method.as_str(), ws, rest, uri, body, now_ms)
         }

@@ -4,5 +4,7 @@ pub mod file;
 pub mod http;
 pub mod poll;
 pub mod probe;
+pub mod push;
+pub mod record;
 pub mod reports;
 pub mod twilio_record;

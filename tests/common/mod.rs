@@ -53,6 +53,7 @@ state_dir = "{}"
 taskrouter_url = "{twilio}"
 serverless_url = "{twilio}"
 flex_url = "{twilio}"
+monitor_url = "{twilio}"
 
 [[cbo]]
 key = "a"

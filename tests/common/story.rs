@@ -48,6 +48,11 @@ pub fn now(app: &App) -> i64 {
     app.shared.clock.now_ms()
 }
 
+/// The simulated Twilio's now.
+pub fn now_sim(sim: &SimTwilio) -> i64 {
+    sim.now_ms()
+}
+
 pub fn ingest(app: &App, cbo: &str, lines: Vec<String>) {
     ingest_lines(app, cbo, &lines);
 }
