@@ -6,10 +6,11 @@ use serde_json::{Value, json};
 use transfer_guard::clock::Clock;
 use transfer_guard::sim::twilio::{SimTwilio, TaskEvent};
 
-const SPECS: [&str; 3] = [
+const SPECS: [&str; 4] = [
     "twilio_taskrouter_v1.json",
     "twilio_serverless_v1.json",
     "twilio_flex_v1.json",
+    "twilio_monitor_v1.json",
 ];
 
 /// The shared copy when it is beside the project, else the vendored one; they must agree.
@@ -280,7 +281,60 @@ async fn every_simulator_body_validates_against_twilios_openapi() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    assert_eq!(checked.len(), 20, "{checked:?}");
+
+    // Twilio's record (SPEC 2b): TaskRouter's events (the test transfer's own among them),
+    // paged; the functions' logs; the debugger's alerts.
+    let now = Clock::new().now_ms();
+    let t = json!({"transferTargetType": "worker", "conversations": {"conversation_id": "CH0123456789abcdef0123456789abcdef"}});
+    let wt = "WT00000000000000000000000000000abc";
+    sim.taskrouter_event(ac, ws, ww, "task.created", now, wt, &t, None);
+    sim.taskrouter_event(ac, ws, ww, "reservation.created", now + 1, wt, &t, None);
+    let since = "StartDate=2020-01-01T00:00:00Z";
+    let events = call(
+        "GET",
+        format!("/v1/Workspaces/{ws}/Events?WorkflowSid={ww}&{since}&PageSize=2"),
+        None,
+        None,
+    )
+    .await;
+    let listed: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    // Newest first; the test transfer's creation and cancellation were recorded too.
+    assert_eq!(listed, ["reservation.created", "task.created"]);
+    let next = events["meta"]["next_page_url"].as_str().unwrap();
+    let next = &next[next.find("/v1/").unwrap()..];
+    let rest = call("GET", next.to_string(), None, None).await;
+    let rest: Vec<&str> = rest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, ["task.canceled", "task.created"]);
+    sim.function_log(ac, zs, ze, "error", "TaskRouter error: Bad Request", now);
+    let logs = call("GET", format!("{env}/Logs?{since}"), None, None).await;
+    assert_eq!(logs["logs"][0]["level"], "error");
+    sim.debugger_alert(
+        ac,
+        "error",
+        "20001",
+        "httpResponse=400",
+        "https://taskrouter.twilio.com/v1/Workspaces/WS/Tasks",
+        now,
+    );
+    let alerts = call(
+        "GET",
+        format!("/v1/Alerts?LogLevel=error&{since}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(alerts["alerts"][0]["error_code"], "20001");
+    assert_eq!(checked.len(), 24, "{checked:?}");
 }
 
 #[test]

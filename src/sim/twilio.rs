@@ -148,6 +148,76 @@ struct Account {
     callback: Option<(String, String)>,
 }
 
+/// The task an event is about.
+struct TaskRef<'a> {
+    workspace: &'a str,
+    workflow: &'a str,
+    sid: &'a str,
+    /// As TaskRouter keeps them: a JSON string.
+    attributes: &'a str,
+}
+
+/// Records a TaskRouter event (see `SimTwilio::taskrouter_event`).
+fn record_event(
+    s: &mut SimState,
+    account: &str,
+    task: &TaskRef,
+    event_type: &str,
+    at_ms: i64,
+    reason: Option<&str>,
+) -> Value {
+    let sid = s.sid("EV");
+    let (workspace, t) = (task.workspace, task.sid);
+    let (resource_type, resource_sid) = if event_type.starts_with("reservation.") {
+        ("reservation", s.sid("WR"))
+    } else {
+        ("task", t.to_string())
+    };
+    let event = json!({
+        "account_sid": account,
+        "actor_sid": null,
+        "actor_type": null,
+        "actor_url": null,
+        "description": format!("{event_type} of task {t}"),
+        "event_data": {
+            "task_sid": t,
+            "task_attributes": task.attributes,
+            "workflow_sid": task.workflow,
+            "workspace_sid": workspace,
+            "task_canceled_reason": reason,
+            "task_channel_unique_name": "chat",
+        },
+        "event_date": rfc3339(at_ms),
+        "event_date_ms": at_ms,
+        "event_type": event_type,
+        "resource_sid": resource_sid,
+        "resource_type": resource_type,
+        "resource_url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Tasks/{t}"),
+        "sid": sid,
+        "source": "twilio",
+        "source_ip_address": "127.0.0.1",
+        "url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Events/{sid}"),
+        "workspace_sid": workspace,
+    });
+    let token = s.credentials.get(account).map(|(t, _)| t.clone());
+    let acc = s.account(account);
+    acc.events.push(event.clone());
+    if let (Some((send_to, signed)), Some(token)) = (acc.callback.clone(), token) {
+        let form = callback_form(&event);
+        let signature = crate::twilio::signature::sign(&token, &signed, &form);
+        tokio::spawn(async move {
+            let _ = reqwest::Client::new()
+                .post(send_to)
+                .header("x-twilio-signature", signature)
+                .form(&form)
+                .timeout(Duration::from_secs(15))
+                .send()
+                .await;
+        });
+    }
+    event
+}
+
 /// The form TaskRouter posts to a workspace's `EventCallbackUrl` for `event` (an Event
 /// resource as the Events API lists it).
 pub fn callback_form(event: &Value) -> Vec<(String, String)> {
@@ -361,56 +431,13 @@ impl SimTwilio {
         attributes: &Value,
         reason: Option<&str>,
     ) -> Value {
-        let mut s = self.state();
-        let sid = s.sid("EV");
-        let (resource_type, resource_sid) = if event_type.starts_with("reservation.") {
-            ("reservation", s.sid("WR"))
-        } else {
-            ("task", task.to_string())
+        let task = TaskRef {
+            workspace,
+            workflow,
+            sid: task,
+            attributes: &attributes.to_string(),
         };
-        let event = json!({
-            "account_sid": account,
-            "actor_sid": null,
-            "actor_type": null,
-            "actor_url": null,
-            "description": format!("{event_type} of task {task}"),
-            "event_data": {
-                "task_sid": task,
-                "task_attributes": attributes.to_string(),
-                "workflow_sid": workflow,
-                "workspace_sid": workspace,
-                "task_canceled_reason": reason,
-                "task_channel_unique_name": "chat",
-            },
-            "event_date": rfc3339(at_ms),
-            "event_date_ms": at_ms,
-            "event_type": event_type,
-            "resource_sid": resource_sid,
-            "resource_type": resource_type,
-            "resource_url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Tasks/{task}"),
-            "sid": sid,
-            "source": "twilio",
-            "source_ip_address": "127.0.0.1",
-            "url": format!("{TASKROUTER}/v1/Workspaces/{workspace}/Events/{sid}"),
-            "workspace_sid": workspace,
-        });
-        let token = s.credentials.get(account).map(|(t, _)| t.clone());
-        let acc = s.account(account);
-        acc.events.push(event.clone());
-        if let (Some((send_to, signed)), Some(token)) = (acc.callback.clone(), token) {
-            let form = callback_form(&event);
-            let signature = crate::twilio::signature::sign(&token, &signed, &form);
-            tokio::spawn(async move {
-                let _ = reqwest::Client::new()
-                    .post(send_to)
-                    .header("x-twilio-signature", signature)
-                    .form(&form)
-                    .timeout(Duration::from_secs(15))
-                    .send()
-                    .await;
-            });
-        }
-        event
+        record_event(&mut self.state(), account, &task, event_type, at_ms, reason)
     }
 
     /// Pushes every later TaskRouter event of `account` to `send_to` (the workspace's
@@ -1045,7 +1072,14 @@ fn tasks_api(
                 queue,
             };
             let body = task_json(account, &sid_for_new, &task, acc, now_ms);
-            acc.api_tasks.insert(sid_for_new, task);
+            acc.api_tasks.insert(sid_for_new.clone(), task.clone());
+            let task_ref = TaskRef {
+                workspace: ws,
+                workflow: &task.workflow,
+                sid: &sid_for_new,
+                attributes: &task.attributes,
+            };
+            record_event(s, account, &task_ref, "task.created", now_ms, None);
             (StatusCode::CREATED, axum::Json(body)).into_response()
         }
         ("GET", []) => {
@@ -1089,7 +1123,18 @@ fn tasks_api(
                         t.reason = Some(reason.clone());
                     }
                     let t = t.clone();
-                    axum::Json(task_json(account, sid, &t, acc, now_ms)).into_response()
+                    let body = task_json(account, sid, &t, acc, now_ms);
+                    if t.status == "canceled" {
+                        let task_ref = TaskRef {
+                            workspace: ws,
+                            workflow: &t.workflow,
+                            sid,
+                            attributes: &t.attributes,
+                        };
+                        let reason = t.reason.as_deref();
+                        record_event(s, account, &task_ref, "task.canceled", now_ms, reason);
+                    }
+                    axum::Json(body).into_response()
                 }
                 "DELETE" => {
                     acc.api_tasks.remove(*sid);
