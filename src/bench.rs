@@ -377,3 +377,202 @@ pub fn logfile(path: &std::path::Path) -> std::io::Result<(f64, usize)> {
     }
     Ok((lines.len() as f64 / start.elapsed().as_secs_f64(), taken))
 }
+
+/// What the Events-poller benchmark measured.
+#[derive(Debug)]
+pub struct PollerReport {
+    pub cbos: usize,
+    pub seconds: f64,
+    /// TaskRouter events recorded at the simulated Twilio, and those taken as transfers' events.
+    pub recorded: u64,
+    pub taken: u64,
+    /// Transfers recorded, and those the daemon counted (each once).
+    pub transfers: u64,
+    pub counted: u64,
+    /// CPU seconds of the daemon's one thread, and of wall time.
+    pub cpu: f64,
+    /// Requests per CBO per minute, by kind (Events, Logs, Alerts, the configuration polls).
+    pub per_cbo_minute: Vec<(String, f64)>,
+    /// Time from the last recorded event to the daemon having taken every one.
+    pub drained_after: Option<f64>,
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The daemon, on one thread (a current-thread runtime), polling `cbos` CBOs' Twilio record
+/// every `interval` for `seconds` while each CBO's transfers (`rate` a second, three TaskRouter
+/// events each) are recorded at a simulated Twilio running on other threads.
+pub async fn events_poller(
+    cbos: usize,
+    seconds: u64,
+    rate: f64,
+    interval: std::time::Duration,
+) -> PollerReport {
+    use crate::App;
+    use crate::clock::Clock;
+    use crate::sim::twilio::SimTwilio;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let sim = Arc::new(SimTwilio::start(Clock::new()).await);
+    let dir = std::env::temp_dir().join(format!("tg-bench-poller-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\nmonitor_url = \"{url}\"\npoll_interval = \"{}\"\nmax_concurrent_requests = 4\n[sources.twilio]\nfirst_read = \"1m\"\n",
+        dir.display(),
+        humantime::format_duration(interval),
+        url = sim.url()
+    );
+    let ids = |i: usize| {
+        (
+            format!("AC{i:032x}"),
+            format!("WS{i:032x}"),
+            format!("WW{i:032x}"),
+            format!("ZS{i:032x}"),
+            format!("ZE{i:032x}"),
+        )
+    };
+    for i in 0..cbos {
+        let (ac, ws, ww, zs, ze) = ids(i);
+        sim.add_account(&ac, "bench");
+        sim.add_workflow(&ac, &ws, &ww);
+        sim.add_service(&ac, &zs, &ze, &ww);
+        text += &format!(
+            "[[cbo]]\nkey = \"c{i}\"\naccount_sid = \"{ac}\"\nauth_token_env = \"A\"\nworkspace_sid = \"{ws}\"\nworkflow_sid = \"{ww}\"\nserverless_service_sid = \"{zs}\"\nserverless_environment_sid = \"{ze}\"\n"
+        );
+    }
+    let checked = check_str(&text, &|k| (k == "A").then(|| "bench".to_string()));
+    let config = checked.config.expect("the bench config parses");
+
+    // The daemon on its own thread and runtime: one core.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, u64, f64)>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (taken_tx, taken_rx) = tokio::sync::watch::channel(0u64);
+    let daemon = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let cpu0 = thread_cpu_seconds();
+            let app = App::start(config).await.expect("the daemon starts");
+            let seen = |app: &App| {
+                let text = app.shared.metrics.render();
+                let sum = |name: &str, label: &str| -> u64 {
+                    text.lines()
+                        .filter(|l| l.starts_with(name) && l.contains(label))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum::<f64>() as u64
+                };
+                (
+                    sum(
+                        "transfer_guard_transfers_seen_total{",
+                        "source=\"taskrouter_events\"",
+                    ),
+                    sum("transfer_guard_transfers_total{", ""),
+                )
+            };
+            let mut stop_rx = stop_rx;
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        let _ = taken_tx.send(seen(&app).0);
+                    }
+                }
+            }
+            let (taken, counted) = seen(&app);
+            let cpu = thread_cpu_seconds() - cpu0;
+            app.shutdown().await;
+            let _ = done_tx.send((taken, counted, cpu));
+        });
+    });
+
+    // Transfers at `rate` a second per CBO, recorded as they happen.
+    let started = std::time::Instant::now();
+    let mut transfers = 0u64;
+    let mut due = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        due += rate * cbos as f64;
+        let now = sim.now_ms();
+        while due >= 1.0 {
+            due -= 1.0;
+            let i = (transfers as usize) % cbos;
+            let (ac, ws, ww, _, _) = ids(i);
+            let task = format!("WT{transfers:032x}");
+            let attrs = serde_json::json!({
+                "transferTargetType": "queue",
+                "transferQueueName": "support",
+                "conversations": {"conversation_id": format!("CH{transfers:032x}")},
+            });
+            for (ty, dt) in [
+                ("task.created", 0),
+                ("reservation.created", 1_000),
+                ("reservation.accepted", 3_000),
+            ] {
+                sim.taskrouter_event(&ac, &ws, &ww, ty, now - 3_000 + dt, &task, &attrs, None);
+            }
+            transfers += 1;
+        }
+    }
+    let recorded = transfers * 3;
+    let last = std::time::Instant::now();
+    // Until every event was taken, or three intervals pass.
+    let mut taken_rx = taken_rx;
+    let mut drained_after = None;
+    while last.elapsed() < interval * 3 + Duration::from_secs(5) {
+        if *taken_rx.borrow() >= transfers {
+            drained_after = Some(last.elapsed().as_secs_f64());
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), taken_rx.changed()).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    let (taken_transfers, counted, cpu) = tokio::task::spawn_blocking(move || {
+        let r = done_rx.recv().expect("the daemon reports");
+        let _ = daemon.join();
+        r
+    })
+    .await
+    .expect("joined");
+    let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+    for r in sim.requests() {
+        let kind = if r.path.ends_with("/Events") {
+            "TaskRouter Events"
+        } else if r.path.ends_with("/Logs") {
+            "functions' Logs"
+        } else if r.path.ends_with("/Alerts") {
+            "debugger Alerts"
+        } else {
+            "configuration polls (workflow, statistics, variables, deployments, releases)"
+        };
+        *kinds.entry(kind.to_string()).or_default() += 1;
+    }
+    let minutes = wall / 60.0;
+    let _ = std::fs::remove_dir_all(&dir);
+    PollerReport {
+        cbos,
+        seconds: wall,
+        recorded,
+        taken: taken_transfers * 3,
+        transfers,
+        counted,
+        cpu,
+        per_cbo_minute: kinds
+            .into_iter()
+            .map(|(k, n)| (k, n as f64 / cbos as f64 / minutes))
+            .collect(),
+        drained_after,
+    }
+}

@@ -156,6 +156,20 @@ enum BenchWhat {
         #[arg(long)]
         file: PathBuf,
     },
+    /// The pollers of Twilio's record (TaskRouter Events, Logs, Alerts) and the configuration
+    /// polls of many CBOs, the daemon on one thread, against a simulated Twilio with traffic.
+    EventsPoller {
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+        /// How long transfers are recorded.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Transfers a second per CBO (three TaskRouter events each).
+        #[arg(long, default_value_t = 0.05)]
+        rate: f64,
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Rendering /metrics with many CBOs.
     Scrape {
         #[arg(long, default_value_t = 1000)]
@@ -292,6 +306,38 @@ async fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 },
+                BenchWhat::EventsPoller {
+                    cbos,
+                    seconds,
+                    rate,
+                    interval,
+                } => {
+                    let r = bench::events_poller(cbos, seconds, rate, interval).await;
+                    println!(
+                        "events poller: {} CBOs polled every {}, {:.0} s: {} transfers ({} TaskRouter events) recorded, {} taken from the Events API ({} events), {} counted",
+                        r.cbos,
+                        humantime::format_duration(interval),
+                        r.seconds,
+                        r.transfers,
+                        r.recorded,
+                        r.taken / 3,
+                        r.taken,
+                        r.counted
+                    );
+                    println!(
+                        "  daemon on one thread: {:.1} CPU s in {:.0} s of wall time ({:.1} % of one core); every event taken {} after the last was recorded",
+                        r.cpu,
+                        r.seconds,
+                        r.cpu / r.seconds * 100.0,
+                        r.drained_after
+                            .map_or("NOT within three intervals".to_string(), |s| format!(
+                                "{s:.1} s"
+                            ))
+                    );
+                    for (kind, n) in &r.per_cbo_minute {
+                        println!("  requests per CBO per minute, {kind}: {n:.2}");
+                    }
+                }
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
                     println!(

@@ -88,6 +88,8 @@ struct Joined {
     bad_request: bool,
     /// Other keys this transfer is known by (removed with it).
     aliases: Vec<String>,
+    /// Insertion order: an `order` entry of an earlier transfer under the same key is stale.
+    seq: u64,
 }
 
 impl Joined {
@@ -132,8 +134,9 @@ pub struct Reconciler {
     transfers: HashMap<String, Joined>,
     alias: HashMap<String, String>,
     by_conversation: HashMap<ConversationSid, Vec<String>>,
-    /// (first seen, daemon ms; key), oldest first.
-    order: VecDeque<(i64, String)>,
+    /// (first seen, daemon ms; `Joined::seq`; key), oldest first.
+    order: VecDeque<(i64, u64, String)>,
+    next_seq: u64,
     max: usize,
     /// TaskRouter's record is complete up to this event time (the events poller's cursor).
     taskrouter_covered_ms: i64,
@@ -146,6 +149,7 @@ impl Reconciler {
             alias: HashMap::default(),
             by_conversation: HashMap::default(),
             order: VecDeque::new(),
+            next_seq: 0,
             max: max.max(16),
             taskrouter_covered_ms: i64::MIN,
         }
@@ -224,8 +228,10 @@ impl Reconciler {
     fn restarted_record(&self, t: &Joined, event: &Event) -> bool {
         event.kind == EventKind::Initiated
             && t.initiated_ms.is_some_and(|i| {
-                (i - event.timestamp_ms).abs() > JOIN_WINDOW_MS
-                    || (t.finished.is_some() && t.sources & bit(event.source) != 0)
+                // The same `initiated` again is a repeat, not a new transfer.
+                i != event.timestamp_ms
+                    && ((i - event.timestamp_ms).abs() > JOIN_WINDOW_MS
+                        || (t.finished.is_some() && t.sources & bit(event.source) != 0))
             })
     }
 
@@ -258,11 +264,14 @@ impl Reconciler {
 
     fn insert(&mut self, key: &str, event: &Event, now_ms: i64) {
         while self.transfers.len() >= self.max {
-            let Some((_, old)) = self.order.pop_front() else {
+            let Some((_, seq, old)) = self.order.pop_front() else {
                 break;
             };
-            self.remove(&old);
+            if self.transfers.get(&old).is_some_and(|t| t.seq == seq) {
+                self.remove(&old);
+            }
         }
+        self.next_seq += 1;
         self.transfers.insert(
             key.to_string(),
             Joined {
@@ -275,6 +284,7 @@ impl Reconciler {
                 finished: None,
                 bad_request: false,
                 aliases: Vec::new(),
+                seq: self.next_seq,
             },
         );
         let keys = self
@@ -282,7 +292,8 @@ impl Reconciler {
             .entry(event.conversation_sid)
             .or_default();
         keys.push(key.to_string());
-        self.order.push_back((now_ms, key.to_string()));
+        self.order
+            .push_back((now_ms, self.next_seq, key.to_string()));
     }
 
     fn remove(&mut self, key: &str) -> Option<Joined> {
@@ -435,12 +446,14 @@ impl Reconciler {
     /// Forgets transfers past the time late sources can still join them, counting those only
     /// one family saw.
     pub fn sweep(&mut self, now_ms: i64, timeout_ms: i64, counted: &mut Counted) {
-        while let Some((first_seen, _)) = self.order.front() {
+        while let Some((first_seen, _, _)) = self.order.front() {
             if now_ms - first_seen < timeout_ms + KEEP_AFTER_TIMEOUT_MS {
                 break;
             }
-            let (_, key) = self.order.pop_front().expect("peeked");
-            if let Some(t) = self.remove(&key) {
+            let (_, seq, key) = self.order.pop_front().expect("peeked");
+            if self.transfers.get(&key).is_some_and(|t| t.seq == seq)
+                && let Some(t) = self.remove(&key)
+            {
                 self.missing(&t, counted);
             }
         }

@@ -16,7 +16,7 @@ use crate::Shared;
 use crate::api::json_error;
 use crate::config::{Cbo, Credentials, Secret};
 use crate::event::Source;
-use crate::sources::record::taskrouter_events;
+use crate::sources::record::take_taskrouter_events;
 use crate::sources::twilio_record::TaskRouterEvent;
 use crate::twilio::signature::{self, SignatureError};
 
@@ -82,7 +82,7 @@ fn take(shared: &Shared, config: &Cbo, source: Source, events: Vec<TaskRouterEve
     // Without a sound workflow SID nothing tells a transfer task from another: the
     // configuration poll reports that.
     if let Ok(workflow) = &config.workflow.sid {
-        taskrouter_events(shared, key, workflow, events, source);
+        take_taskrouter_events(shared, key, workflow, events, source);
     }
     StatusCode::NO_CONTENT.into_response()
 }

@@ -287,7 +287,7 @@ impl RecordPoller {
             .collect();
         let fresh = self.cursors.taskrouter_events.take(parsed, start, overlap);
         let taken = fresh.len();
-        taskrouter_events(
+        take_taskrouter_events(
             shared,
             &self.key,
             &self.workflow,
@@ -478,7 +478,7 @@ fn ingest(shared: &Shared, key: &str, events: Vec<Event>) -> usize {
 
 /// TaskRouter events (polled or pushed) of one CBO, oldest first: the transfers among them go
 /// to its state; failed reservations are counted. Returns how many were transfer events.
-pub fn taskrouter_events(
+pub fn take_taskrouter_events(
     shared: &Shared,
     key: &str,
     workflow: &WorkflowSid,
