@@ -27,7 +27,8 @@ pub fn lines(n: usize, now_ms: i64) -> Vec<String> {
         },
         1,
         now_ms - 50 * 60 * 1000,
-    );
+    )
+    .plugin_only();
     let mut out = Vec::with_capacity(n);
     let mut until = now_ms - 50 * 60 * 1000;
     while out.len() < n {
@@ -43,7 +44,8 @@ pub fn lines(n: usize, now_ms: i64) -> Vec<String> {
                 },
                 out.len() as u64,
                 now_ms - 50 * 60 * 1000,
-            );
+            )
+            .plugin_only();
             until = now_ms - 50 * 60 * 1000;
         }
     }
@@ -173,6 +175,7 @@ pub fn memory(total: usize, cbos: usize, rate: f64, marks: &[usize]) -> Vec<(usi
                 i as u64,
                 start,
             )
+            .plugin_only()
         })
         .collect();
     let mut out = Vec::new();

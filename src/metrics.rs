@@ -290,8 +290,8 @@ impl CboSeries {
         }
     }
 
-    pub fn disagreement(&self, kind: crate::reconcile::Disagreement) {
-        self.disagreements[kind as usize].fetch_add(1, Relaxed);
+    pub fn disagreement(&self, kind: crate::reconcile::Disagreement, n: u32) {
+        self.disagreements[kind as usize].fetch_add(u64::from(n), Relaxed);
     }
 
     /// One poll of `source` (one of `POLLED_SOURCES`).

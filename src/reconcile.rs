@@ -19,7 +19,6 @@
 use std::collections::VecDeque;
 
 use crate::event::{ErrorClass, Event, EventKind, Source};
-use crate::sid::ConversationSid;
 use crate::tracker::{Effect, Outcome};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -57,8 +56,8 @@ impl Disagreement {
 /// What the caller does with one event.
 #[derive(Debug, PartialEq)]
 pub enum Route {
-    /// Apply it to the tracker under this key.
-    Apply(String),
+    /// Apply it to the tracker under this key (a 64-bit hash of the transfer's first name).
+    Apply(u64),
     /// Nothing more to do (seen already, or held back; its effects, if any, are in `out`).
     Done,
 }
@@ -75,7 +74,8 @@ struct Finished {
 
 #[derive(Debug)]
 struct Joined {
-    conversation: ConversationSid,
+    /// The hash of its conversation SID.
+    conversation: u64,
     /// Event time of the first `initiated`, from whichever source.
     initiated_ms: Option<i64>,
     /// Bit per `Source` that reported it.
@@ -87,7 +87,7 @@ struct Joined {
     finished: Option<Finished>,
     bad_request: bool,
     /// Other keys this transfer is known by (removed with it).
-    aliases: Vec<String>,
+    aliases: Vec<u64>,
     /// Insertion order: an `order` entry of an earlier transfer under the same key is stale.
     seq: u64,
 }
@@ -120,22 +120,39 @@ fn outcome_of(kind: EventKind) -> Option<Outcome> {
     }
 }
 
-/// What the reconciler reports besides effects.
+/// What the reconciler reports besides effects: the sources that saw a transfer for the first
+/// time (a bit per `Source`), and disagreements by kind.
 #[derive(Debug, Default, PartialEq)]
 pub struct Counted {
-    /// A source saw a transfer for the first time.
-    pub seen: Vec<Source>,
-    pub disagreements: Vec<Disagreement>,
+    pub seen: u8,
+    pub disagreements: [u32; 3],
+}
+
+impl Counted {
+    fn disagree(&mut self, d: Disagreement) {
+        self.disagreements[d as usize] += 1;
+    }
+
+    /// The sources that saw a transfer for the first time.
+    pub fn seen(&self) -> impl Iterator<Item = Source> + '_ {
+        Source::SEEING
+            .into_iter()
+            .filter(|s| self.seen & bit(*s) != 0)
+    }
 }
 
 /// The join state of one CBO. Bounded: records leave after the transfer timeout plus two
 /// minutes, and at most `max` are held.
 pub struct Reconciler {
-    transfers: HashMap<String, Joined>,
-    alias: HashMap<String, String>,
-    by_conversation: HashMap<ConversationSid, Vec<String>>,
+    /// Keys are 64-bit hashes of a transfer's names (task SID, transfer id or conversation
+    /// SID) under a per-reconciler random seed, as in the tracker: no strings are kept.
+    hasher: ahash::RandomState,
+    transfers: HashMap<u64, Joined>,
+    alias: HashMap<u64, u64>,
+    /// The latest transfer of each conversation, for joining by conversation.
+    by_conversation: HashMap<u64, u64>,
     /// (first seen, daemon ms; `Joined::seq`; key), oldest first.
-    order: VecDeque<(i64, u64, String)>,
+    order: VecDeque<(i64, u64, u64)>,
     next_seq: u64,
     max: usize,
     /// TaskRouter's record is complete up to this event time (the events poller's cursor).
@@ -145,6 +162,7 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(max: usize) -> Reconciler {
         Reconciler {
+            hasher: ahash::RandomState::new(),
             transfers: HashMap::default(),
             alias: HashMap::default(),
             by_conversation: HashMap::default(),
@@ -172,32 +190,36 @@ impl Reconciler {
     /// The key `event` belongs under, joining sources; registers the transfer when new.
     /// An event is known by its task SID when it has one, and by its own key (transfer id or
     /// conversation SID) too.
-    fn key_for(&mut self, event: &Event, now_ms: i64, counted: &mut Counted) -> String {
-        let own = event.transfer_key();
-        let task = event.task_sid.as_ref().map(|t| t.as_str());
-        let names: Vec<&str> = match task {
-            Some(t) if t != own => vec![t, own],
-            Some(t) => vec![t],
-            None => vec![own],
+    fn key_for(&mut self, event: &Event, now_ms: i64, counted: &mut Counted) -> u64 {
+        let own = self.hasher.hash_one(event.transfer_key());
+        let task = event
+            .task_sid
+            .as_ref()
+            .map(|t| self.hasher.hash_one(t.as_str()));
+        let (names, n) = match task {
+            Some(t) if t != own => ([t, own], 2),
+            Some(t) => ([t, t], 1),
+            None => ([own, own], 1),
         };
+        let names = &names[..n];
         let known = names.iter().find_map(|n| {
-            let key = self.alias.get(*n).map_or(*n, String::as_str);
+            let key = self.alias.get(n).copied().unwrap_or(*n);
             self.transfers
-                .get(key)
+                .get(&key)
                 .filter(|t| !self.restarted_record(t, event))
-                .map(|_| key.to_string())
+                .map(|_| key)
         });
         let key = match known {
             Some(key) => key,
             None => {
                 // Keys whose transfer ended and began again: the old one is done with.
-                for n in &names {
-                    let stale = self.alias.remove(*n).unwrap_or_else(|| n.to_string());
+                for n in names {
+                    let stale = self.alias.remove(n).unwrap_or(*n);
                     if self
                         .transfers
                         .get(&stale)
                         .is_some_and(|t| self.restarted_record(t, event))
-                        && let Some(t) = self.remove(&stale)
+                        && let Some(t) = self.remove(stale)
                     {
                         self.missing(&t, counted);
                     }
@@ -210,14 +232,14 @@ impl Reconciler {
                     Some(other) => other,
                     None => {
                         self.insert(names[0], event, now_ms);
-                        names[0].to_string()
+                        names[0]
                     }
                 }
             }
         };
         for n in names {
-            if n != key && self.alias.get(n).is_none_or(|k| *k != key) {
-                self.add_alias(n, &key);
+            if *n != key && self.alias.get(n) != Some(&key) {
+                self.add_alias(*n, key);
             }
         }
         key
@@ -237,45 +259,43 @@ impl Reconciler {
 
     /// A transfer of the same conversation reported only by the other family, started within
     /// the join window of `event`.
-    fn partner(&self, event: &Event) -> Option<String> {
-        let keys = self.by_conversation.get(&event.conversation_sid)?;
-        keys.iter()
-            .filter_map(|k| self.transfers.get(k).map(|t| (k, t)))
-            .filter(|(_, t)| {
-                let other = if event.source.is_taskrouter() {
-                    !t.seen_by_taskrouter()
-                } else {
-                    !t.seen_by_plugin()
-                };
-                other
-                    && t.initiated_ms
-                        .is_some_and(|i| (i - event.timestamp_ms).abs() <= JOIN_WINDOW_MS)
-            })
-            .min_by_key(|(_, t)| (t.initiated_ms.unwrap_or(0) - event.timestamp_ms).abs())
-            .map(|(k, _)| k.clone())
+    fn partner(&self, event: &Event) -> Option<u64> {
+        let conversation = self.hasher.hash_one(event.conversation_sid.as_str());
+        let key = *self.by_conversation.get(&conversation)?;
+        let t = self.transfers.get(&key)?;
+        let other = if event.source.is_taskrouter() {
+            !t.seen_by_taskrouter()
+        } else {
+            !t.seen_by_plugin()
+        };
+        let near = t
+            .initiated_ms
+            .is_some_and(|i| (i - event.timestamp_ms).abs() <= JOIN_WINDOW_MS);
+        (other && near).then_some(key)
     }
 
-    fn add_alias(&mut self, alias: &str, key: &str) {
-        self.alias.insert(alias.to_string(), key.to_string());
-        if let Some(t) = self.transfers.get_mut(key) {
-            t.aliases.push(alias.to_string());
+    fn add_alias(&mut self, alias: u64, key: u64) {
+        self.alias.insert(alias, key);
+        if let Some(t) = self.transfers.get_mut(&key) {
+            t.aliases.push(alias);
         }
     }
 
-    fn insert(&mut self, key: &str, event: &Event, now_ms: i64) {
+    fn insert(&mut self, key: u64, event: &Event, now_ms: i64) {
         while self.transfers.len() >= self.max {
             let Some((_, seq, old)) = self.order.pop_front() else {
                 break;
             };
             if self.transfers.get(&old).is_some_and(|t| t.seq == seq) {
-                self.remove(&old);
+                self.remove(old);
             }
         }
         self.next_seq += 1;
+        let conversation = self.hasher.hash_one(event.conversation_sid.as_str());
         self.transfers.insert(
-            key.to_string(),
+            key,
             Joined {
-                conversation: event.conversation_sid,
+                conversation,
                 initiated_ms: None,
                 sources: 0,
                 applied: 0,
@@ -287,27 +307,19 @@ impl Reconciler {
                 seq: self.next_seq,
             },
         );
-        let keys = self
-            .by_conversation
-            .entry(event.conversation_sid)
-            .or_default();
-        keys.push(key.to_string());
-        self.order
-            .push_back((now_ms, self.next_seq, key.to_string()));
+        self.by_conversation.insert(conversation, key);
+        self.order.push_back((now_ms, self.next_seq, key));
     }
 
-    fn remove(&mut self, key: &str) -> Option<Joined> {
-        let t = self.transfers.remove(key)?;
+    fn remove(&mut self, key: u64) -> Option<Joined> {
+        let t = self.transfers.remove(&key)?;
         for a in &t.aliases {
-            if self.alias.get(a).is_some_and(|k| k == key) {
+            if self.alias.get(a) == Some(&key) {
                 self.alias.remove(a);
             }
         }
-        if let Some(keys) = self.by_conversation.get_mut(&t.conversation) {
-            keys.retain(|k| k != key);
-            if keys.is_empty() {
-                self.by_conversation.remove(&t.conversation);
-            }
+        if self.by_conversation.get(&t.conversation) == Some(&key) {
+            self.by_conversation.remove(&t.conversation);
         }
         Some(t)
     }
@@ -322,13 +334,13 @@ impl Reconciler {
         counted: &mut Counted,
     ) -> Route {
         if event.source == Source::Probe {
-            return Route::Apply(event.transfer_key().to_string());
+            return Route::Apply(self.hasher.hash_one(event.transfer_key()));
         }
         let key = self.key_for(event, now_ms, counted);
         let t = self.transfers.get_mut(&key).expect("registered by key_for");
         if t.sources & bit(event.source) == 0 {
             t.sources |= bit(event.source);
-            counted.seen.push(event.source);
+            counted.seen |= bit(event.source);
         }
         if event.kind == EventKind::Initiated && t.initiated_ms.is_none() {
             t.initiated_ms = Some(event.timestamp_ms);
@@ -368,20 +380,20 @@ impl Reconciler {
                     });
                 }
                 if disagree {
-                    counted.disagreements.push(Disagreement::Outcome);
+                    counted.disagree(Disagreement::Outcome);
                 }
                 Route::Done
             }
             (None, _) => {
                 if disagree {
-                    counted.disagreements.push(Disagreement::Outcome);
+                    counted.disagree(Disagreement::Outcome);
                 }
                 t.applied |= event.kind.bit();
                 Route::Apply(key)
             }
             // The plugin decided first; TaskRouter now says otherwise: TaskRouter's wins.
             (Some(f), true) if !f.by_taskrouter && f.outcome != outcome => {
-                counted.disagreements.push(Disagreement::Outcome);
+                counted.disagree(Disagreement::Outcome);
                 let class = event.error.as_ref().map(|e| e.class());
                 out.push(Effect::Retracted {
                     at_ms: f.at_ms,
@@ -412,7 +424,7 @@ impl Reconciler {
             // Finished already, and this source agrees or comes second.
             (Some(f), _) => {
                 if disagree && f.by_taskrouter != taskrouter {
-                    counted.disagreements.push(Disagreement::Outcome);
+                    counted.disagree(Disagreement::Outcome);
                 }
                 Route::Done
             }
@@ -420,7 +432,7 @@ impl Reconciler {
     }
 
     /// The tracker finished the transfer known as `key` with `effect` (from `source`).
-    pub fn finished(&mut self, key: &str, effect: &Effect, source: Source) {
+    pub fn finished(&mut self, key: u64, effect: &Effect, source: Source) {
         let (
             Some(t),
             Effect::Finished {
@@ -430,7 +442,7 @@ impl Reconciler {
                 class,
                 ..
             },
-        ) = (self.transfers.get_mut(key), effect)
+        ) = (self.transfers.get_mut(&key), effect)
         else {
             return;
         };
@@ -452,7 +464,7 @@ impl Reconciler {
             }
             let (_, seq, key) = self.order.pop_front().expect("peeked");
             if self.transfers.get(&key).is_some_and(|t| t.seq == seq)
-                && let Some(t) = self.remove(&key)
+                && let Some(t) = self.remove(key)
             {
                 self.missing(&t, counted);
             }
@@ -462,13 +474,13 @@ impl Reconciler {
     /// Counts a transfer, forgotten now, that only one family reported.
     fn missing(&self, t: &Joined, counted: &mut Counted) {
         match (t.seen_by_taskrouter(), t.seen_by_plugin()) {
-            (true, false) => counted.disagreements.push(Disagreement::PluginMissing),
+            (true, false) => counted.disagree(Disagreement::PluginMissing),
             (false, true)
                 if !t.bad_request
                     && t.initiated_ms
                         .is_some_and(|i| i + JOIN_WINDOW_MS <= self.taskrouter_covered_ms) =>
             {
-                counted.disagreements.push(Disagreement::TaskRouterMissing)
+                counted.disagree(Disagreement::TaskRouterMissing)
             }
             _ => {}
         }

@@ -8,7 +8,7 @@ use crate::config::{Config, FUTURE_TOLERANCE};
 use crate::event::{ErrorClass, Event};
 use crate::health::TaskRouterStatus;
 use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject};
-use crate::reconcile::{Counted, JOIN_WINDOW_MS, Reconciler, Route};
+use crate::reconcile::{Counted, Disagreement, JOIN_WINDOW_MS, Reconciler, Route};
 use crate::sid::ConversationSid;
 use crate::tracker::{Effect, Tracker};
 use crate::window::{WindowStats, Windows};
@@ -210,9 +210,9 @@ impl CboState {
                 let before = inner.effects.len();
                 inner
                     .tracker
-                    .apply_as(&key, &event, now_ms, &mut inner.effects);
+                    .apply_hashed(key, &event, now_ms, &mut inner.effects);
                 for effect in &inner.effects[before..] {
-                    inner.reconciler.finished(&key, effect, event.source);
+                    inner.reconciler.finished(key, effect, event.source);
                 }
                 if event.kind == crate::event::EventKind::Failed {
                     remember_failing(&mut inner.failing, &event);
@@ -239,11 +239,13 @@ impl CboState {
     }
 
     fn count(&self, counted: &Counted) {
-        for source in &counted.seen {
-            self.series.seen(*source);
+        for source in counted.seen() {
+            self.series.seen(source);
         }
-        for d in &counted.disagreements {
-            self.series.disagreement(*d);
+        for (d, n) in Disagreement::ALL.iter().zip(counted.disagreements) {
+            if n > 0 {
+                self.series.disagreement(*d, n);
+            }
         }
     }
 

@@ -236,12 +236,13 @@ impl Tracker {
     }
 
     pub fn apply(&mut self, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
-        self.apply_as(event.transfer_key(), event, now_ms, out)
+        let key = self.hasher.hash_one(event.transfer_key());
+        self.apply_hashed(key, event, now_ms, out)
     }
 
-    /// Applies `event` to the transfer known as `key` (the key sources were joined under).
-    pub fn apply_as(&mut self, key: &str, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
-        let key = self.hasher.hash_one(key);
+    /// Applies `event` to the transfer known by `key`, a hash of the name the sources were
+    /// joined under (see `reconcile`).
+    pub fn apply_hashed(&mut self, key: u64, event: &Event, now_ms: i64, out: &mut Vec<Effect>) {
         let is_open = self.open.contains_key(&key);
         if !is_open && let Some(d) = self.done.get_mut(&key) {
             let bit = event.kind.bit();

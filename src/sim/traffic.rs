@@ -118,6 +118,8 @@ pub struct Generator {
     /// Twilio's record of the same transfers, by due time.
     records: BinaryHeap<Reverse<(i64, u64)>>,
     record_items: std::collections::HashMap<u64, Record>,
+    /// Whether Twilio's record is generated too (benchmarks want the plugin's lines alone).
+    with_records: bool,
     seq: u64,
     /// When the next transfer starts (Poisson arrivals), in event time.
     next_start_ms: i64,
@@ -137,6 +139,7 @@ impl Generator {
             due: BinaryHeap::new(),
             records: BinaryHeap::new(),
             record_items: std::collections::HashMap::new(),
+            with_records: true,
             seq: 0,
             next_start_ms: start_ms,
         }
@@ -151,7 +154,16 @@ impl Generator {
         self.due.push(Reverse((at_ms, self.seq, line.to_string())));
     }
 
+    /// The plugin's lines alone, without Twilio's record.
+    pub fn plugin_only(mut self) -> Generator {
+        self.with_records = false;
+        self
+    }
+
     fn record(&mut self, at_ms: i64, r: Record) {
+        if !self.with_records {
+            return;
+        }
         self.seq += 1;
         self.records.push(Reverse((at_ms, self.seq)));
         self.record_items.insert(self.seq, r);
