@@ -366,6 +366,9 @@ pub async fn run(
                         quiet_plugin = broken;
                         if broken != silenced {
                             silenced = broken;
+                            if !broken {
+                                print_sources(&app, key, elapsed(now));
+                            }
                             println!(
                                 "{} scenario: nss's plugin {}",
                                 elapsed(now),
@@ -399,11 +402,36 @@ pub async fn run(
                     }
                 }
             }
-            _ = summary.tick() => print_summary(&app, elapsed(clock.now_ms())),
+            _ = summary.tick() => {
+                print_summary(&app, elapsed(clock.now_ms()));
+                if silenced {
+                    print_sources(&app, "nss", elapsed(clock.now_ms()));
+                }
+            }
         }
     }
     app.shutdown().await;
     Ok(())
+}
+
+/// What each source has told about `cbo` so far: the plugin is silent, Twilio's record is not.
+fn print_sources(app: &App, cbo: &str, at: String) {
+    let text = app.shared.metrics.render();
+    let sum = |name: &str, label: &str| -> f64 {
+        let prefix = format!("transfer_guard_{name}{{");
+        let cbo = format!("cbo=\"{cbo}\"");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(&cbo) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    println!(
+        "{at} {cbo}: sources so far: plugin {:.0} transfers; TaskRouter's events {:.0}; Bad Requests that created no task: {:.0} first seen in the functions' logs, {:.0} first in the debugger (each counted once)",
+        sum("transfers_seen_total", "source=\"plugin\""),
+        sum("transfers_seen_total", "source=\"taskrouter_events\""),
+        sum("bad_request_signals_total", "source=\"serverless_logs\""),
+        sum("bad_request_signals_total", "source=\"twilio_alerts\""),
+    );
 }
 
 fn print_summary(app: &App, at: String) {

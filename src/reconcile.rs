@@ -353,7 +353,13 @@ impl Reconciler {
             t.bad_request = true;
         }
         let Some(outcome) = outcome_of(event.kind) else {
-            if t.applied & event.kind.bit() != 0 {
+            // Each kind once, from whichever source told first; but the plugin's `initiated`
+            // still goes through after TaskRouter's: it knows cold from warm, TaskRouter
+            // only guesses (the tracker keeps the first timestamp).
+            let plugin_initiated = event.kind == EventKind::Initiated
+                && !event.source.is_taskrouter()
+                && t.finished.is_none();
+            if t.applied & event.kind.bit() != 0 && !plugin_initiated {
                 return Route::Done;
             }
             t.applied |= event.kind.bit();

@@ -279,10 +279,15 @@ impl Tracker {
                 out.push(Effect::Duplicate);
             }
             if event.kind == EventKind::Initiated {
-                // A second source's `initiated` may say what the first could not (TaskRouter
-                // does not know cold from warm; the plugin does).
-                t.transfer_type = t.transfer_type.or(event.transfer_type);
-                t.target_type = t.target_type.or(event.target_type);
+                // A second source's `initiated` may say what the first could not: TaskRouter
+                // only guesses cold from warm, the plugin knows.
+                if event.source.is_taskrouter() {
+                    t.transfer_type = t.transfer_type.or(event.transfer_type);
+                    t.target_type = t.target_type.or(event.target_type);
+                } else {
+                    t.transfer_type = event.transfer_type.or(t.transfer_type);
+                    t.target_type = event.target_type.or(t.target_type);
+                }
             }
             // Another event of a kind already seen: the first one stands.
             return;

@@ -434,9 +434,30 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
             .unwrap_or_else(|| panic!("{needle:?} missing from:\n{stdout}"))
     };
     let deploy = at("scenario: nss deploys build");
+    // The bad build silences the plugin too: only Twilio's record (the functions' error lines,
+    // the debugger) shows the Bad Requests that the rollback is decided on.
+    let silent = at("scenario: nss's plugin stops logging transfers");
+    assert!(deploy < silent, "{stdout}");
     // The deploy's validation window fails on its first Bad Request, or a rule breaches first:
     // either way the intent, then the rollback to the known-good build.
     let intent = at("nss: intent to rollback (serverless)");
+    let decided = &stdout[silent..intent];
+    assert!(
+        decided.contains("failed (missed: bad_requests)") || decided.contains("rule bad_requests"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("scenario: nss's plugin logs transfers again"),
+        "{stdout}"
+    );
+    let sources = stdout[silent..]
+        .lines()
+        .find(|l| l.contains("nss: sources so far"))
+        .unwrap_or_else(|| panic!("no sources line:\n{stdout}"));
+    assert!(
+        sources.contains("first seen in the functions' logs"),
+        "{sources}"
+    );
     let rollback = at("fired: redeployed build");
     let recovered = stdout[rollback..]
         .lines()

@@ -153,6 +153,31 @@ async fn the_plugin_and_taskrouter_seeing_one_transfer_count_it_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_plugin_says_warm_where_taskrouter_only_guesses_cold() {
+    let app = start().await;
+    // TaskRouter's task first (it cannot tell warm from cold), then the plugin's warm
+    // initiated, then TaskRouter's acceptance 20 s later: a warm transfer, not a slow cold one.
+    give(&app, vec![taskrouter("initiated", T0, 8, "")]);
+    let mut warm = plugin("initiated", T0 - 300, 8, "");
+    warm.transfer_type = Some(transfer_guard::event::TransferType::Warm);
+    give(&app, vec![warm]);
+    give(&app, vec![taskrouter("completed", T0 + 20_000, 8, "")]);
+    let s = window(&app);
+    assert_eq!(s.counts.completed, 1);
+    assert_eq!(s.cold_completion_p95, None);
+    assert!(s.warm_completion_p95.is_some());
+    assert_eq!(
+        sum(
+            &app,
+            "transfer_guard_transfers_total",
+            &[r#"transfer_type="warm""#]
+        ),
+        1.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_transfer_only_taskrouter_saw_counts_fully_and_as_plugin_missing() {
     let app = start().await;
     give(
