@@ -90,6 +90,9 @@ struct Joined {
     aliases: Vec<u64>,
     /// Insertion order: an `order` entry of an earlier transfer under the same key is stale.
     seq: u64,
+    /// The plugin's outcome, held back while TaskRouter's is awaited; applied if TaskRouter's
+    /// never comes before the transfer would time out (its record unreadable, say).
+    held: Option<Box<Event>>,
 }
 
 impl Joined {
@@ -157,6 +160,10 @@ pub struct Reconciler {
     max: usize,
     /// TaskRouter's record is complete up to this event time (the events poller's cursor).
     taskrouter_covered_ms: i64,
+    /// Held plugin outcomes: (release at, event time; `Joined::seq`; key), in hold order.
+    held: VecDeque<(i64, u64, u64)>,
+    /// The transfer timeout in force (from the last sweep).
+    timeout_ms: i64,
 }
 
 impl Reconciler {
@@ -170,6 +177,8 @@ impl Reconciler {
             next_seq: 0,
             max: max.max(16),
             taskrouter_covered_ms: i64::MIN,
+            held: VecDeque::new(),
+            timeout_ms: 300_000,
         }
     }
 
@@ -305,6 +314,7 @@ impl Reconciler {
                 bad_request: false,
                 aliases: Vec::new(),
                 seq: self.next_seq,
+                held: None,
             },
         );
         self.by_conversation.insert(conversation, key);
@@ -379,18 +389,35 @@ impl Reconciler {
             // The first terminal of a transfer: it decides, unless it is the plugin's and
             // TaskRouter knows the transfer (TaskRouter's own terminal will decide).
             (None, false) if t.seen_by_taskrouter() => {
+                let mut held = event.clone();
                 if event.kind == EventKind::Completed && event.history_preserved == Some(false) {
                     out.push(Effect::HistoryLost {
                         at_ms: event.timestamp_ms,
                         initiated_ms: t.initiated_ms,
                     });
+                    // Counted now; not again if the held outcome is applied later.
+                    held.history_preserved = None;
                 }
                 if disagree {
                     counted.disagree(Disagreement::Outcome);
                 }
+                if t.held.is_none() {
+                    let start = t.initiated_ms.unwrap_or(event.timestamp_ms);
+                    t.held = Some(Box::new(held));
+                    self.held
+                        .push_back((start + self.timeout_ms - 1_000, t.seq, key));
+                }
                 Route::Done
             }
-            (None, _) => {
+            (None, true) => {
+                t.held = None;
+                if disagree {
+                    counted.disagree(Disagreement::Outcome);
+                }
+                t.applied |= event.kind.bit();
+                Route::Apply(key)
+            }
+            (None, false) => {
                 if disagree {
                     counted.disagree(Disagreement::Outcome);
                 }
@@ -463,6 +490,30 @@ impl Reconciler {
 
     /// Forgets transfers past the time late sources can still join them, counting those only
     /// one family saw.
+    /// Plugin outcomes held for TaskRouter's that did not come in time: the transfer would
+    /// time out next, though the plugin said how it ended. Returns (key, event) to apply.
+    pub fn release(&mut self, now_ms: i64, timeout_ms: i64) -> Vec<(u64, Event)> {
+        self.timeout_ms = timeout_ms;
+        let mut out = Vec::new();
+        while let Some((at, _, _)) = self.held.front() {
+            if now_ms < *at {
+                break;
+            }
+            let (_, seq, key) = self.held.pop_front().expect("peeked");
+            let Some(t) = self.transfers.get_mut(&key).filter(|t| t.seq == seq) else {
+                continue;
+            };
+            if t.finished.is_some() {
+                continue;
+            }
+            if let Some(event) = t.held.take() {
+                t.applied |= event.kind.bit();
+                out.push((key, *event));
+            }
+        }
+        out
+    }
+
     pub fn sweep(&mut self, now_ms: i64, timeout_ms: i64, counted: &mut Counted) {
         while let Some((first_seen, _, _)) = self.order.front() {
             if now_ms - first_seen < timeout_ms + KEEP_AFTER_TIMEOUT_MS {

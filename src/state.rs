@@ -303,6 +303,16 @@ impl CboState {
         let inner = &mut *inner;
         let mut counted = Counted::default();
         let timeout_ms = inner.tracker.timeout().as_millis() as i64;
+        for (key, event) in inner.reconciler.release(now_ms, timeout_ms) {
+            tracing::debug!(cbo = %self.key, conversation = %event.conversation_sid, "TaskRouter never told this transfer's outcome: the plugin's stands");
+            let before = inner.effects.len();
+            inner
+                .tracker
+                .apply_hashed(key, &event, now_ms, &mut inner.effects);
+            for effect in &inner.effects[before..] {
+                inner.reconciler.finished(key, effect, event.source);
+            }
+        }
         inner.reconciler.sweep(now_ms, timeout_ms, &mut counted);
         self.count(&counted);
         inner.tracker.sweep(now_ms, &mut inner.effects);

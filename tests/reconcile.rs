@@ -273,6 +273,37 @@ async fn taskrouters_outcome_wins_a_disagreement() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_held_plugin_outcome_stands_when_taskrouter_never_tells() {
+    let app = start().await;
+    // TaskRouter saw the task created, then its record went unreadable: the plugin's
+    // completion is held for TaskRouter's, and applied before the transfer would time out.
+    give(&app, vec![taskrouter("initiated", T0 + 55_000, 9, "")]);
+    give(
+        &app,
+        vec![
+            plugin("initiated", T0 + 55_200, 9, ""),
+            plugin("completed", T0 + 58_000, 9, ""),
+        ],
+    );
+    assert_eq!(window(&app).counts.completed, 0, "held for TaskRouter's");
+    settle().await;
+    tokio::time::advance(Duration::from_secs(300)).await;
+    settle().await;
+    let completed = sum(
+        &app,
+        "transfer_guard_transfers_total",
+        &[r#"outcome="completed""#],
+    );
+    let timed_out = sum(
+        &app,
+        "transfer_guard_transfers_total",
+        &[r#"outcome="timed_out""#],
+    );
+    assert_eq!((completed, timed_out), (1.0, 0.0));
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_bad_request_reported_by_the_logs_the_debugger_and_the_plugin_counts_once() {
     let app = start().await;
     let state = app.shared.fleet.get("a").unwrap().clone();
