@@ -171,6 +171,18 @@ pub struct Baseline {
     pub taken_at: String,
 }
 
+/// One polled source of Twilio's record, as `/v1/status` shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SourceStatus {
+    pub last_poll: Option<String>,
+    pub last_result: Option<&'static str>,
+    pub last_error: Option<String>,
+    /// Items (events, log lines, alerts) taken by the last poll.
+    pub taken: usize,
+    /// Everything before this, less the overlap, has been read.
+    pub read_until: Option<String>,
+}
+
 /// What a CBO's polling knows, as `/v1/status` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TaskRouterStatus {
@@ -219,6 +231,8 @@ pub struct TaskRouterStatus {
     pub transfer_timeout: TransferTimeout,
     /// `None` until the first poll that could tell.
     pub config_ok: Option<bool>,
+    /// Twilio's record of transfers (SPEC §2b): each polled source's last poll.
+    pub sources: std::collections::BTreeMap<&'static str, SourceStatus>,
 }
 
 /// The transfer timeout of a CBO: the functions' `CONVERSATION_TRANSFER_TIMEOUT` when set,

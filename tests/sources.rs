@@ -127,8 +127,20 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
         sum(&app, "transfer_guard_agent_notification_seconds_count", &[]),
         10.0
     );
-    // The cursor is on disk.
+    // The cursor is on disk, and /v1/status says how far each source has read.
     assert!(dir.join("cursors").join("a.json").exists());
+    let status: Value = reqwest::Client::new()
+        .get(format!("{}/v1/status", app.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let source = &status["cbos"]["a"]["taskrouter"]["sources"]["taskrouter_events"];
+    assert_eq!(source["last_result"], "ok", "{status}");
+    assert!(source["read_until"].is_string(), "{source}");
     app.shutdown().await;
 
     // Two more while the daemon is down, then a restart on the same state: the ten are not
@@ -604,5 +616,37 @@ async fn flex_reads_the_switch_and_a_sub_feature_switches_off_alone() {
         ),
         Some(1.0)
     );
+    app.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pushes_without_a_public_url_or_to_an_unknown_cbo_say_why() {
+    let sim = story::sim().await;
+    let dir = story::fresh_dir();
+    // No server.public_url: the signature cannot be checked, so nothing is taken.
+    let app = start_at(&story::text(&dir, &sim, "", ""), T0).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/v1/twilio/a/taskrouter", app.url()))
+        .form(&[("EventType", "task.created")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("server.public_url"),
+        "{body}"
+    );
+    let resp = client
+        .post(format!("{}/v1/twilio/nobody/event-streams", app.url()))
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
     app.shutdown().await;
 }

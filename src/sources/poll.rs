@@ -699,6 +699,8 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
             std::mem::take(&mut st.mismatch)
         },
         new_problem_polls: cycle.new_problem_polls,
+        // The record pollers' own.
+        sources: std::mem::take(&mut st.sources),
         transfer_timeout: if cycle.variables_read {
             TransferTimeout {
                 seconds: timeout.as_secs(),

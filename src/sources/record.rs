@@ -23,8 +23,9 @@ use crate::twilio::{PollResult, TwilioClient, TwilioError};
 pub const CURSORS_DIR: &str = "cursors";
 /// Pages followed in one poll of one source (1,000 items each).
 const MAX_PAGES: usize = 50;
-/// What TaskRouter's Events API may still add behind the newest event it shows.
-const TASKROUTER_LAG_MS: i64 = 60_000;
+/// How far behind now Twilio's record is taken as complete: a poll moves its cursor to now
+/// less this (or to the newest item, if later), and the next reaches `overlap` further back.
+const RECORD_LAG_MS: i64 = 60_000;
 
 /// Where one source has read up to, and the SIDs taken in the overlap it reads again.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -285,7 +286,10 @@ impl RecordPoller {
             })
             .filter(|(sid, _, _)| !sid.is_empty())
             .collect();
-        let fresh = self.cursors.taskrouter_events.take(parsed, start, overlap);
+        let fresh = self
+            .cursors
+            .taskrouter_events
+            .take(parsed, now - RECORD_LAG_MS, overlap);
         let taken = fresh.len();
         take_taskrouter_events(
             shared,
@@ -295,7 +299,7 @@ impl RecordPoller {
             Source::TaskRouterEvents,
         );
         if let Some(state) = shared.fleet.get(&self.key) {
-            state.taskrouter_covered(now - TASKROUTER_LAG_MS);
+            state.taskrouter_covered(now - RECORD_LAG_MS);
         }
         Ok(taken)
     }
@@ -332,7 +336,10 @@ impl RecordPoller {
             .filter_map(|v| LogLine::from_api(v).ok())
             .map(|l| (l.sid.clone(), l.at_ms, l))
             .collect();
-        let fresh = self.cursors.serverless_logs.take(parsed, start, overlap);
+        let fresh = self
+            .cursors
+            .serverless_logs
+            .take(parsed, now - RECORD_LAG_MS, overlap);
         let taken = fresh.len();
         let Some(state) = shared.fleet.get(&self.key) else {
             return Ok(taken);
@@ -394,7 +401,10 @@ impl RecordPoller {
             .filter_map(|v| Alert::from_api(v).ok())
             .map(|a| (a.sid.clone(), a.at_ms, a))
             .collect();
-        let fresh = self.cursors.twilio_alerts.take(parsed, start, overlap);
+        let fresh = self
+            .cursors
+            .twilio_alerts
+            .take(parsed, now - RECORD_LAG_MS, overlap);
         let taken = fresh.len();
         let (Some(state), Some(series)) =
             (shared.fleet.get(&self.key), shared.metrics.cbo(&self.key))
@@ -433,7 +443,9 @@ impl RecordPoller {
         let series = shared.metrics.cbo(&self.key);
         let key = self.key.clone();
         let mut retry_after = None;
-        let mut count = |source: &str, r: Result<usize, TwilioError>| {
+        let state = shared.fleet.get(&self.key).cloned();
+        let now = crate::clock::rfc3339(shared.clock.now_ms());
+        let mut count = |source: &'static str, r: Result<usize, TwilioError>, cursor: &Cursor| {
             let result = match &r {
                 Ok(_) => PollResult::Ok,
                 Err(e) => {
@@ -445,18 +457,30 @@ impl RecordPoller {
             if let Some(s) = &series {
                 s.source_poll(source, result);
             }
+            if let Some(state) = &state {
+                state.taskrouter().sources.insert(
+                    source,
+                    crate::health::SourceStatus {
+                        last_poll: Some(now.clone()),
+                        last_result: Some(result.as_str()),
+                        last_error: r.as_ref().err().map(|e| e.to_string()),
+                        taken: *r.as_ref().unwrap_or(&0),
+                        read_until: cursor.since_ms.map(crate::clock::rfc3339),
+                    },
+                );
+            }
         };
         if record.taskrouter_events {
             let r = self.taskrouter_events(shared).await;
-            count("taskrouter_events", r);
+            count("taskrouter_events", r, &self.cursors.taskrouter_events);
         }
         if record.serverless_logs && self.functions.is_some() {
             let r = self.serverless_logs(shared).await;
-            count("serverless_logs", r);
+            count("serverless_logs", r, &self.cursors.serverless_logs);
         }
         if record.twilio_alerts {
             let r = self.twilio_alerts(shared).await;
-            count("twilio_alerts", r);
+            count("twilio_alerts", r, &self.cursors.twilio_alerts);
         }
         self.save(&before);
         retry_after
