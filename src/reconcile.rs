@@ -113,16 +113,6 @@ fn bit(source: Source) -> u8 {
     1 << (source as u8)
 }
 
-fn outcome_of(kind: EventKind) -> Option<Outcome> {
-    match kind {
-        EventKind::Completed => Some(Outcome::Completed),
-        EventKind::Failed => Some(Outcome::Failed),
-        EventKind::TimedOut => Some(Outcome::TimedOut),
-        EventKind::Cancelled => Some(Outcome::Cancelled),
-        _ => None,
-    }
-}
-
 /// What the reconciler reports besides effects: the sources that saw a transfer for the first
 /// time (a bit per `Source`), and disagreements by kind.
 #[derive(Debug, Default, PartialEq)]
@@ -362,7 +352,7 @@ impl Reconciler {
         {
             t.bad_request = true;
         }
-        let Some(outcome) = outcome_of(event.kind) else {
+        let Some(outcome) = Outcome::of(event.kind) else {
             // Each kind once, from whichever source told first; but the plugin's `initiated`
             // still goes through after TaskRouter's: it knows cold from warm, TaskRouter
             // only guesses (the tracker keeps the first timestamp).

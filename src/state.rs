@@ -207,13 +207,7 @@ impl CboState {
                 .reconciler
                 .route(&event, now_ms, &mut inner.effects, &mut counted);
             if let Route::Apply(key) = route {
-                let before = inner.effects.len();
-                inner
-                    .tracker
-                    .apply_hashed(key, &event, now_ms, &mut inner.effects);
-                for effect in &inner.effects[before..] {
-                    inner.reconciler.finished(key, effect, event.source);
-                }
+                track(inner, key, &event, now_ms);
                 if event.kind == crate::event::EventKind::Failed {
                     remember_failing(&mut inner.failing, &event);
                     if event
@@ -305,13 +299,7 @@ impl CboState {
         let timeout_ms = inner.tracker.timeout().as_millis() as i64;
         for (key, event) in inner.reconciler.release(now_ms, timeout_ms) {
             tracing::debug!(cbo = %self.key, conversation = %event.conversation_sid, "TaskRouter never told this transfer's outcome: the plugin's stands");
-            let before = inner.effects.len();
-            inner
-                .tracker
-                .apply_hashed(key, &event, now_ms, &mut inner.effects);
-            for effect in &inner.effects[before..] {
-                inner.reconciler.finished(key, effect, event.source);
-            }
+            track(inner, key, &event, now_ms);
         }
         inner.reconciler.sweep(now_ms, timeout_ms, &mut counted);
         self.count(&counted);
@@ -493,6 +481,17 @@ impl CboState {
             let ratio = self.stats(now_ms, *window).success_rate;
             self.series.set_success_ratio(i, ratio);
         }
+    }
+}
+
+/// Applies `event` to the transfer `key` and tells the reconciler how it finished, if it did.
+fn track(inner: &mut Inner, key: u64, event: &Event, now_ms: i64) {
+    let before = inner.effects.len();
+    inner
+        .tracker
+        .apply_hashed(key, event, now_ms, &mut inner.effects);
+    for effect in &inner.effects[before..] {
+        inner.reconciler.finished(key, effect, event.source);
     }
 }
 

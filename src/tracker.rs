@@ -33,7 +33,8 @@ impl Outcome {
         }
     }
 
-    fn of(kind: EventKind) -> Option<Outcome> {
+    /// The outcome a terminal event kind ends a transfer with.
+    pub fn of(kind: EventKind) -> Option<Outcome> {
         match kind {
             EventKind::Completed => Some(Outcome::Completed),
             EventKind::Failed => Some(Outcome::Failed),

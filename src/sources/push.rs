@@ -29,7 +29,7 @@ fn signing<'a>(
     shared: &'a Shared,
     cbo: &str,
     uri: &OriginalUri,
-) -> Result<(&'a Cbo, String, &'a Secret), (StatusCode, String)> {
+) -> Result<Signed<'a>, (StatusCode, String)> {
     let Some(config) = shared.config.cbo(cbo) else {
         return Err((StatusCode::NOT_FOUND, format!("unknown cbo {cbo:?}")));
     };
@@ -51,11 +51,24 @@ fn signing<'a>(
         .0
         .path_and_query()
         .map_or_else(|| uri.0.path().to_string(), |p| p.as_str().to_string());
-    Ok((
+    Ok(Signed {
         config,
-        format!("{}{path}", base.trim_end_matches('/')),
+        url: format!("{}{path}", base.trim_end_matches('/')),
         token,
-    ))
+    })
+}
+
+/// A push's CBO, the URL Twilio signed and the token it signed with.
+struct Signed<'a> {
+    config: &'a Cbo,
+    url: String,
+    token: &'a Secret,
+}
+
+fn signature_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
 }
 
 fn refused(shared: &Shared, cbo: &str, source: &str, e: SignatureError) -> Response {
@@ -96,16 +109,14 @@ pub async fn taskrouter(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (config, url, token) = match signing(&shared, &cbo, &uri) {
+    let Signed { config, url, token } = match signing(&shared, &cbo, &uri) {
         Ok(s) => s,
         Err((status, why)) => return json_error(status, &why),
     };
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
         return malformed(&shared, &cbo, CALLBACK, "the body is not a form");
     };
-    let header = headers
-        .get("x-twilio-signature")
-        .and_then(|v| v.to_str().ok());
+    let header = signature_header(&headers);
     if let Err(e) = signature::verify_form(token.expose(), &url, &params, header) {
         return refused(&shared, &cbo, CALLBACK, e);
     }
@@ -129,13 +140,11 @@ pub async fn event_streams(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (config, url, token) = match signing(&shared, &cbo, &uri) {
+    let Signed { config, url, token } = match signing(&shared, &cbo, &uri) {
         Ok(s) => s,
         Err((status, why)) => return json_error(status, &why),
     };
-    let header = headers
-        .get("x-twilio-signature")
-        .and_then(|v| v.to_str().ok());
+    let header = signature_header(&headers);
     if let Err(e) = signature::verify_json(token.expose(), &url, &body, header) {
         return refused(&shared, &cbo, STREAMS, e);
     }
