@@ -58,12 +58,6 @@ fn give(app: &App, events: Vec<Event>) {
     assert!(rejected.is_empty(), "{rejected:?}");
 }
 
-fn sum(app: &App, name: &str, labels: &[&str]) -> f64 {
-    let mut all = vec![r#"cbo="a""#];
-    all.extend_from_slice(labels);
-    metric_sum(&app.shared.metrics.render(), name, &all)
-}
-
 async fn start() -> App {
     App::start_with_clock(config(""), Clock::starting_at(T0 + 60_000))
         .await
@@ -121,11 +115,11 @@ async fn the_plugin_and_taskrouter_seeing_one_transfer_count_it_once() {
             plugin("completed", T0 + 14_500, 2, ""),
         ],
     );
-    let transfers = sum(&app, "transfer_guard_transfers_total", &[]);
+    let transfers = sum_a(&app, "transfer_guard_transfers_total", &[]);
     assert_eq!(transfers, 2.0);
     assert_eq!(window(&app).counts.completed, 2);
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_seen_total",
             &[r#"source="plugin""#]
@@ -133,7 +127,7 @@ async fn the_plugin_and_taskrouter_seeing_one_transfer_count_it_once() {
         2.0
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_seen_total",
             &[r#"source="taskrouter_events""#]
@@ -141,12 +135,12 @@ async fn the_plugin_and_taskrouter_seeing_one_transfer_count_it_once() {
         2.0
     );
     assert_eq!(
-        sum(&app, "transfer_guard_source_disagreements_total", &[]),
+        sum_a(&app, "transfer_guard_source_disagreements_total", &[]),
         0.0
     );
     // Notification latency once per transfer (the first source's).
     assert_eq!(
-        sum(&app, "transfer_guard_agent_notification_seconds_count", &[]),
+        sum_a(&app, "transfer_guard_agent_notification_seconds_count", &[]),
         1.0
     );
     app.shutdown().await;
@@ -167,7 +161,7 @@ async fn the_plugin_says_warm_where_taskrouter_only_guesses_cold() {
     assert_eq!(s.cold_completion_p95, None);
     assert!(s.warm_completion_p95.is_some());
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_total",
             &[r#"transfer_type="warm""#]
@@ -196,7 +190,7 @@ async fn a_transfer_only_taskrouter_saw_counts_fully_and_as_plugin_missing() {
     assert!((2.5..=5.0).contains(&cold), "{cold}");
     assert!((1.0..=2.5).contains(&notification), "{notification}");
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_disagreements_total",
             &[r#"kind="plugin_missing""#]
@@ -209,7 +203,7 @@ async fn a_transfer_only_taskrouter_saw_counts_fully_and_as_plugin_missing() {
     tokio::time::advance(Duration::from_secs(300 + 121)).await;
     settle().await;
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_disagreements_total",
             &[r#"kind="plugin_missing""#]
@@ -262,7 +256,7 @@ async fn taskrouters_outcome_wins_a_disagreement() {
     let s = window(&app);
     assert_eq!((s.counts.completed, s.counts.failed), (1, 0));
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_disagreements_total",
             &[r#"kind="outcome""#]
@@ -289,12 +283,12 @@ async fn a_held_plugin_outcome_stands_when_taskrouter_never_tells() {
     settle().await;
     tokio::time::advance(Duration::from_secs(300)).await;
     settle().await;
-    let completed = sum(
+    let completed = sum_a(
         &app,
         "transfer_guard_transfers_total",
         &[r#"outcome="completed""#],
     );
-    let timed_out = sum(
+    let timed_out = sum_a(
         &app,
         "transfer_guard_transfers_total",
         &[r#"outcome="timed_out""#],
@@ -342,7 +336,7 @@ async fn a_bad_request_reported_by_the_logs_the_debugger_and_the_plugin_counts_o
         now + 90_000
     ));
     assert_eq!(
-        sum(&app, "transfer_guard_bad_request_signals_total", &[]),
+        sum_a(&app, "transfer_guard_bad_request_signals_total", &[]),
         2.0
     );
     let _ = TaskSid::parse(&wt(1)).unwrap();

@@ -51,12 +51,6 @@ fn record_transfer(sim: &SimTwilio, n: u32, at: i64, ok: bool) {
     }
 }
 
-fn sum(app: &App, name: &str, labels: &[&str]) -> f64 {
-    let mut all = vec![r#"cbo="a""#];
-    all.extend_from_slice(labels);
-    metric_sum(&app.shared.metrics.render(), name, &all)
-}
-
 /// cbo a with live actions, polls every 5 s, `public_url` set; `extra` after everything.
 fn text(dir: &std::path::Path, sim: &SimTwilio, extra: &str) -> String {
     story::text(dir, sim, "", extra)
@@ -66,6 +60,15 @@ fn text(dir: &std::path::Path, sim: &SimTwilio, extra: &str) -> String {
             &format!("[server]\npublic_url = \"{PUBLIC}\"\n"),
             1,
         )
+}
+
+/// Cbo a with the Events poller off: only pushes report TaskRouter's events.
+async fn pushes_only(dir: &std::path::Path, sim: &SimTwilio) -> App {
+    start_at(
+        &text(dir, sim, "[sources.twilio]\ntaskrouter_events = false\n"),
+        T0,
+    )
+    .await
 }
 
 async fn settle() {
@@ -84,19 +87,19 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
         record_transfer(&sim, n, T0 + i64::from(n) * 1_000, n >= 3);
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let completed = sum(
+    let completed = sum_a(
         &app,
         "transfer_guard_transfers_total",
         &[r#"outcome="completed""#],
     );
-    let failed = sum(
+    let failed = sum_a(
         &app,
         "transfer_guard_transfers_total",
         &[r#"outcome="failed""#],
     );
     assert_eq!((completed, failed), (7.0, 3.0));
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfer_errors_total",
             &[r#"class="agent_unavailable""#]
@@ -104,7 +107,7 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
         3.0
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_seen_total",
             &[r#"source="taskrouter_events""#]
@@ -112,7 +115,7 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
         10.0
     );
     assert!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_polls_total",
             &[r#"source="taskrouter_events""#, r#"result="ok""#]
@@ -124,7 +127,7 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
     assert_eq!(s.counts.completed, 7);
     assert!(s.notification_p95.is_some() && s.cold_completion_p95.is_some());
     assert_eq!(
-        sum(&app, "transfer_guard_agent_notification_seconds_count", &[]),
+        sum_a(&app, "transfer_guard_agent_notification_seconds_count", &[]),
         10.0
     );
     // The cursor is on disk, and /v1/status says how far each source has read.
@@ -151,14 +154,14 @@ async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rer
     let app = start_at(&text(&dir, &sim, ""), down + 10_000).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_seen_total",
             &[r#"source="taskrouter_events""#]
         ),
         2.0
     );
-    assert_eq!(sum(&app, "transfer_guard_transfers_total", &[]), 2.0);
+    assert_eq!(sum_a(&app, "transfer_guard_transfers_total", &[]), 2.0);
     app.shutdown().await;
 }
 
@@ -215,12 +218,7 @@ fn signed_form(path: &str, form: &[(String, String)]) -> String {
 async fn signed_pushes_are_taken_and_forged_ones_refused() {
     let sim = story::sim().await;
     let dir = story::fresh_dir();
-    // The Events poller off: only the pushes report.
-    let app = start_at(
-        &text(&dir, &sim, "[sources.twilio]\ntaskrouter_events = false\n"),
-        T0,
-    )
-    .await;
+    let app = pushes_only(&dir, &sim).await;
     let client = reqwest::Client::new();
     let path = "/v1/twilio/a/taskrouter";
     record_transfer(&sim, 1, T0, true);
@@ -237,7 +235,7 @@ async fn signed_pushes_are_taken_and_forged_ones_refused() {
         assert_eq!(resp.status(), 204);
     }
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_total",
             &[r#"outcome="completed""#]
@@ -245,7 +243,7 @@ async fn signed_pushes_are_taken_and_forged_ones_refused() {
         1.0
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_seen_total",
             &[r#"source="taskrouter_callback""#]
@@ -279,7 +277,7 @@ async fn signed_pushes_are_taken_and_forged_ones_refused() {
         );
     }
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_pushes_total",
             &[
@@ -316,7 +314,7 @@ async fn signed_pushes_are_taken_and_forged_ones_refused() {
         204
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_total",
             &[r#"outcome="failed""#]
@@ -332,11 +330,7 @@ async fn signed_pushes_are_taken_and_forged_ones_refused() {
 async fn the_simulated_workspace_callback_pushes_signed_events_the_daemon_takes() {
     let sim = story::sim().await;
     let dir = story::fresh_dir();
-    let app = start_at(
-        &text(&dir, &sim, "[sources.twilio]\ntaskrouter_events = false\n"),
-        T0,
-    )
-    .await;
+    let app = pushes_only(&dir, &sim).await;
     let path = "/v1/twilio/a/taskrouter";
     sim.set_event_callback(
         AC_A,
@@ -347,12 +341,12 @@ async fn the_simulated_workspace_callback_pushes_signed_events_the_daemon_takes(
     for _ in 0..50 {
         settle().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if sum(&app, "transfer_guard_transfers_total", &[]) > 0.0 {
+        if sum_a(&app, "transfer_guard_transfers_total", &[]) > 0.0 {
             break;
         }
     }
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_transfers_total",
             &[r#"outcome="completed""#]
@@ -401,7 +395,7 @@ async fn a_bad_request_line_and_a_400_alert_each_count_once() {
     // Polled many times over (the overlap returns them each time).
     tokio::time::sleep(Duration::from_secs(60)).await;
     let signals = |source: &str| {
-        sum(
+        sum_a(
             &app,
             "transfer_guard_bad_request_signals_total",
             &[&format!(r#"source="{source}""#)],
@@ -412,7 +406,7 @@ async fn a_bad_request_line_and_a_400_alert_each_count_once() {
         (1.0, 0.0)
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_twilio_alerts_total",
             &[r#"code="20001""#]
@@ -486,13 +480,13 @@ async fn plugin_and_taskrouter_reporting_the_same_traffic_count_it_once() {
     }
     story::ingest(&app, "a", g.due(now));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let counted = sum(&app, "transfer_guard_transfers_total", &[]);
+    let counted = sum_a(&app, "transfer_guard_transfers_total", &[]);
     assert!(transfers.len() > 40, "{}", transfers.len());
     assert_eq!(counted, transfers.len() as f64);
     // Past the joining time: nothing TaskRouter saw went unreported by the plugin.
     tokio::time::sleep(Duration::from_secs(430)).await;
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_disagreements_total",
             &[r#"kind="plugin_missing""#]
@@ -500,7 +494,7 @@ async fn plugin_and_taskrouter_reporting_the_same_traffic_count_it_once() {
         0.0
     );
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_disagreements_total",
             &[r#"kind="outcome""#]
@@ -509,7 +503,7 @@ async fn plugin_and_taskrouter_reporting_the_same_traffic_count_it_once() {
     );
     // Bad Requests the plugin reported are not counted again from the logs and the debugger.
     assert_eq!(
-        sum(&app, "transfer_guard_bad_request_signals_total", &[]),
+        sum_a(&app, "transfer_guard_bad_request_signals_total", &[]),
         0.0
     );
     app.shutdown().await;
@@ -530,14 +524,14 @@ async fn a_429_on_the_events_api_is_counted_and_waited_out() {
     record_transfer(&sim, 1, T0, true);
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
-        sum(
+        sum_a(
             &app,
             "transfer_guard_source_polls_total",
             &[r#"source="taskrouter_events""#, r#"result="rate_limited""#]
         ),
         1.0
     );
-    assert_eq!(sum(&app, "transfer_guard_transfers_total", &[]), 0.0);
+    assert_eq!(sum_a(&app, "transfer_guard_transfers_total", &[]), 0.0);
     let asked = |sim: &SimTwilio| {
         sim.requests()
             .iter()
@@ -548,7 +542,7 @@ async fn a_429_on_the_events_api_is_counted_and_waited_out() {
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(asked(&sim), before, "nothing asked before Retry-After");
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert_eq!(sum(&app, "transfer_guard_transfers_total", &[]), 1.0);
+    assert_eq!(sum_a(&app, "transfer_guard_transfers_total", &[]), 1.0);
     app.shutdown().await;
 }
 

@@ -172,6 +172,13 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The sum of every series of `name` of cbo `a` whose labels include all of `labels`, now.
+pub fn sum_a(app: &App, name: &str, labels: &[&str]) -> f64 {
+    let mut all = vec![r#"cbo="a""#];
+    all.extend_from_slice(labels);
+    metric_sum(&app.shared.metrics.render(), name, &all)
+}
+
 /// A loopback port free right now (for a daemon that must come back on the same one).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
