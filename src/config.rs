@@ -737,7 +737,31 @@ impl Resolver<'_> {
         });
     }
 
-    /// Reads the secret that variable `var` names; a missing or empty variable is named.
+    /// Where `section.key = …` is written (byte offset of its line), for a problem's line.
+    fn key_at(&self, dotted: &str) -> Option<usize> {
+        let (section, key) = dotted.rsplit_once('.')?;
+        let mut current = "";
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim();
+            if let Some(h) = t.strip_prefix('[') {
+                current = h
+                    .trim_start_matches('[')
+                    .split(']')
+                    .next()
+                    .unwrap_or("")
+                    .trim();
+            } else if current == section
+                && t.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                return Some(offset);
+            }
+            offset += line.len();
+        }
+        None
+    }
+
     /// Reads the secret that variable `var` names; a missing or empty variable is named, at
     /// the line of `at` when the key's position is known.
     fn secret(
@@ -820,6 +844,44 @@ impl Resolver<'_> {
                 && !(t.is_finite() && t >= 0.0)
             {
                 let message = format!("rules.{id}.threshold: {t} is not a non-negative number");
+                self.problem(at, cbo, message, true);
+            }
+            // Ratios are fractions: `threshold = 90` would breach on every transfer.
+            if let Some(t) = rule.threshold
+                && matches!(id, "success_rate" | "taskrouter_error_rate")
+                && !(0.0..=1.0).contains(&t)
+            {
+                let message = format!(
+                    "rules.{id}.threshold: {t} is a ratio and must be within 0..=1 (0.90 for 90 %)"
+                );
+                self.problem(at, cbo, message, true);
+            }
+            if let Some(t) = rule.threshold
+                && matches!(id, "cold_transfer_latency" | "notification_latency")
+                && !(t > 0.0 && t <= 3600.0)
+            {
+                let message =
+                    format!("rules.{id}.threshold: {t} seconds is outside 0 < threshold <= 3600");
+                self.problem(at, cbo, message, true);
+            }
+            for (name, n) in [
+                ("min_samples", rule.min_samples),
+                ("minutes", rule.minutes.map(u64::from)),
+                ("min_cbos", rule.min_cbos.map(u64::from)),
+                ("fast_min_samples", rule.fast_min_samples),
+            ] {
+                if n == Some(0) {
+                    let message = format!("rules.{id}.{name}: must be at least 1");
+                    self.problem(at, cbo, message, true);
+                }
+            }
+            if let (Some(m), Some(w)) = (rule.minutes, rule.window)
+                && u64::from(m) * 60 > w.as_secs().max(60)
+            {
+                let message = format!(
+                    "rules.{id}.minutes: {m} distinct minutes cannot fit in window {}",
+                    humantime::format_duration(w)
+                );
                 self.problem(at, cbo, message, true);
             }
         }
@@ -1012,17 +1074,73 @@ impl Resolver<'_> {
                 );
             }
         }
-        if file.transfers.timeout.is_zero() {
-            self.problem(
-                None,
-                None,
-                "transfers.timeout must be above zero".into(),
-                true,
-            );
-        }
         if file.transfers.max_window.is_zero() || file.transfers.max_window > MAX_WINDOW {
             let message = "transfers.max_window must be within 1s..=1h".to_string();
-            self.problem(None, None, message, true);
+            let at = self.key_at("transfers.max_window");
+            self.problem(at, None, message, true);
+        }
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        // Limits a value outside of which is a typo, not a choice.
+        for (name, value, lo, hi) in [
+            (
+                "transfers.timeout",
+                file.transfers.timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "validation.duration",
+                file.validation.duration,
+                Duration::from_secs(10),
+                file.transfers.max_window,
+            ),
+            (
+                "twilio.poll_interval",
+                file.twilio.poll_interval,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            ),
+            (
+                "twilio.request_timeout",
+                file.twilio.request_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            (
+                "actions.cooldown",
+                file.actions.cooldown,
+                Duration::ZERO,
+                Duration::from_secs(7 * 24 * 3600),
+            ),
+        ] {
+            if value < lo || value > hi {
+                let message = format!(
+                    "{name}: {} is outside {}..={}{}",
+                    d(value),
+                    d(lo),
+                    d(hi),
+                    if name == "validation.duration" {
+                        " (transfers.max_window: windows hold no older evidence)"
+                    } else {
+                        ""
+                    }
+                );
+                let at = self.key_at(name);
+                self.problem(at, None, message, true);
+            }
+        }
+        for (name, n) in [
+            ("validation.min_samples", file.validation.min_samples),
+            (
+                "twilio.max_concurrent_requests",
+                file.twilio.max_concurrent_requests as u64,
+            ),
+            ("transfers.max_open", file.transfers.max_open as u64),
+        ] {
+            if n == 0 {
+                let at = self.key_at(name);
+                self.problem(at, None, format!("{name}: must be at least 1"), true);
+            }
         }
         let webhook_secret = file.actions.webhook.as_ref().and_then(|w| {
             if let Err(e) = reqwest::Url::parse(&w.url) {
@@ -1071,6 +1189,40 @@ impl Resolver<'_> {
             if let Some(cbo) = self.cbo(section) {
                 cbos.push(cbo);
             }
+        }
+        // A token names one tenant: shared, one CBO's events would count for the other; equal
+        // to the admin token, a CBO's client would get admin rights.
+        let mut by_token: HashMap<&str, &str> = HashMap::new();
+        let mut token_problems = Vec::new();
+        for cbo in &cbos {
+            let Some(token) = &cbo.ingest_token else {
+                continue;
+            };
+            let at = file
+                .cbos
+                .iter()
+                .find(|s| s.key.get_ref() == cbo.key.as_str())
+                .map_or(0, |s| {
+                    s.ingest_token_env
+                        .as_ref()
+                        .map_or(s.key.span().start, |v| v.span().start)
+                });
+            if admin_token
+                .as_ref()
+                .is_some_and(|a| a.expose() == token.expose())
+            {
+                let message = "ingest_token_env: the token equals the admin token; a CBO's token must be its own".to_string();
+                token_problems.push((at, cbo.key.to_string(), message));
+            }
+            if let Some(first) = by_token.insert(token.expose(), cbo.key.as_str()) {
+                let message = format!(
+                    "ingest_token_env: the same token as cbo {first}; each CBO needs its own, or one tenant's events count for the other"
+                );
+                token_problems.push((at, cbo.key.to_string(), message));
+            }
+        }
+        for (at, cbo, message) in token_problems {
+            self.problem(Some(at), Some(&cbo), message, true);
         }
         // The seed's cross-CBO failure: one workflow SID serving two accounts.
         let mut by_sid: HashMap<WorkflowSid, &Cbo> = HashMap::new();
@@ -1327,5 +1479,81 @@ mod tests {
                 .starts_with("rules.success_rate.minutes: rule success_rate does not use minutes"),
             "{p}"
         );
+    }
+
+    /// The problems of `text` (fatal ones), as "line N: message".
+    fn refusals(text: &str, vars: &[(&str, &str)]) -> Vec<String> {
+        check_str(text, &env(vars))
+            .problems
+            .iter()
+            .filter(|p| p.fatal)
+            .map(|p| format!("line {}: {}", p.line.unwrap_or(0), p.message))
+            .collect()
+    }
+
+    #[test]
+    fn values_outside_their_range_are_refused_with_their_line() {
+        let text = "[validation]\nduration = \"2h\"\nmin_samples = 0\n\n[rules.success_rate]\nthreshold = 90\n\n[rules.bad_requests]\nminutes = 0\n\n[cbo.rules]\n";
+        let got = refusals(&text.replace("\n[cbo.rules]\n", ""), &[]);
+        let want = [
+            "line 2: validation.duration: 2h is outside 10s..=1h",
+            "line 3: validation.min_samples: must be at least 1",
+            "line 5: rules.success_rate.threshold: 90 is a ratio and must be within 0..=1",
+            "line 8: rules.bad_requests.minutes: must be at least 1",
+        ];
+        for w in want {
+            assert!(
+                got.iter().any(|g| g.starts_with(w)),
+                "{w:?} not in {got:#?}"
+            );
+        }
+        let text = "[rules.cold_transfer_latency]\nthreshold = 0\n[rules.bad_requests]\nminutes = 10\nwindow = \"5m\"\n[twilio]\npoll_interval = \"0s\"\n";
+        let got = refusals(text, &[]);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(
+            got.iter()
+                .any(|g| g.contains("threshold: 0 seconds is outside"))
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.contains("10 distinct minutes cannot fit in window 5m"))
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.starts_with("line 7: twilio.poll_interval"))
+        );
+        // The seed's own numbers pass.
+        let ok = "[rules.success_rate]\nthreshold = 0.90\n[rules.bad_requests]\nminutes = 3\nwindow = \"5m\"\n[validation]\nduration = \"15m\"\n";
+        assert!(refusals(ok, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_shared_ingest_token_or_one_equal_to_the_admin_token_is_refused() {
+        let cbo =
+            |k: &str, var: &str| format!("[[cbo]]\nkey = \"{k}\"\ningest_token_env = \"{var}\"\n");
+        let text = format!(
+            "[server]\nadmin_token_env = \"ADMIN\"\n{}{}{}",
+            cbo("a", "TA"),
+            cbo("b", "TB"),
+            cbo("c", "TC")
+        );
+        let vars = [
+            ("ADMIN", "root"),
+            ("TA", "same"),
+            ("TB", "same"),
+            ("TC", "root"),
+        ];
+        let got = refusals(&text, &vars);
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(
+            got[0].starts_with("line 8: ingest_token_env: the same token as cbo a"),
+            "{got:#?}"
+        );
+        assert!(
+            got[1].starts_with("line 11: ingest_token_env: the token equals the admin token"),
+            "{got:#?}"
+        );
+        let vars = [("ADMIN", "root"), ("TA", "a1"), ("TB", "b1"), ("TC", "c1")];
+        assert!(refusals(&text, &vars).is_empty());
     }
 }

@@ -196,7 +196,20 @@ const COULD_NOT_RUN: u8 = 3;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error is "could not run" (3) everywhere: 2 is `validate`'s "inconclusive", which
+    // a deploy script must not mistake for a bad command line.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(3),
+            };
+        }
+    };
     init_logs(cli.log_format);
     if !matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
         // One-shot commands end quietly when their output is closed (`… | head`), as shell

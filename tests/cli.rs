@@ -296,9 +296,9 @@ async fn the_example_config_in_deploy_passes_check() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/transfer-guard.toml");
     let out = tg()
         .args(["check", "--config", path])
-        .env("TRANSFER_GUARD_ADMIN_TOKEN", "x")
-        .env("TRANSFER_GUARD_INGEST_TOKEN_NSS", "x")
-        .env("TRANSFER_GUARD_INGEST_TOKEN_CLIENTA", "x")
+        .env("TRANSFER_GUARD_ADMIN_TOKEN", "admin")
+        .env("TRANSFER_GUARD_INGEST_TOKEN_NSS", "nss")
+        .env("TRANSFER_GUARD_INGEST_TOKEN_CLIENTA", "clienta")
         .env("TWILIO_AUTH_TOKEN_NSS", "x")
         .env("TWILIO_API_KEY_SECRET_CLIENTA", "x")
         .env(
@@ -587,4 +587,22 @@ async fn decisions_shows_a_breach_with_the_failing_conversations_for_connie_supp
         "{stderr}"
     );
     app.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_errors_exit_3_could_not_run_and_never_2_which_validate_means_inconclusive() {
+    for args in [
+        vec!["validate", "--cbo", "a"], // --server and --deployment missing
+        vec!["validate", "--server", "http://127.0.0.1:9"], // --cbo missing
+        vec!["no-such-command"],
+        vec!["check"], // --config missing
+        vec!["bench", "pipeline", "--events", "many"],
+    ] {
+        let out = tg().args(&args).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty(), "{args:?}");
+    }
+    let help = tg().arg("--help").output().await.unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("validate"));
 }
