@@ -246,7 +246,7 @@ pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
 
 /// The same through a running daemon: `GET /metrics` over loopback, request to last byte,
 /// median milliseconds of `runs`.
-pub async fn scrape_http(cbos: usize, runs: usize) -> (f64, usize) {
+pub async fn scrape_http(cbos: usize, runs: usize, gzip: bool) -> (f64, usize) {
     let app = crate::App::start(config(cbos)).await.expect("starts");
     fill(&app.shared.fleet, app.shared.clock.now_ms());
     let http = reqwest::Client::new();
@@ -257,6 +257,10 @@ pub async fn scrape_http(cbos: usize, runs: usize) -> (f64, usize) {
         let start = Instant::now();
         let body = http
             .get(&url)
+            .header(
+                reqwest::header::ACCEPT_ENCODING,
+                if gzip { "gzip" } else { "identity" },
+            )
             .send()
             .await
             .and_then(|r| r.error_for_status())

@@ -356,9 +356,13 @@ async fn main() -> ExitCode {
                     println!(
                         "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms to render"
                     );
-                    let (ms, size) = bench::scrape_http(cbos, runs).await;
+                    let (ms, size) = bench::scrape_http(cbos, runs, false).await;
                     println!(
                         "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms for GET /metrics over loopback"
+                    );
+                    let (ms, size) = bench::scrape_http(cbos, runs, true).await;
+                    println!(
+                        "scrape: {cbos} CBOs, {size} bytes of /metrics gzipped, median of {runs}: {ms:.1} ms for GET /metrics with Accept-Encoding: gzip"
                     );
                 }
             }

@@ -488,3 +488,48 @@ async fn a_real_alertmanager_receives_transfer_guards_notifications() {
     app.shutdown().await;
     let _ = am.kill().await;
 }
+
+#[tokio::test]
+async fn metrics_answer_gzip_when_asked_and_plain_text_otherwise() {
+    let (app, _sim) = busy_daemon("").await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/metrics", app.url());
+    let plain = client.get(&url).send().await.unwrap();
+    assert!(plain.headers().get("content-encoding").is_none());
+    let plain = plain.text().await.unwrap();
+    let zipped = client
+        .get(&url)
+        .header("accept-encoding", "gzip, deflate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zipped.headers()["content-encoding"], "gzip");
+    assert_eq!(zipped.headers()["vary"], "Accept-Encoding");
+    let bytes = zipped.bytes().await.unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .unwrap();
+    assert!(
+        bytes.len() * 5 < text.len(),
+        "{} of {}",
+        bytes.len(),
+        text.len()
+    );
+    // The same families either way (the values move on between scrapes).
+    let families = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("# TYPE"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(families(&text), families(&plain));
+    // `q=0` refuses gzip.
+    let refused = client
+        .get(&url)
+        .header("accept-encoding", "gzip;q=0, identity")
+        .send()
+        .await
+        .unwrap();
+    assert!(refused.headers().get("content-encoding").is_none());
+    app.shutdown().await;
+}
