@@ -457,3 +457,73 @@ async fn health_ready_and_unknown_paths_answer_json() {
     )));
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_gzip_body_is_taken_and_a_bad_one_says_why() {
+    let app = start().await;
+    let t = now() - 30_000;
+    let body = [
+        event("initiated", t, 1, ""),
+        event("completed", t + 3_000, 1, ""),
+    ]
+    .join("\n");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
+    let zipped = gz.finish().unwrap();
+    let send = |bytes: Vec<u8>, encoding: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/events", app.url()))
+            .bearer_auth(TOKEN_A)
+            .header("content-type", "application/x-ndjson")
+            .header("content-encoding", encoding)
+            .body(bytes)
+            .send()
+    };
+    let resp = send(zipped, "gzip").await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply["accepted"], 2, "{reply}");
+    let resp = send(b"not gzip at all".to_vec(), "gzip").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let reply: Value = resp.json().await.unwrap();
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not decompress"),
+        "{reply}"
+    );
+    let resp = send(body.into_bytes(), "br").await.unwrap();
+    assert_eq!(resp.status(), 415);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_of_bad_lines_answers_the_first_hundred_and_a_count() {
+    let app = start().await;
+    let t = now() - 30_000;
+    let mut lines: Vec<String> = (0..5_000).map(|i| format!("bad line {i}")).collect();
+    lines.push(event("initiated", t, 1, ""));
+    let sent: usize = lines.iter().map(|l| l.len() + 1).sum();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events", app.url()))
+        .bearer_auth(TOKEN_A)
+        .header("content-type", "application/x-ndjson")
+        .body(lines.join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let text = resp.text().await.unwrap();
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reply["accepted"], 1);
+    assert_eq!(reply["rejected"].as_array().unwrap().len(), 100);
+    assert_eq!(reply["rejected"][99]["index"], 99);
+    assert_eq!(reply["rejected_more"], 4_900);
+    assert!(
+        text.len() < sent / 4,
+        "a {}-byte reply to {sent} bytes",
+        text.len()
+    );
+    app.shutdown().await;
+}

@@ -22,10 +22,17 @@ struct RejectedLine {
     error: String,
 }
 
+/// Rejections listed in one reply; the rest are counted (a body of bad lines must not answer
+/// many times its own size).
+const REJECTIONS_LISTED: usize = 100;
+
 #[derive(Debug, Serialize)]
 struct IngestReply {
     accepted: usize,
     rejected: Vec<RejectedLine>,
+    /// Rejections beyond the first `REJECTIONS_LISTED`.
+    #[serde(skip_serializing_if = "is_zero")]
+    rejected_more: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -53,6 +60,69 @@ fn format_of(headers: &HeaderMap) -> Result<Format, String> {
         "" => Err("missing Content-Type: use application/json or application/x-ndjson".into()),
         other => Err(format!(
             "Content-Type {other} is not accepted: use application/json or application/x-ndjson"
+        )),
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Splits a body of bytes into items: a UTF-8 byte-order mark is ignored; NDJSON is decoded
+/// line by line, so a line that is not UTF-8 is rejected alone and the good ones are kept.
+fn parse_bytes(bytes: &[u8], format: Format) -> Result<Vec<Item>, String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_body(text, format),
+        Err(e) if format == Format::Json => Err(format!("body is not UTF-8: {e}")),
+        Err(_) => Ok(bytes
+            .split(|b| *b == b'\n')
+            .enumerate()
+            .filter(|(_, line)| !line.trim_ascii().is_empty())
+            .map(|(i, line)| {
+                let item = match std::str::from_utf8(line) {
+                    Ok(line) => event::parse_line(line),
+                    Err(e) => Err(EventError::Malformed(format!("line is not UTF-8: {e}"))),
+                };
+                (i, item)
+            })
+            .collect()),
+    }
+}
+
+/// The body, decompressed when `Content-Encoding: gzip`, within `limit` bytes either way.
+fn decoded(headers: &HeaderMap, bytes: Bytes, limit: usize) -> Result<Bytes, (StatusCode, String)> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "" | "identity" => Ok(bytes),
+        "gzip" | "x-gzip" => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            let mut gz = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
+            gz.read_to_end(&mut out).map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("Content-Encoding gzip, but the body does not decompress: {e}"),
+                )
+            })?;
+            if out.len() > limit {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "body larger than {limit} bytes once decompressed: send smaller batches"
+                    ),
+                ));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {other} is not accepted: use gzip or none"),
         )),
     }
 }
@@ -127,14 +197,19 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         Ok(b) => b,
         Err(_) => return too_large(),
     };
-    let text = match std::str::from_utf8(&bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            metrics.reject(who_cbo, Reject::Malformed);
-            return json_error(StatusCode::BAD_REQUEST, &format!("body is not UTF-8: {e}"));
+    let bytes = match decoded(&headers, bytes, limit) {
+        Ok(b) => b,
+        Err((status, message)) => {
+            let reason = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => Reject::TooLarge,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => Reject::UnsupportedMediaType,
+                _ => Reject::Malformed,
+            };
+            metrics.reject(who_cbo, reason);
+            return json_error(status, &message);
         }
     };
-    let items = match parse_body(text, format) {
+    let items = match parse_bytes(&bytes, format) {
         Ok(items) => items,
         Err(message) => {
             metrics.reject(who_cbo, Reject::Malformed);
@@ -194,15 +269,18 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         accepted += state.ingest(events, now_ms, &mut rejected);
     }
     rejected.sort_by_key(|r| r.index);
+    let rejected_more = rejected.len().saturating_sub(REJECTIONS_LISTED);
     let reply = IngestReply {
         accepted,
         rejected: rejected
             .into_iter()
+            .take(REJECTIONS_LISTED)
             .map(|r| RejectedLine {
                 index: r.index,
                 error: r.error,
             })
             .collect(),
+        rejected_more,
         error: (parsed == 0).then(|| "nothing in the body is a transfer event".to_string()),
     };
     let status = if parsed == 0 {
@@ -230,6 +308,24 @@ mod tests {
         let items = parse_body("\n{}\n\nnot json\n", Format::Ndjson).unwrap();
         let idx: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
         assert_eq!(idx, vec![1, 3]);
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_rejected_alone_and_a_bom_is_ignored() {
+        let good = r#"{"event":"initiated","timestamp":"2027-01-15T08:00:00Z","conversation_sid":"CH0123456789abcdef0123456789abcdef","transfer_type":"cold","target_type":"queue"}"#;
+        let mut body = b"\xEF\xBB\xBF".to_vec();
+        body.extend_from_slice(good.as_bytes());
+        body.extend_from_slice(b"\n{\"event\":\"fa\xFFiled\"}\n");
+        body.extend_from_slice(good.as_bytes());
+        let items = parse_bytes(&body, Format::Ndjson).unwrap();
+        let ok: Vec<(usize, bool)> = items.iter().map(|(i, r)| (*i, r.is_ok())).collect();
+        assert_eq!(ok, vec![(0, true), (1, false), (2, true)]);
+        let Err(EventError::Malformed(why)) = &items[1].1 else {
+            panic!("{:?}", items[1]);
+        };
+        assert!(why.starts_with("line is not UTF-8"), "{why}");
+        // A JSON document must be UTF-8 as a whole.
+        assert!(parse_bytes(b"[{\"a\":\"\xFF\"}]", Format::Json).is_err());
     }
 
     #[test]
