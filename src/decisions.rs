@@ -177,12 +177,14 @@ fn read_entries(path: &Path, warn: bool, mut each: impl FnMut(Entry)) -> std::io
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    for (n, line) in BufReader::new(f).lines().enumerate() {
+    // Lines as bytes: a damaged line (a torn multi-byte character, say) is skipped with its
+    // number; it never stops the daemon from starting.
+    for (n, line) in BufReader::new(f).split(b'\n').enumerate() {
         let line = line?;
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Entry>(&line) {
+        match serde_json::from_slice::<Entry>(&line) {
             Ok(e) => each(e),
             Err(e) if warn => {
                 tracing::warn!(path = %path.display(), line = n + 1, error = %e, "skipping an unreadable decision log line")
@@ -440,6 +442,25 @@ mod tests {
         assert_eq!(all[1].seq, 2, "the refused entry took no sequence number");
         drop(log);
         assert_eq!(DecisionLog::open(dir.path()).unwrap().entries().len(), 2);
+    }
+
+    #[test]
+    fn a_line_with_a_torn_character_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DecisionLog::open(dir.path()).unwrap();
+        log.append(Entry::new("a", Kind::State, 1_000)).unwrap();
+        drop(log);
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Half of a two-byte character, then a line of its own, then a good entry.
+        bytes.extend_from_slice(b"{\"cbo\":\"\xC3\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let log = DecisionLog::open(dir.path()).unwrap();
+        log.append(Entry::new("a", Kind::Note, 2_000)).unwrap();
+        drop(log);
+        let log = DecisionLog::open(dir.path()).unwrap();
+        let kinds: Vec<Kind> = log.entries().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![Kind::State, Kind::Note]);
     }
 
     #[test]
