@@ -97,6 +97,55 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every CBO on one line: success rate and Bad Requests of the last 5 minutes, the switch,
+    /// the validation window, the workflow, the last poll, the rules not ok. Exit 0, or 3.
+    Status {
+        /// The daemon, e.g. http://127.0.0.1:9843
+        #[arg(long)]
+        server: String,
+        /// Only this CBO.
+        #[arg(long)]
+        cbo: Option<String>,
+        /// Environment variable holding the admin token or the CBO's ingest token.
+        #[arg(long, default_value = "TRANSFER_GUARD_ADMIN_TOKEN")]
+        token_env: String,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Acknowledge a CBO's breached or pending rules (or one): their actions stay silent until
+    /// they recover. Exit 0, or 3.
+    Ack {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        cbo: String,
+        /// Only this rule (e.g. success_rate).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Environment variable holding the admin token.
+        #[arg(long, default_value = "TRANSFER_GUARD_ADMIN_TOKEN")]
+        token_env: String,
+    },
+    /// Turn a CBO's transfers off or back on (restoring the Flex flags seen before). Exit 0, or 3.
+    Switch {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        cbo: String,
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// With `off`: only these flags (enabled, cold_transfer, multi_participant).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Why, for the decision log.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Environment variable holding the admin token.
+        #[arg(long, default_value = "TRANSFER_GUARD_ADMIN_TOKEN")]
+        token_env: String,
+    },
     /// Measure the in-process pipeline, memory and scrape cost (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -177,6 +226,20 @@ enum BenchWhat {
         #[arg(long, default_value_t = 21)]
         runs: usize,
     },
+}
+
+/// The daemon and the token of an on-call command; `None` (said) when the variable is unset.
+fn on_call_server(command: &str, url: String, token_env: &str) -> Option<cli::oncall::Server> {
+    match std::env::var(token_env).ok().filter(|t| !t.is_empty()) {
+        Some(token) => Some(cli::oncall::Server {
+            url,
+            token: Secret::new(token),
+        }),
+        None => {
+            eprintln!("transfer-guard {command}: environment variable {token_env} is not set");
+            None
+        }
+    }
 }
 
 fn init_logs(format: LogFormat) {
@@ -367,6 +430,57 @@ async fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Status {
+            server,
+            cbo,
+            token_env,
+            json,
+        } => {
+            let Some(server) = on_call_server("status", server, &token_env) else {
+                return ExitCode::from(COULD_NOT_RUN);
+            };
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let code = cli::oncall::status(&server, cbo.as_deref(), json, &mut out, &mut err).await;
+            ExitCode::from(code as u8)
+        }
+        Command::Ack {
+            server,
+            cbo,
+            rule,
+            token_env,
+        } => {
+            let Some(server) = on_call_server("ack", server, &token_env) else {
+                return ExitCode::from(COULD_NOT_RUN);
+            };
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let code = cli::oncall::ack(&server, &cbo, rule.as_deref(), &mut out, &mut err).await;
+            ExitCode::from(code as u8)
+        }
+        Command::Switch {
+            server,
+            cbo,
+            state,
+            features,
+            reason,
+            token_env,
+        } => {
+            let Some(server) = on_call_server("switch", server, &token_env) else {
+                return ExitCode::from(COULD_NOT_RUN);
+            };
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let on = state == "on";
+            let code = cli::oncall::switch(
+                &server,
+                &cbo,
+                on,
+                &features,
+                reason.as_deref(),
+                &mut out,
+                &mut err,
+            )
+            .await;
+            ExitCode::from(code as u8)
         }
         Command::Decisions {
             server,

@@ -606,3 +606,97 @@ async fn usage_errors_exit_3_could_not_run_and_never_2_which_validate_means_inco
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("validate"));
 }
+
+#[tokio::test]
+async fn on_call_status_switch_and_ack_from_a_shell() {
+    let app = App::start(lenient(&config_text(""))).await.unwrap();
+    let url = app.url();
+    let run = |args: Vec<&str>| {
+        let mut c = tg();
+        c.args(&args).args(["--server", &url]).env("ADMIN", ADMIN);
+        c.args(["--token-env", "ADMIN"]);
+        c.output()
+    };
+    let out = run(vec!["status"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.lines().next().unwrap().starts_with("CBO"),
+        "{stdout}"
+    );
+    assert!(stdout.lines().any(|l| l.starts_with("a ")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("b ")), "{stdout}");
+
+    // Cold transfers off alone, then everything back on.
+    let out = run(vec![
+        "switch",
+        "--cbo",
+        "a",
+        "off",
+        "--feature",
+        "cold_transfer",
+        "--reason",
+        "INC-42",
+    ])
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("a: transfers on, cold transfers off, multi-participant on (INC-42)"),
+        "{stdout}"
+    );
+    let out = run(vec!["status", "--cbo", "a"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("OFF:cold"), "{stdout}");
+    let out = run(vec!["switch", "--cbo", "a", "on"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a: transfers on, cold transfers on"));
+
+    // Nothing to acknowledge: the daemon's reason, exit 3.
+    let out = run(vec!["ack", "--cbo", "a"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("409"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A CBO's token cannot switch; an unknown CBO is named.
+    let out = tg()
+        .args([
+            "switch",
+            "--server",
+            &url,
+            "--cbo",
+            "a",
+            "off",
+            "--token-env",
+            "TA",
+        ])
+        .env("TA", TOKEN_A)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = run(vec!["status", "--cbo", "zz"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"zz\""));
+    // A daemon that is not there: the cause, not "error sending request" alone.
+    let out = tg()
+        .args([
+            "status",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token-env",
+            "ADMIN",
+        ])
+        .env("ADMIN", ADMIN)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    app.shutdown().await;
+}

@@ -75,31 +75,20 @@ pub async fn run(opts: Options, out: &mut dyn Write, err: &mut dyn Write) -> i32
     if let Some(s) = &opts.since {
         query.push(("since", s.clone()));
     }
-    let url = format!("{}/v1/decisions", opts.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .query(&query)
-        .bearer_auth(opts.token.expose())
-        .send()
-        .await;
-    let resp = match resp {
-        Ok(r) => r,
+    let server = crate::cli::oncall::Server {
+        url: opts.server.clone(),
+        token: opts.token.clone(),
+    };
+    let body = match server
+        .call(reqwest::Method::GET, "/v1/decisions", &query, None)
+        .await
+    {
+        Ok(b) => b,
         Err(e) => {
-            let _ = writeln!(
-                err,
-                "transfer-guard decisions: {url}: {}",
-                crate::cli::cause(&e)
-            );
+            let _ = writeln!(err, "transfer-guard decisions: {e}");
             return COULD_NOT_RUN;
         }
     };
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        let why = body["error"].as_str().unwrap_or("no reason given");
-        let _ = writeln!(err, "transfer-guard decisions: {url}: {status}: {why}");
-        return COULD_NOT_RUN;
-    }
     let entries = body
         .get("decisions")
         .or(Some(&body))
