@@ -109,6 +109,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/validations/{id}", get(get_validation))
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{method} is not allowed on {}", uri.path()),
+                )
+            },
+        )
         .with_state(shared)
 }
 

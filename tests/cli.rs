@@ -700,3 +700,15 @@ async fn on_call_status_switch_and_ack_from_a_shell() {
     assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
+    let out = tg()
+        .args(["demo", "--listen", "127.0.0.1:0", "--duration", "2s"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("transfer-guard listening"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+}

@@ -450,6 +450,15 @@ async fn health_ready_and_unknown_paths_answer_json() {
     let missing = get("/nope").await.unwrap();
     assert_eq!(missing.status(), 404);
     assert!(missing.json::<Value>().await.unwrap()["error"].is_string());
+    // A method the path does not take: 405, with a JSON body like every error.
+    let wrong = reqwest::Client::new()
+        .delete(format!("{}/metrics", app.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    let body: Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "DELETE is not allowed on /metrics");
     let text = metrics(&app).await;
     assert!(text.contains(&format!(
         "transfer_guard_build_info{{version=\"{}\"}} 1",
