@@ -583,3 +583,49 @@ pub async fn events_poller(
         drained_after,
     }
 }
+
+/// Resident memory of the daemon before and while `connections` idle sockets are open against
+/// it, how many it closed at once (over `server.max_connections`), and how soon `/healthz`
+/// answered: (RSS before, RSS with them, closed at once, /healthz answered, ms until it did).
+pub async fn idle(connections: usize) -> (u64, u64, usize, bool, f64) {
+    use tokio::io::AsyncReadExt;
+    let app = crate::App::start(config(1)).await.expect("starts");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let before = rss_bytes().unwrap_or(0);
+    let mut open = Vec::new();
+    for _ in 0..connections {
+        match tokio::net::TcpStream::connect(app.addr).await {
+            Ok(s) => open.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut closed = 0;
+    for s in &mut open {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    let with = rss_bytes().unwrap_or(0);
+    // Until /healthz answers: at the cap, after header_read_timeout closes the idle ones.
+    let start = Instant::now();
+    let mut health = false;
+    while !health && start.elapsed() < std::time::Duration::from_secs(30) {
+        health = reqwest::Client::new()
+            .get(format!("{}/healthz", app.url()))
+            .timeout(std::time::Duration::from_secs(5))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if !health {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    drop(open);
+    app.shutdown().await;
+    (before, with, closed, health, ms)
+}

@@ -59,6 +59,18 @@ pub struct ServerSection {
     pub public_url: Option<String>,
     /// Origins allowed to read `GET /v1/switch/{cbo}` from a browser (the plugin, in Flex).
     pub allowed_origins: Vec<String>,
+    /// A request's headers must arrive within this (and a keep-alive connection idle this long
+    /// is closed).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request, its body included, is answered within this, else 408.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections open at once; one more is closed at once.
+    pub max_connections: usize,
+    /// On stop, how long requests in flight may finish.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
 }
 
 impl Default for ServerSection {
@@ -70,6 +82,10 @@ impl Default for ServerSection {
             max_body_bytes: 1024 * 1024,
             public_url: None,
             allowed_origins: vec!["https://flex.twilio.com".into()],
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            drain: Duration::from_secs(10),
         }
     }
 }
@@ -1112,6 +1128,24 @@ impl Resolver<'_> {
                 Duration::ZERO,
                 Duration::from_secs(7 * 24 * 3600),
             ),
+            (
+                "server.header_read_timeout",
+                file.server.header_read_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(600),
+            ),
+            (
+                "server.request_timeout",
+                file.server.request_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+            (
+                "server.drain",
+                file.server.drain,
+                Duration::ZERO,
+                Duration::from_secs(600),
+            ),
         ] {
             if value < lo || value > hi {
                 let message = format!(
@@ -1136,6 +1170,7 @@ impl Resolver<'_> {
                 file.twilio.max_concurrent_requests as u64,
             ),
             ("transfers.max_open", file.transfers.max_open as u64),
+            ("server.max_connections", file.server.max_connections as u64),
         ] {
             if n == 0 {
                 let at = self.key_at(name);

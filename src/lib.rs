@@ -14,6 +14,7 @@ pub mod health;
 pub mod metrics;
 pub mod reconcile;
 pub mod rules;
+pub mod server;
 pub mod sid;
 pub mod sim;
 pub mod sources;
@@ -157,18 +158,14 @@ impl App {
         let mut tasks = JoinSet::new();
 
         let router = api::router(shared.clone());
-        let mut until = stopped.clone();
-        tasks.spawn(async move {
-            let shutdown = async move {
-                let _ = until.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let server = &shared.config.server;
+        let limits = server::Limits {
+            header_read_timeout: server.header_read_timeout,
+            request_timeout: server.request_timeout,
+            max_connections: server.max_connections,
+            drain: server.drain,
+        };
+        tasks.spawn(server::serve(listener, router, limits, stopped.clone()));
 
         let ticker_shared = shared.clone();
         let mut until = stopped.clone();

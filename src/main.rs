@@ -219,6 +219,11 @@ enum BenchWhat {
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
     },
+    /// Resident memory with many idle connections open against the daemon.
+    Idle {
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+    },
     /// Rendering /metrics with many CBOs.
     Scrape {
         #[arg(long, default_value_t = 1000)]
@@ -416,6 +421,16 @@ async fn main() -> ExitCode {
                     for (kind, n) in &r.per_cbo_minute {
                         println!("  requests per CBO per minute, {kind}: {n:.2}");
                     }
+                }
+                BenchWhat::Idle { connections } => {
+                    let (before, with, closed, health, ms) = bench::idle(connections).await;
+                    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                    println!(
+                        "idle: {connections} idle connections: RSS {:.1} MiB before, {:.1} MiB with them; {closed} closed at once (server.max_connections); /healthz {} after {ms:.0} ms",
+                        mib(before),
+                        mib(with),
+                        if health { "answered" } else { "did NOT answer" }
+                    );
                 }
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
