@@ -446,7 +446,14 @@ async fn ack(
 struct DecisionQuery {
     cbo: Option<String>,
     since: Option<String>,
+    /// Entries per page (default 1,000, at most 10,000).
+    limit: Option<usize>,
+    /// The cursor: the `next` of the page before.
+    after: Option<u64>,
 }
+
+const DECISIONS_PAGE: usize = 1_000;
+const DECISIONS_PAGE_MAX: usize = 10_000;
 
 /// The decision log, oldest first; a CBO's token reads only that CBO's part.
 async fn decisions(
@@ -468,8 +475,29 @@ async fn decisions(
             );
         }
     };
+    let limit = q.limit.unwrap_or(DECISIONS_PAGE);
+    if !(1..=DECISIONS_PAGE_MAX).contains(&limit) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("limit must be within 1..={DECISIONS_PAGE_MAX}"),
+        );
+    }
+    // Reading the file is blocking work: off the async workers.
+    let log = shared.actions.clone();
+    let after = q.after.unwrap_or(0);
+    let page =
+        tokio::task::spawn_blocking(move || log.log.page(cbo.as_deref(), since, after, limit))
+            .await;
+    let Ok((entries, more)) = page else {
+        return json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reading the decision log failed",
+        );
+    };
+    let next = more.then(|| entries.last().map(|e| e.seq)).flatten();
     Json(serde_json::json!({
-        "decisions": shared.actions.log.query(cbo.as_deref(), since),
+        "decisions": entries,
+        "next": next,
     }))
     .into_response()
 }

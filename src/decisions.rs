@@ -172,6 +172,18 @@ pub struct DecisionLog {
 /// Every readable entry of the file at `path`, oldest first; `warn` names unreadable lines (a
 /// torn last line after a crash, or one being written right now).
 fn read_entries(path: &Path, warn: bool, mut each: impl FnMut(Entry)) -> std::io::Result<()> {
+    read_entries_while(path, warn, |e| {
+        each(e);
+        true
+    })
+}
+
+/// As `read_entries`, stopping once `each` returns false.
+fn read_entries_while(
+    path: &Path,
+    warn: bool,
+    mut each: impl FnMut(Entry) -> bool,
+) -> std::io::Result<()> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -185,7 +197,11 @@ fn read_entries(path: &Path, warn: bool, mut each: impl FnMut(Entry)) -> std::io
             continue;
         }
         match serde_json::from_slice::<Entry>(&line) {
-            Ok(e) => each(e),
+            Ok(e) => {
+                if !each(e) {
+                    break;
+                }
+            }
             Err(e) if warn => {
                 tracing::warn!(path = %path.display(), line = n + 1, error = %e, "skipping an unreadable decision log line")
             }
@@ -363,6 +379,53 @@ impl DecisionLog {
         })
     }
 
+    /// One page of entries of `cbo` (all when `None`) at or after `since_ms`, with a sequence
+    /// number above `after` (the cursor: the last one of the page before), oldest first, at
+    /// most `limit`; and whether more follow. Reads from the file only while memory does not
+    /// hold the page, and stops reading once the page is full.
+    pub fn page(
+        &self,
+        cbo: Option<&str>,
+        since_ms: Option<i64>,
+        after: u64,
+        limit: usize,
+    ) -> (Vec<Entry>, bool) {
+        let keep = |e: &Entry| {
+            e.seq > after && cbo.is_none_or(|c| e.cbo == c) && since_ms.is_none_or(|s| e.at_ms >= s)
+        };
+        let mut out = Vec::new();
+        let mut more = false;
+        {
+            let inner = self.lock();
+            let covered = inner.dropped_until_ms.is_none()
+                || inner.recent.front().is_some_and(|e| e.seq <= after + 1)
+                || matches!((inner.dropped_until_ms, since_ms), (Some(d), Some(s)) if s > d);
+            if covered {
+                for e in inner.recent.iter().filter(|e| keep(e)) {
+                    if out.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                return (out, more);
+            }
+        }
+        if let Err(e) = read_entries_while(&self.path, false, |e| {
+            if keep(&e) {
+                if out.len() == limit {
+                    more = true;
+                    return false;
+                }
+                out.push(e);
+            }
+            true
+        }) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot read the decision log");
+        }
+        (out, more)
+    }
+
     /// The sequence number of the newest entry (0 when empty).
     pub fn last_seq(&self) -> u64 {
         self.lock().last_seq
@@ -442,6 +505,32 @@ mod tests {
         assert_eq!(all[1].seq, 2, "the refused entry took no sequence number");
         drop(log);
         assert_eq!(DecisionLog::open(dir.path()).unwrap().entries().len(), 2);
+    }
+
+    #[test]
+    fn pages_follow_the_cursor_from_memory_and_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Memory holds the newest 10: the older pages come from the file.
+        let log = DecisionLog::open_keeping(dir.path(), 10).unwrap();
+        for i in 0..45 {
+            let cbo = if i % 3 == 0 { "b" } else { "a" };
+            log.append(Entry::new(cbo, Kind::Note, 1_000 + i)).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let (page, more) = log.page(Some("a"), None, after, 7);
+            assert!(page.len() <= 7);
+            seen.extend(page.iter().map(|e| e.seq));
+            if !more {
+                break;
+            }
+            after = page.last().unwrap().seq;
+        }
+        let want: Vec<u64> = (1..=45).filter(|s| (s - 1) % 3 != 0).collect();
+        assert_eq!(seen, want);
+        let (page, more) = log.page(None, None, 40, 100);
+        assert_eq!((page.len(), more), (5, false));
     }
 
     #[test]

@@ -536,3 +536,48 @@ async fn a_body_of_bad_lines_answers_the_first_hundred_and_a_count() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn decisions_come_in_pages_that_follow_a_cursor() {
+    use transfer_guard::decisions::{Entry, Kind};
+    let app = start().await;
+    let before = app.shared.actions.log.last_seq();
+    for i in 0..2_500 {
+        let mut e = Entry::new("a", Kind::Note, now() + i);
+        e.detail = Some(format!("note {i}"));
+        app.shared.actions.log.append(e).unwrap();
+    }
+    let client = reqwest::Client::new();
+    let get = |after: u64, limit: &str| {
+        client
+            .get(format!("{}/v1/decisions", app.url()))
+            .query(&[
+                ("cbo", "a"),
+                ("limit", limit),
+                ("after", &after.to_string()),
+            ])
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let mut after = before;
+    let mut pages = Vec::new();
+    loop {
+        let page: Value = get(after, "1000").await.unwrap().json().await.unwrap();
+        let n = page["decisions"].as_array().unwrap().len();
+        pages.push(n);
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(pages, vec![1000, 1000, 500]);
+    let bad = get(0, "0").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(
+        bad.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
+    app.shutdown().await;
+}

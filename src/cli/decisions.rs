@@ -79,22 +79,30 @@ pub async fn run(opts: Options, out: &mut dyn Write, err: &mut dyn Write) -> i32
         url: opts.server.clone(),
         token: opts.token.clone(),
     };
-    let body = match server
-        .call(reqwest::Method::GET, "/v1/decisions", &query, None)
-        .await
-    {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = writeln!(err, "transfer-guard decisions: {e}");
-            return COULD_NOT_RUN;
+    // Page by page (the daemon answers at most a page at a time), following `next`.
+    let mut entries = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let mut q = query.clone();
+        q.push(("after", after.to_string()));
+        let body = match server
+            .call(reqwest::Method::GET, "/v1/decisions", &q, None)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = writeln!(err, "transfer-guard decisions: {e}");
+                return COULD_NOT_RUN;
+            }
+        };
+        if let Some(page) = body["decisions"].as_array() {
+            entries.extend(page.iter().cloned());
         }
-    };
-    let entries = body
-        .get("decisions")
-        .or(Some(&body))
-        .and_then(|d| d.as_array())
-        .cloned()
-        .unwrap_or_default();
+        match body["next"].as_u64() {
+            Some(next) if next > after => after = next,
+            _ => break,
+        }
+    }
     if opts.json {
         let _ = writeln!(out, "{}", Value::Array(entries));
         return OK;
