@@ -255,8 +255,12 @@ fn describe(e: &Entry) -> Option<String> {
     }
 }
 
-/// Runs the demo until Ctrl-C / SIGTERM, or for `duration` when given; the bad deploy comes
-/// `breach_after` in.
+/// After the bad deploy, how long the story takes to play out: the breach, the rollback, its
+/// validation window and the recovery.
+pub const STORY_TAIL: Duration = Duration::from_secs(75);
+
+/// Runs the demo for `duration` (default: `breach_after` + `STORY_TAIL`) or until Ctrl-C /
+/// SIGTERM, then prints what happened; the bad deploy comes `breach_after` in.
 pub async fn run(
     listen: SocketAddr,
     duration: Option<Duration>,
@@ -302,10 +306,11 @@ pub async fn run(
         })
         .collect();
 
+    let duration = duration.unwrap_or(breach_after + STORY_TAIL);
     let stop = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => crate::shutdown_signal().await,
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = crate::shutdown_signal() => {}
         }
     };
     tokio::pin!(stop);
@@ -410,8 +415,56 @@ pub async fn run(
             }
         }
     }
+    print_closing(&app, elapsed(clock.now_ms()));
     app.shutdown().await;
     Ok(())
+}
+
+/// What the demo showed, in a few lines: each CBO's transfers, what fired, the windows.
+fn print_closing(app: &App, at: String) {
+    println!("{at} demo over. What happened:");
+    let log = app.shared.actions.log.query(None, None);
+    for cbo in app.shared.fleet.iter() {
+        let s = cbo.stats(app.shared.clock.now_ms(), Duration::from_secs(3600));
+        let fired: Vec<String> = log
+            .iter()
+            .filter(|e| e.cbo == cbo.key && e.kind == Kind::Action)
+            .filter(|e| {
+                e.result.as_deref() == Some("fired") && e.integration.as_deref() != Some("rollback")
+            })
+            .map(|e| {
+                format!(
+                    "{} ({}) at {}",
+                    e.action.as_deref().unwrap_or(""),
+                    e.integration.as_deref().unwrap_or(""),
+                    e.at
+                )
+            })
+            .collect();
+        let windows: Vec<String> = app
+            .shared
+            .validations
+            .list(Some(&cbo.key))
+            .iter()
+            .map(|v| format!("{} {}", v.deployment, v.state.as_str()))
+            .collect();
+        println!(
+            "  {:<8} {} transfers judged in the last hour ({} completed); actions fired: {}; validation windows: {}",
+            cbo.key,
+            s.counts.decided() + s.counts.cancelled,
+            s.counts.completed,
+            if fired.is_empty() {
+                "none".to_string()
+            } else {
+                fired.join(", ")
+            },
+            if windows.is_empty() {
+                "none".to_string()
+            } else {
+                windows.join(", ")
+            },
+        );
+    }
 }
 
 /// What each source has told about `cbo` so far: the plugin is silent, Twilio's record is not.

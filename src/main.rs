@@ -35,11 +35,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run the daemon with two simulated CBOs and live traffic.
+    /// Run the daemon with three simulated CBOs and live traffic: the whole story, then a
+    /// summary.
     Demo {
         #[arg(long, default_value = "127.0.0.1:9843")]
         listen: SocketAddr,
-        /// Stop after this long (e.g. "2m"); default: until Ctrl-C.
+        /// Stop after this long (e.g. "5m"); default: the story's length (the bad deploy, then
+        /// 75 s for the rollback and the recovery). Ctrl-C stops it earlier.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
         /// When the bad deploy comes (e.g. "45s").

@@ -473,6 +473,13 @@ async fn the_demo_plays_the_whole_cycle_deploy_breach_rollback_recovery() {
         !stdout.contains("clienta: rollback"),
         "clienta is left alone: {stdout}"
     );
+    // It ends by itself with a summary of what happened.
+    let closing = &stdout[at("demo over. What happened:")..];
+    let nss = closing
+        .lines()
+        .find(|l| l.trim_start().starts_with("nss "))
+        .unwrap_or_else(|| panic!("{closing}"));
+    assert!(nss.contains("rollback (serverless) at"), "{nss}");
     // The quiet CBO's deployment is judged by its test transfers, not left inconclusive.
     let quiet = stdout
         .lines()
