@@ -476,6 +476,9 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The source revision the binary was built from (`build.rs`).
+pub const REVISION: &str = env!("TRANSFER_GUARD_REVISION");
+
 /// Per-CBO series are arrays of atomics in one [`CboSeries`] per CBO (every label set is a
 /// known enum, so no label strings are stored per series); the prometheus crate's registry
 /// holds what is not per CBO: `build_info` and the process collector.
@@ -494,12 +497,16 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let build_info = IntGaugeVec::new(
-            Opts::new("build_info", "Always 1; the running version.").namespace(NAMESPACE),
-            &["version"],
+            Opts::new(
+                "build_info",
+                "Always 1; the running version and the source revision it was built from.",
+            )
+            .namespace(NAMESPACE),
+            &["version", "revision"],
         )
         .expect("a valid definition");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
             .set(1);
         registry
             .register(Box::new(build_info))

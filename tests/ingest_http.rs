@@ -460,10 +460,22 @@ async fn health_ready_and_unknown_paths_answer_json() {
     let body: Value = wrong.json().await.unwrap();
     assert_eq!(body["error"], "DELETE is not allowed on /metrics");
     let text = metrics(&app).await;
-    assert!(text.contains(&format!(
-        "transfer_guard_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    )));
+    // The version and the source revision (the checkout's commit).
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("transfer_guard_build_info{"))
+        .unwrap();
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    assert!(
+        build.contains(&format!(
+            "revision=\"{}\"",
+            transfer_guard::metrics::REVISION
+        )),
+        "{build}"
+    );
     app.shutdown().await;
 }
 
