@@ -336,6 +336,7 @@ impl Validations {
         })
     }
 
+    /// Starts a window (pruning old finished ones first: the file is rewritten whole).
     pub fn start(
         &self,
         cbo: &str,
@@ -346,7 +347,13 @@ impl Validations {
         now_ms: i64,
     ) -> Result<Validation, ValidationError> {
         let mut windows = self.lock();
-        let id = format!("v{}-{}", now_ms, windows.len() + 1);
+        prune(&mut windows, now_ms);
+        let mut n = windows.len() + 1;
+        let mut id = format!("v{now_ms}-{n}");
+        while windows.contains_key(&id) {
+            n += 1;
+            id = format!("v{now_ms}-{n}");
+        }
         let end_ms = now_ms + duration.as_millis() as i64;
         let v = Validation {
             id: id.clone(),
@@ -519,5 +526,74 @@ impl Validations {
             let _ = self.save(&windows);
         }
         ended
+    }
+}
+
+/// Finished windows are kept this long, and at most `KEEP_MAX` of them; running windows and
+/// each CBO's latest (`validation_state`) always stay.
+const KEEP_FOR_MS: i64 = 7 * 24 * 3600 * 1000;
+const KEEP_MAX: usize = 1000;
+
+fn prune(windows: &mut BTreeMap<String, Validation>, now_ms: i64) {
+    let mut latest: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+    for (id, v) in windows.iter() {
+        let e = latest.entry(&v.cbo).or_insert((v.start_ms, id));
+        if v.start_ms >= e.0 {
+            *e = (v.start_ms, id);
+        }
+    }
+    let keep: std::collections::HashSet<String> =
+        latest.values().map(|(_, id)| id.to_string()).collect();
+    let stays = |id: &str, v: &Validation| v.state == State::Running || keep.contains(id);
+    windows.retain(|id, v| stays(id, v) || v.end_ms >= now_ms - KEEP_FOR_MS);
+    if windows.len() > KEEP_MAX {
+        let mut old: Vec<(i64, String)> = windows
+            .iter()
+            .filter(|(id, v)| !stays(id, v))
+            .map(|(id, v)| (v.end_ms, id.clone()))
+            .collect();
+        old.sort();
+        let excess = windows.len() - KEEP_MAX;
+        for (_, id) in old.into_iter().take(excess) {
+            windows.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_finished_windows_are_pruned_but_running_and_latest_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Validations::open(dir.path(), 0, Arc::new(Metrics::new())).unwrap();
+        let day = 24 * 3600 * 1000;
+        let d = Duration::from_secs(60);
+        // Ten days of windows on cbo a, one a day, each finished; one old running on b.
+        let b = v.start("b", "old", d, 1, "api", 0).unwrap().id;
+        for i in 0..10 {
+            let id = v
+                .start("a", &format!("d{i}"), d, 1, "api", i * day)
+                .unwrap()
+                .id;
+            v.lock().get_mut(&id).unwrap().state = State::Passed;
+        }
+        let now = 10 * day;
+        v.start("c", "new", d, 1, "api", now).unwrap();
+        let windows = v.lock();
+        let a: Vec<&str> = windows
+            .values()
+            .filter(|w| w.cbo == "a")
+            .map(|w| w.deployment.as_str())
+            .collect();
+        // Within seven days (ended at or after day 3), and the latest.
+        assert_eq!(a.len(), 7, "{a:?}");
+        assert!(a.contains(&"d9") && !a.contains(&"d2"), "{a:?}");
+        assert!(windows.contains_key(&b), "a running window stays");
+        drop(windows);
+        // The file holds the same.
+        let reopened = Validations::open(dir.path(), now, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(reopened.list(None).len(), 9);
     }
 }
