@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,24 +17,6 @@ use transfer_guard::clock::Clock;
 use transfer_guard::sim::twilio::{SimTwilio, TaskEvent};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// The tool's path, or `None` after saying (past the test harness' capture) that it is missing.
-fn tool(name: &str, package: &str, test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let message =
-            format!("{test}: {name} not found; install Debian's {package} (.ci/run does)");
-        if std::env::var("TRANSFER_GUARD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
-            panic!("{message}");
-        }
-        let _ = writeln!(std::io::stderr(), "SKIPPED {message}");
-    }
-    found
-}
 
 async fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.stdin(Stdio::null()).output().await.unwrap();

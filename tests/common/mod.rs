@@ -4,6 +4,8 @@
 pub mod story;
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
 
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
@@ -186,4 +188,22 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The tool's path, or `None` after saying (past the test harness' capture) that it is missing.
+pub fn tool(name: &str, package: &str, test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let message =
+            format!("{test}: {name} not found; install Debian's {package} (.ci/run does)");
+        if std::env::var("TRANSFER_GUARD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{message}");
+        }
+        let _ = writeln!(std::io::stderr(), "SKIPPED {message}");
+    }
+    found
 }

@@ -1,0 +1,81 @@
+//! The deployment files say what the code does: the systemd unit's hardening (scored by
+//! `systemd-analyze security --offline`), and the Kubernetes PrometheusRule generated from
+//! `alerts/`, kept in sync.
+
+mod common;
+
+use common::tool;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+const RULE_HEADER: &str = r"# Generated from alerts/transfer-guard.rules.yml (tests/deploy.rs keeps it in sync;
+# the test prints the file to write when it differs). For the Prometheus Operator.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: transfer-guard
+  labels: {app.kubernetes.io/name: transfer-guard}
+spec:
+";
+
+/// The PrometheusRule for `rules` (the rules file's groups under `spec`, its comments left out).
+fn prometheus_rule(rules: &str) -> String {
+    let mut out = RULE_HEADER.to_string();
+    for line in rules.lines().skip_while(|l| l.starts_with('#')) {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn the_kubernetes_prometheus_rule_is_the_alert_rules() {
+    let rules = std::fs::read_to_string(format!("{ROOT}/alerts/transfer-guard.rules.yml")).unwrap();
+    let want = prometheus_rule(&rules);
+    let path = format!("{ROOT}/deploy/kubernetes/prometheusrule.yaml");
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "{path} is not alerts/transfer-guard.rules.yml any more; write this:\n{want}"
+    );
+}
+
+#[tokio::test]
+async fn the_systemd_unit_is_hardened_to_at_most_3_0() {
+    let Some(analyze) = tool("systemd-analyze", "systemd", "systemd unit hardening") else {
+        return;
+    };
+    // --offline scores the file as written, without a running systemd.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("transfer-guard.service");
+    std::fs::copy(format!("{ROOT}/deploy/transfer-guard.service"), &unit).unwrap();
+    let out = tokio::process::Command::new(analyze)
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("transfer-guard.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no score in:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(score <= 3.0, "exposure {score}:\n{text}");
+    let readme = std::fs::read_to_string(format!("{ROOT}/README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("exposure {score:.1}")),
+        "the README should quote the unit's score ({score:.1})"
+    );
+}
