@@ -601,13 +601,19 @@ async fn ingest(server: &str, token_env: &str, input: &std::path::Path) -> ExitC
             for (line, error) in &report.rejected {
                 eprintln!("{name}:{line}: {error}");
             }
+            if report.rejected_unlisted > 0 {
+                eprintln!(
+                    "{name}: and {} more rejected lines the daemon counted without listing",
+                    report.rejected_unlisted
+                );
+            }
             println!(
                 "{name}: {} lines, {} accepted, {} rejected",
                 report.lines,
                 report.accepted,
-                report.rejected.len()
+                report.rejected.len() as u64 + report.rejected_unlisted
             );
-            if report.rejected.is_empty() {
+            if report.rejected.is_empty() && report.rejected_unlisted == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -719,3 +719,54 @@ async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
     assert!(stderr.contains("transfer-guard listening"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
+
+#[tokio::test]
+async fn ingest_reports_undecodable_and_oversize_lines_by_number_and_sends_every_good_one() {
+    let app = App::start(config("")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = chrono::Utc::now().timestamp_millis() - 60_000;
+    let mut bytes = b"\xEF\xBB\xBF".to_vec(); // a BOM before the first line
+    for i in 0..3u32 {
+        bytes.extend_from_slice(event("initiated", t, i, "").as_bytes());
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(b"{\"event\":\"in\xFFitiated\"}\n"); // line 4: not UTF-8
+    bytes.extend_from_slice(&vec![b'x'; 100_000]); // line 5: 100 kB
+    bytes.push(b'\n');
+    for i in 3..5u32 {
+        bytes.extend_from_slice(event("initiated", t, i, "").as_bytes());
+        bytes.push(b'\n');
+    }
+    // 250 lines of garbage: more than the daemon lists in one reply.
+    for _ in 0..250 {
+        bytes.extend_from_slice(b"garbage\n");
+    }
+    let path = dir.path().join("mixed.log");
+    std::fs::write(&path, &bytes).unwrap();
+    let out = tg()
+        .args(["ingest", "--server", &app.url(), "--token-env", "TOKEN_A"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("257 lines, 5 accepted, 252 rejected"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("mixed.log:4: line is not UTF-8"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mixed.log:5: line of 100000 bytes, over 65536: not sent"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("mixed.log:8: "), "{stderr}");
+    assert!(stderr.contains("and 150 more rejected lines"), "{stderr}");
+    app.shutdown().await;
+}

@@ -10,6 +10,8 @@ use crate::config::Secret;
 /// Lines per request, and bytes per request, well under the daemon's 1 MiB default.
 pub const BATCH_LINES: usize = 1000;
 pub const BATCH_BYTES: usize = 512 * 1024;
+/// A longer line is no event: reported by its number, not sent, not held in memory whole.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 const ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,50 @@ pub struct Report {
     pub accepted: u64,
     /// (1-based line number, why).
     pub rejected: Vec<(u64, String)>,
+    /// Rejected lines the daemon counted without listing them (beyond 100 in one batch).
+    pub rejected_unlisted: u64,
+}
+
+/// One line of the input: its bytes (at most `MAX_LINE_BYTES`, without the newline), or how
+/// long it was when longer. `None` at the end.
+async fn next_line(
+    input: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Result<(), usize>>> {
+    buf.clear();
+    let mut len = 0usize;
+    let mut any = false;
+    loop {
+        let chunk = input.fill_buf().await?;
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let (part, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        len += part.len();
+        if len <= MAX_LINE_BYTES {
+            buf.extend_from_slice(part);
+        }
+        let used = done.unwrap_or(chunk.len());
+        input.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if len > MAX_LINE_BYTES {
+        buf.clear();
+        return Ok(Some(Err(len)));
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(Some(Ok(())))
 }
 
 #[derive(Deserialize)]
@@ -41,6 +87,8 @@ struct Reply {
     accepted: u64,
     #[serde(default)]
     rejected: Vec<RejectedLine>,
+    #[serde(default)]
+    rejected_more: u64,
 }
 
 #[derive(Deserialize)]
@@ -64,16 +112,34 @@ pub async fn send(
     let mut batch = String::new();
     let mut batch_first_line = 1;
     let mut batch_lines: u64 = 0;
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
-        line.clear();
-        let n = input.read_line(&mut line).await?;
-        if n > 0 {
-            let text = line.trim_end_matches(['\n', '\r']);
+        let read = next_line(&mut input, &mut line).await?;
+        let n = usize::from(read.is_some());
+        if let Some(read) = read {
+            report.lines += 1;
+            let number = batch_first_line + batch_lines;
+            // A line that cannot be an event is reported here and an empty line sent in its
+            // place, so the daemon's indexes still map to line numbers.
+            let text = match (read, std::str::from_utf8(&line)) {
+                (Err(len), _) => {
+                    report.rejected.push((
+                        number,
+                        format!("line of {len} bytes, over {MAX_LINE_BYTES}: not sent"),
+                    ));
+                    ""
+                }
+                (Ok(()), Err(e)) => {
+                    report
+                        .rejected
+                        .push((number, format!("line is not UTF-8 ({e}): not sent")));
+                    ""
+                }
+                (Ok(()), Ok(text)) => text.strip_prefix('\u{feff}').unwrap_or(text),
+            };
             batch.push_str(text);
             batch.push('\n');
             batch_lines += 1;
-            report.lines += 1;
         }
         let full = batch_lines >= BATCH_LINES as u64 || batch.len() >= BATCH_BYTES;
         if (n == 0 || full) && !batch.trim().is_empty() {
@@ -131,6 +197,7 @@ async fn post(
                                 body: body.clone(),
                             })?;
                         report.accepted += reply.accepted;
+                        report.rejected_unlisted += reply.rejected_more;
                         report.rejected.extend(
                             reply
                                 .rejected
