@@ -193,9 +193,21 @@ pub struct WebhookSection {
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerSection {
     /// The Alertmanager's base URL, e.g. `http://127.0.0.1:9093`.
-    pub url: String,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several Alertmanagers (an HA pair or cluster): each gets every alert, as Prometheus
+    /// sends them; they deduplicate among themselves.
+    #[serde(default)]
+    pub urls: Vec<String>,
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+impl AlertmanagerSection {
+    /// Every Alertmanager to notify: `url` and `urls`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.url.iter().chain(&self.urls).cloned().collect()
+    }
 }
 
 /// `[actions.command]`: a program for the `command` rollback integration.
@@ -1175,6 +1187,19 @@ impl Resolver<'_> {
             if n == 0 {
                 let at = self.key_at(name);
                 self.problem(at, None, format!("{name}: must be at least 1"), true);
+            }
+        }
+        if let Some(am) = &file.actions.alertmanager {
+            let endpoints = am.endpoints();
+            if endpoints.is_empty() {
+                let message = "actions.alertmanager: set url (or urls for several)".to_string();
+                self.problem(None, None, message, true);
+            }
+            for url in endpoints {
+                if let Err(e) = reqwest::Url::parse(&url) {
+                    let message = format!("actions.alertmanager: {url:?} is not a URL: {e}");
+                    self.problem(None, None, message, true);
+                }
             }
         }
         let webhook_secret = file.actions.webhook.as_ref().and_then(|w| {

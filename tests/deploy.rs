@@ -79,3 +79,52 @@ async fn the_systemd_unit_is_hardened_to_at_most_3_0() {
         "the README should quote the unit's score ({score:.1})"
     );
 }
+
+#[tokio::test]
+async fn the_alertmanager_example_is_valid_routes_pages_and_inhibits_only_real_alerts() {
+    let Some(amtool) = tool("amtool", "prometheus-alertmanager", "Alertmanager example") else {
+        return;
+    };
+    let config = format!("{ROOT}/deploy/alertmanager.yml");
+    let out = tokio::process::Command::new(&amtool)
+        .args(["check-config", &config])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 inhibit rules"), "{text}");
+    for (labels, receiver) in [
+        ("severity=page", "on-call-page"),
+        ("severity=ticket", "on-call-ticket"),
+    ] {
+        let out = tokio::process::Command::new(&amtool)
+            .args(["config", "routes", "test", "--config.file", &config, labels])
+            .output()
+            .await
+            .unwrap();
+        let routed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(routed.trim(), receiver, "{labels}");
+    }
+    // Every alert name the inhibit rules match is one the rules file (or the daemon) raises.
+    let rules = std::fs::read_to_string(format!("{ROOT}/alerts/transfer-guard.rules.yml")).unwrap();
+    let mut known: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    known.push("TransferGuardRuleBreached");
+    let example = std::fs::read_to_string(&config).unwrap();
+    for name in example
+        .split(|c: char| !(c.is_ascii_alphanumeric()))
+        .filter(|w| w.starts_with("TransferGuard") && *w != "TransferGuard")
+    {
+        assert!(
+            known.contains(&name),
+            "{name} is no alert of alerts/ or the daemon"
+        );
+    }
+}

@@ -436,7 +436,11 @@ async fn a_real_alertmanager_receives_transfer_guards_notifications() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (app, _sim) = busy_daemon(&format!("[actions.alertmanager]\nurl = \"{am_url}\"\n")).await;
+    // An HA pair of which one is down: the live one still gets every alert.
+    let (app, _sim) = busy_daemon(&format!(
+        "[actions.alertmanager]\nurls = [\"http://127.0.0.1:9\", \"{am_url}\"]\n"
+    ))
+    .await;
     let mut got = Value::Null;
     let mut found = false;
     for _ in 0..100 {

@@ -1160,13 +1160,27 @@ impl Actions {
                 .iter()
                 .filter_map(|a| a["labels"]["cbo"].as_str().map(str::to_string))
                 .collect();
-            let result = alertmanager::post(&this.http, &am.url, am.timeout, &alerts).await;
-            let label = if result.is_ok() { "fired" } else { "failed" };
+            // Every Alertmanager gets every alert (they deduplicate among themselves); the
+            // notification went out when one of them took it.
+            let shared_alerts = Arc::new(alerts.clone());
+            let mut sends = tokio::task::JoinSet::new();
+            for url in am.endpoints() {
+                let (http, alerts) = (this.http.clone(), shared_alerts.clone());
+                sends.spawn(
+                    async move { alertmanager::post(&http, &url, am.timeout, &alerts).await },
+                );
+            }
+            let mut results = Vec::new();
+            while let Some(r) = sends.join_next().await {
+                results.extend(r.ok());
+            }
+            let delivered = results.iter().any(Result::is_ok);
+            let label = if delivered { "fired" } else { "failed" };
             for cbo in &cbos {
                 this.count(cbo, ActionKind::Alert, "alertmanager", label);
             }
-            if let Err(e) = result {
-                tracing::error!(error = %e, alerts = alerts.len(), "cannot notify Alertmanager");
+            for e in results.into_iter().filter_map(Result::err) {
+                tracing::error!(error = %e, alerts = alerts.len(), delivered, "cannot notify an Alertmanager");
             }
         });
     }
