@@ -246,7 +246,9 @@ fn dashboard_exprs() -> Vec<(String, String)> {
             let filled = e
                 .replace("$__rate_interval", "1m")
                 .replace("$__range", "1h")
-                .replace("$cbo", "nss");
+                .replace("$cbo", "nss|quiet")
+                .replace("$job", "transfer-guard")
+                .replace("$instance", ".*");
             out.push((name.to_string(), filled));
         }
     }
