@@ -20,6 +20,7 @@ pub mod sim;
 pub mod sources;
 pub mod state;
 pub mod store;
+pub mod systemd;
 pub mod tracker;
 pub mod twilio;
 pub mod validation;
@@ -172,6 +173,9 @@ impl App {
         let start = tokio::time::Instant::now();
         tasks.spawn(async move {
             let mut memory = guard::Memory::default();
+            // The watchdog is fed by the tick itself: a tick that hangs stops feeding it.
+            let watchdog = systemd::watchdog_every();
+            let mut fed = tokio::time::Instant::now();
             // Sweeps on whole ticks from start (not an interval that drifts after a stall),
             // so a transfer times out at the first tick at or after its deadline.
             loop {
@@ -180,6 +184,10 @@ impl App {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {
                         guard::tick(&ticker_shared, &mut memory, ticker_shared.clock.now_ms());
+                        if watchdog.is_some_and(|every| fed.elapsed() >= every) {
+                            systemd::notify("WATCHDOG=1");
+                            fed = tokio::time::Instant::now();
+                        }
                     }
                     _ = until.changed() => break,
                 }

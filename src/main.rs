@@ -567,8 +567,14 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!(problem = %p, "configuration");
     }
     let app = App::start(config).await.context("starting")?;
+    let cbos = app.shared.config.cbos.len();
+    transfer_guard::systemd::notify(&format!(
+        "READY=1\nSTATUS=guarding {cbos} CBOs on {}",
+        app.addr
+    ));
     shutdown_signal().await;
     tracing::info!("shutting down");
+    transfer_guard::systemd::notify("STOPPING=1");
     app.shutdown().await;
     Ok(())
 }

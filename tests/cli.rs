@@ -770,3 +770,57 @@ async fn ingest_reports_undecodable_and_oversize_lines_by_number_and_sends_every
     assert!(stderr.contains("and 150 more rejected lines"), "{stderr}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn under_systemd_run_says_ready_feeds_the_watchdog_and_says_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &config_text(""));
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = tg()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut said = Vec::new();
+    // READY=1 once it serves, then WATCHDOG=1 every second (half of WATCHDOG_USEC) from the tick.
+    while said
+        .iter()
+        .filter(|s: &&String| s.as_str() == "WATCHDOG=1")
+        .count()
+        < 2
+    {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+            .await
+            .expect("systemd hears from the daemon")
+            .unwrap();
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        said[0].starts_with("READY=1\nSTATUS=guarding 2 CBOs on 127.0.0.1:"),
+        "{said:?}"
+    );
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+    }
+    let stopping = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+            .await
+            .expect("systemd hears of the stop")
+            .unwrap();
+        let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if s != "WATCHDOG=1" {
+            break s;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
