@@ -272,11 +272,19 @@ impl App {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, lets requests in flight finish, and stops every task.
+    /// Stops accepting, lets requests in flight finish, and stops every task; actions being
+    /// carried out get `server.drain` to finish (their intents are on record either way).
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let drain = self.shared.config.server.drain;
+        if !self.shared.actions.finish_in_flight(drain).await {
+            tracing::warn!(
+                in_flight = self.shared.actions.in_flight(),
+                "actions still in flight at the stop: their intents are settled with Twilio at the next start"
+            );
+        }
         tracing::info!("transfer-guard stopped");
     }
 }

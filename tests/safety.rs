@@ -770,3 +770,40 @@ async fn two_failures_of_three_and_one_canceled_task_of_three_decide_nothing_and
     );
     app.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_a_rollback_waits_for_its_result_within_the_drain() {
+    let sim = sim().await;
+    // Twilio takes 1.5 s to answer the redeploy (within the 2 s request timeout).
+    sim.inject_on(
+        "POST",
+        "/Deployments",
+        Fault::Delay(Duration::from_millis(1_500)),
+        Some(1),
+    );
+    let app = start_at(&serverless_only(&sim, &fresh_dir(), ""), T0).await;
+    let mut n = 0;
+    // Until the rollback is under way: its intent is on record, its answer is not.
+    // Half-second steps: a transfer every 10 s, a Bad Request every minute from minute 2 on.
+    let mut step: u32 = 0;
+    while app.shared.actions.in_flight() == 0 && step < 2_400 {
+        if step.is_multiple_of(20) {
+            n += 1;
+            transfer(&app, "a", n, !(step >= 240 && step.is_multiple_of(120)));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        step += 1;
+    }
+    assert_eq!(app.shared.actions.in_flight(), 1, "no rollback under way");
+    let shared = app.shared.clone();
+    app.shutdown().await;
+    // The stop waited for the answer: the result is on record next to its intent.
+    let entries = shared.actions.log.query(Some("a"), None);
+    let fired = of(&entries, Kind::Action, "serverless");
+    assert_eq!(of(&entries, Kind::Intent, "serverless").len(), 1);
+    assert!(
+        fired.iter().any(|e| e.result.as_deref() == Some("fired")),
+        "{fired:?}"
+    );
+    assert_eq!(shared.actions.in_flight(), 0);
+}

@@ -456,6 +456,25 @@ impl Actions {
         self.memory().switches.get(cbo).cloned()
     }
 
+    /// Actions being carried out now.
+    pub fn in_flight(&self) -> usize {
+        self.memory().in_flight.len()
+    }
+
+    /// Waits until no action is being carried out, or `deadline` passes (a stop finishes what
+    /// it can; an intent not finished is settled with Twilio at the next start). Whether all
+    /// finished.
+    pub async fn finish_in_flight(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        while self.in_flight() > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
     /// A rule recovered: its ack ends.
     pub fn recovered(&self, cbo: &str, rule: RuleId) {
         self.memory()
