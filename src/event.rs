@@ -637,11 +637,22 @@ fn describe_json_error(text: &str, err: serde_json::Error) -> EventError {
         Err(e) if !e.path().to_string().is_empty() && e.path().to_string() != "." => {
             EventError::Field {
                 field: leak_field_name(&e.path().to_string()),
-                reason: e.inner().to_string(),
+                reason: plain(&e.inner().to_string()),
             }
         }
         _ => EventError::Malformed(err.to_string()),
     }
+}
+
+/// serde's words without our type names: a user reads "expected …", not "enum RawError".
+fn plain(reason: &str) -> String {
+    if reason.contains("untagged enum") {
+        let at = reason.find(" at line ").map_or("", |i| &reason[i..]);
+        return format!(
+            "expected an object {{\"code\", \"status\", \"message\"}} or a message string{at}"
+        );
+    }
+    reason.to_string()
 }
 
 /// Maps a serde path back onto our field names so the error can borrow a static name.
@@ -760,7 +771,7 @@ fn number(field: &'static str, n: Option<RawNumber>) -> Result<Option<i64>, Even
             .trim()
             .parse()
             .map(Some)
-            .map_err(|_| EventError::field(field, format!("{t:?} is not an integer"))),
+            .map_err(|_| EventError::field(field, format!("{:?} is not an integer", &*t))),
     }
 }
 
@@ -1190,5 +1201,34 @@ mod tests {
             scanned > 30_000 && handed_over > 10_000,
             "{scanned} {handed_over}"
         );
+    }
+}
+
+#[cfg(test)]
+mod messages {
+    /// What a user reads about a bad field names the field and what was expected, never one of
+    /// our types.
+    #[test]
+    fn rejections_name_no_internal_type() {
+        for (body, want) in [
+            (
+                r#"{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"CH0123456789abcdef0123456789abcdef","error":5}"#,
+                "field `error`: expected an object {\"code\", \"status\", \"message\"} or a message string",
+            ),
+            (
+                r#"{"event":"failed","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"CH0123456789abcdef0123456789abcdef","error":{"code":"x"}}"#,
+                "field `error`: \"x\" is not an integer",
+            ),
+            (
+                r#"{"event":7,"timestamp":"2026-11-26T01:00:00Z","conversation_sid":"CH0123456789abcdef0123456789abcdef"}"#,
+                "field `event`: invalid type: integer `7`, expected a string",
+            ),
+        ] {
+            let got = super::parse_json(body).unwrap_err().to_string();
+            assert!(got.starts_with(want), "{got}");
+            for internal in ["Raw", "Text(", "enum", "struct"] {
+                assert!(!got.contains(internal), "{got}");
+            }
+        }
     }
 }
