@@ -140,7 +140,7 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// The exposition, gzipped when Prometheus asks for it (it always does): a 1,000-CBO scrape is
-/// 10 MB of text and well under a tenth of that compressed.
+/// 17.6 MB of text and 1.0 MB compressed.
 async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     shared.fleet.refresh_gauges(shared.clock.now_ms());
     let text = shared.metrics.render();
