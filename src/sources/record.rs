@@ -202,13 +202,6 @@ pub struct RecordPoller {
     path: PathBuf,
 }
 
-/// What one poll of one source did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Polled {
-    pub taken: usize,
-    pub result: Option<PollResult>,
-}
-
 impl RecordPoller {
     /// A poller for `cbo`, or `None` when it cannot be polled (no credentials, workspace or
     /// sound workflow SID: those are reported by the configuration poll).
