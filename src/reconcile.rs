@@ -95,17 +95,19 @@ struct Joined {
     held: Option<Box<Event>>,
 }
 
+/// The `Joined::sources` bits of TaskRouter's family and of the plugin's.
+const TASKROUTER_BITS: u8 = (1 << Source::TaskRouterEvents as u8)
+    | (1 << Source::TaskRouterCallback as u8)
+    | (1 << Source::EventStreams as u8);
+const PLUGIN_BITS: u8 = (1 << Source::Plugin as u8) | (1 << Source::ServerlessLogs as u8);
+
 impl Joined {
     fn seen_by_taskrouter(&self) -> bool {
-        Source::SEEING
-            .iter()
-            .any(|s| s.is_taskrouter() && self.sources & bit(*s) != 0)
+        self.sources & TASKROUTER_BITS != 0
     }
 
     fn seen_by_plugin(&self) -> bool {
-        Source::SEEING
-            .iter()
-            .any(|s| !s.is_taskrouter() && self.sources & bit(*s) != 0)
+        self.sources & PLUGIN_BITS != 0
     }
 }
 
