@@ -418,11 +418,15 @@ impl RecordPoller {
         Ok(taken)
     }
 
-    fn save(&self, before: &Cursors) {
+    /// Writes the cursors when the poll moved them, on a blocking thread (an fsync and a
+    /// rename must not hold an async worker).
+    async fn save(&self, before: &Cursors) {
         if &self.cursors == before {
             return;
         }
-        if let Err(e) = self.cursors.save(&self.path) {
+        let (cursors, path) = (self.cursors.clone(), self.path.clone());
+        let saved = tokio::task::spawn_blocking(move || cursors.save(&path)).await;
+        if let Ok(Err(e)) = saved {
             // Kept in memory; the next poll tries again. A restart before then reads the
             // overlap again, which the windows (empty after a restart) take once.
             tracing::error!(cbo = %self.key, path = %self.path.display(), error = %e, "cannot save the source cursors");
@@ -475,7 +479,7 @@ impl RecordPoller {
             let r = self.twilio_alerts(shared).await;
             count("twilio_alerts", r, &self.cursors.twilio_alerts);
         }
-        self.save(&before);
+        self.save(&before).await;
         retry_after
     }
 }
