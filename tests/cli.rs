@@ -172,6 +172,19 @@ async fn run_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `transfer-guard ingest FILE` with cbo a's token: the exit status, stdout and stderr.
+async fn ingest_as_a(app: &App, path: &std::path::Path) -> (std::process::Output, String, String) {
+    let out = tg()
+        .args(["ingest", "--server", &app.url(), "--token-env", "TOKEN_A"])
+        .arg(path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
     let app = App::start(config("")).await.unwrap();
@@ -190,16 +203,7 @@ async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
     text += "Transfer failed: TypeError: x is undefined\n";
     let path = dir.path().join("transfers.log");
     std::fs::write(&path, text).unwrap();
-    let out = tg()
-        .args(["ingest", "--server", &app.url(), "--token-env", "TOKEN_A"])
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (out, stdout, stderr) = ingest_as_a(&app, &path).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(
         stdout.contains("5001 lines, 5000 accepted, 1 rejected"),
@@ -743,16 +747,7 @@ async fn ingest_reports_undecodable_and_oversize_lines_by_number_and_sends_every
     }
     let path = dir.path().join("mixed.log");
     std::fs::write(&path, &bytes).unwrap();
-    let out = tg()
-        .args(["ingest", "--server", &app.url(), "--token-env", "TOKEN_A"])
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (out, stdout, stderr) = ingest_as_a(&app, &path).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(
         stdout.contains("257 lines, 5 accepted, 252 rejected"),
