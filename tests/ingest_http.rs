@@ -526,17 +526,9 @@ async fn a_body_of_bad_lines_answers_the_first_hundred_and_a_count() {
     let mut lines: Vec<String> = (0..5_000).map(|i| format!("bad line {i}")).collect();
     lines.push(event("initiated", t, 1, ""));
     let sent: usize = lines.iter().map(|l| l.len() + 1).sum();
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/events", app.url()))
-        .bearer_auth(TOKEN_A)
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
-    let text = resp.text().await.unwrap();
-    let reply: Value = serde_json::from_str(&text).unwrap();
+    let (status, reply) = ndjson(&app, TOKEN_A, &lines).await;
+    assert_eq!(status, 202);
+    let text = reply.to_string();
     assert_eq!(reply["accepted"], 1);
     assert_eq!(reply["rejected"].as_array().unwrap().len(), 100);
     assert_eq!(reply["rejected"][99]["index"], 99);
