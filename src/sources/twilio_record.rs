@@ -51,21 +51,21 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// A flat view of the fields of one event, keyed by normalised name; the first spelling wins.
-struct Fields(std::collections::HashMap<String, Value>);
+struct Fields<'a>(std::collections::HashMap<String, &'a Value>);
 
-impl Fields {
-    fn of(maps: &[&Map<String, Value>]) -> Fields {
+impl<'a> Fields<'a> {
+    fn of(maps: &[&'a Map<String, Value>]) -> Fields<'a> {
         let mut out = std::collections::HashMap::new();
         for m in maps {
             for (k, v) in *m {
-                out.entry(norm(k)).or_insert_with(|| v.clone());
+                out.entry(norm(k)).or_insert(v);
             }
         }
         Fields(out)
     }
 
     fn text(&self, name: &str) -> Option<String> {
-        self.0.get(name).and_then(text)
+        self.0.get(name).and_then(|v| text(v))
     }
 
     fn first(&self, names: &[&str]) -> Option<String> {
@@ -85,7 +85,7 @@ fn parse_time(s: &str) -> Option<i64> {
 
 impl TaskRouterEvent {
     fn from_fields(
-        f: &Fields,
+        f: &Fields<'_>,
         fallback_type: Option<String>,
         fallback_time: Option<i64>,
     ) -> Result<TaskRouterEvent, String> {
@@ -100,7 +100,7 @@ impl TaskRouterEvent {
             .ok_or("no event time")?;
         let attributes = f.0.get("taskattributes").and_then(|v| match v {
             Value::String(s) => serde_json::from_str(s).ok(),
-            Value::Object(_) => Some(v.clone()),
+            Value::Object(_) => Some((*v).clone()),
             _ => None,
         });
         let task_sid = f.first(&["tasksid"]).or_else(|| {
