@@ -233,6 +233,9 @@ impl CboState {
     }
 
     fn count(&self, counted: &Counted) {
+        if *counted == Counted::default() {
+            return;
+        }
         for source in counted.seen() {
             self.series.seen(source);
         }
