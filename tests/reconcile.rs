@@ -48,14 +48,7 @@ fn plugin(kind: &str, at_ms: i64, n: u32, extra: &str) -> Event {
 }
 
 fn give(app: &App, events: Vec<Event>) {
-    let mut rejected = Vec::new();
-    let now = app.shared.clock.now_ms();
-    app.shared
-        .fleet
-        .get("a")
-        .unwrap()
-        .ingest(events.into_iter().enumerate(), now, &mut rejected);
-    assert!(rejected.is_empty(), "{rejected:?}");
+    ingest_events(app, "a", events);
 }
 
 async fn start() -> App {

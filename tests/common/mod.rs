@@ -123,14 +123,22 @@ pub async fn start_at(text: &str, at_ms: i64) -> App {
 /// Parses `lines` and hands them to `cbo` at the daemon's now, as an ingest path would; none may
 /// be rejected.
 pub fn ingest_lines(app: &App, cbo: &str, lines: &[String]) {
-    let events = lines.iter().map(|l| parse_line(l).unwrap()).enumerate();
+    ingest_events(
+        app,
+        cbo,
+        lines.iter().map(|l| parse_line(l).unwrap()).collect(),
+    );
+}
+
+/// Hands parsed `events` to `cbo` at the daemon's now; none may be rejected.
+pub fn ingest_events(app: &App, cbo: &str, events: Vec<transfer_guard::event::Event>) {
     let mut rejected = Vec::new();
     let now = app.shared.clock.now_ms();
     app.shared
         .fleet
         .get(cbo)
         .unwrap()
-        .ingest(events, now, &mut rejected);
+        .ingest(events.into_iter().enumerate(), now, &mut rejected);
     assert!(rejected.is_empty(), "{rejected:?}");
 }
 
