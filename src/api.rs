@@ -37,12 +37,12 @@ pub fn caller(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
         .trim()
         .as_bytes();
     let mut found = None;
-    if let Some(admin) = &shared.config.admin_token
+    if let Some(admin) = &shared.config().admin_token
         && admin.matches(token)
     {
         found = Some(Caller::Admin);
     }
-    for cbo in &shared.config.cbos {
+    for cbo in &shared.config().cbos {
         if let Some(t) = &cbo.ingest_token
             && t.matches(token)
             && found.is_none()
@@ -227,9 +227,9 @@ async fn status(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         Err(refused) => return *refused,
     };
     let now_ms = shared.clock.now_ms();
-    let max = shared.config.transfers.max_window;
+    let max = shared.config().transfers.max_window;
     let mut cbos = BTreeMap::new();
-    for cbo in &shared.config.cbos {
+    for cbo in &shared.config().cbos {
         if only.as_deref().is_some_and(|k| k != cbo.key.as_str()) {
             continue;
         }
@@ -278,7 +278,7 @@ fn cors(shared: &Shared, headers: &HeaderMap, mut response: Response) -> Respons
     let origin = headers.get("origin").and_then(|v| v.to_str().ok());
     let allowed = origin.filter(|o| {
         shared
-            .config
+            .config()
             .server
             .allowed_origins
             .iter()
@@ -337,7 +337,7 @@ async fn put_switch(
     if let Some(refused) = refuse_unless_admin(&shared, &headers) {
         return refused;
     }
-    let Some(config) = shared.config.cbo(&cbo).cloned() else {
+    let Some(config) = shared.config().cbo(&cbo).cloned() else {
         return unknown_cbo(&cbo);
     };
     let change: SwitchChange = match serde_json::from_slice(&body) {
@@ -393,7 +393,7 @@ async fn ack(
     if let Some(refused) = refuse_unless_admin(&shared, &headers) {
         return refused;
     }
-    if shared.config.cbo(&cbo).is_none() {
+    if shared.config().cbo(&cbo).is_none() {
         return unknown_cbo(&cbo);
     }
     let body: AckBody = if body.is_empty() {
@@ -529,20 +529,20 @@ async fn start_validation(
             );
         }
     };
-    if shared.config.cbo(&req.cbo).is_none() {
+    if shared.config().cbo(&req.cbo).is_none() {
         return unknown_cbo(&req.cbo);
     }
     if req.deployment.trim().is_empty() {
         return json_error(StatusCode::BAD_REQUEST, "deployment is empty");
     }
     let duration = match req.duration.as_deref().map(humantime::parse_duration) {
-        None => shared.config.validation.duration,
+        None => shared.config().validation.duration,
         Some(Ok(d)) => d,
         Some(Err(e)) => {
             return json_error(StatusCode::BAD_REQUEST, &format!("duration: {e}"));
         }
     };
-    let max = shared.config.transfers.max_window;
+    let max = shared.config().transfers.max_window;
     if duration.is_zero() || duration > max {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -562,7 +562,7 @@ async fn start_validation(
         &req.cbo,
         req.deployment.trim(),
         duration,
-        shared.config.validation.min_samples,
+        shared.config().validation.min_samples,
         "api",
         shared.clock.now_ms(),
     );

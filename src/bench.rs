@@ -164,7 +164,7 @@ pub fn memory(total: usize, cbos: usize, rate: f64, marks: &[usize]) -> Vec<(usi
     let config = config(cbos);
     let metrics = std::sync::Arc::new(Metrics::new());
     let fleet = Fleet::new(&config, &metrics);
-    let states: Vec<_> = fleet.iter().cloned().collect();
+    let states: Vec<_> = fleet.iter().collect();
     let mut generators: Vec<Generator> = (0..cbos)
         .map(|i| {
             Generator::new(

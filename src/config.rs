@@ -17,6 +17,10 @@ use crate::sid::{
 pub const WORKFLOW_SID_VAR: &str = "TWILIO_FLEX_CHAT_TRANSFER_WORKFLOW_SID";
 /// Events further than this ahead of the daemon's clock are rejected (SPEC §2).
 pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(60);
+/// Where `docs/runbook.md` is published; the alert rules link to the same page.
+pub const RUNBOOK_URL: &str =
+    "https://github.com/connie-rtc/transfer-guard/blob/main/docs/runbook.md";
+
 /// The longest window any rule or the status may ask for.
 pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -44,7 +48,7 @@ struct FileConfig {
     cbos: Vec<CboSection>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     pub listen: SocketAddr,
@@ -59,6 +63,12 @@ pub struct ServerSection {
     pub public_url: Option<String>,
     /// Origins allowed to read `GET /v1/switch/{cbo}` from a browser (the plugin, in Flex).
     pub allowed_origins: Vec<String>,
+    /// The URL people and Alertmanager reach this daemon at: the links in its alerts
+    /// (`generatorURL`). Default: `public_url`, else `http://` + `listen`.
+    pub external_url: Option<String>,
+    /// The runbook its alerts link to (`runbook_url`, plus `#` and the rule); point it at your
+    /// own copy of `docs/runbook.md`.
+    pub runbook_url: String,
     /// A request's headers must arrive within this (and a keep-alive connection idle this long
     /// is closed).
     #[serde(with = "humantime_serde")]
@@ -71,6 +81,23 @@ pub struct ServerSection {
     /// On stop, how long requests in flight may finish.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// A directory of secrets, one file per variable name (a Kubernetes Secret volume, or
+    /// systemd's `$CREDENTIALS_DIRECTORY`): a variable that a `*_env` key names is read from
+    /// its file here when there is one, else from the environment. Read again at every reload,
+    /// so a token rotated here takes effect on SIGHUP.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+impl ServerSection {
+    /// The base of the links in alerts: `external_url`, else `public_url`, else the listen address.
+    pub fn link_base(&self) -> String {
+        let base = self
+            .external_url
+            .clone()
+            .or_else(|| self.public_url.clone())
+            .unwrap_or_else(|| format!("http://{}", self.listen));
+        base.trim_end_matches('/').to_string()
+    }
 }
 
 impl Default for ServerSection {
@@ -81,16 +108,19 @@ impl Default for ServerSection {
             state_dir: PathBuf::from("/var/lib/transfer-guard"),
             max_body_bytes: 1024 * 1024,
             public_url: None,
+            external_url: None,
+            runbook_url: RUNBOOK_URL.to_string(),
             allowed_origins: vec!["https://flex.twilio.com".into()],
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
             drain: Duration::from_secs(10),
+            secrets_dir: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TwilioSection {
     pub taskrouter_url: String,
@@ -125,7 +155,7 @@ impl Default for TwilioSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransfersSection {
     /// No terminal event within this long after `initiated`: the transfer timed out
@@ -149,7 +179,7 @@ impl Default for TransfersSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ActionsSection {
     /// Decide, log and count, but fire nothing (the default until configured otherwise).
@@ -178,7 +208,7 @@ impl Default for ActionsSection {
 }
 
 /// `[actions.webhook]`: a signed POST for the `webhook` rollback and disable integrations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSection {
     pub url: String,
@@ -189,7 +219,7 @@ pub struct WebhookSection {
 }
 
 /// `[actions.alertmanager]`: rule breaches and recoveries posted to an Alertmanager v2 API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerSection {
     /// The Alertmanager's base URL, e.g. `http://127.0.0.1:9093`.
@@ -211,7 +241,7 @@ impl AlertmanagerSection {
 }
 
 /// `[actions.command]`: a program for the `command` rollback integration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSection {
     pub argv: Vec<String>,
@@ -227,7 +257,7 @@ fn default_command_timeout() -> Duration {
     Duration::from_secs(120)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationSection {
     #[serde(with = "humantime_serde")]
@@ -380,7 +410,7 @@ struct SourcesSection {
 }
 
 /// `[sources.twilio]`: reading Twilio's own record of transfers (SPEC §2b), every CBO.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TwilioSources {
     /// Poll TaskRouter's Events API.
@@ -570,13 +600,20 @@ impl Secret {
     }
 }
 
+/// Compared in constant time, like a candidate token.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Credentials {
     AuthToken(Secret),
     ApiKey { sid: ApiKeySid, secret: Secret },
@@ -601,7 +638,7 @@ impl fmt::Display for WorkflowSource {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkflowSetting {
     /// The value as configured, even when malformed: corruption is reported, not hidden.
     pub raw: Option<String>,
@@ -609,7 +646,7 @@ pub struct WorkflowSetting {
     pub source: WorkflowSource,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cbo {
     pub key: CboKey,
     pub ingest_token: Option<Secret>,
@@ -626,7 +663,7 @@ pub struct Cbo {
     pub probe: Option<Probe>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileSource {
     pub path: PathBuf,
     pub cbo: CboKey,
@@ -740,6 +777,7 @@ pub fn check_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Checked {
     Resolver {
         text,
         env,
+        secrets_dir: None,
         problems: Vec::new(),
     }
     .resolve(file)
@@ -752,6 +790,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 struct Resolver<'a> {
     text: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// `server.secrets_dir`, read before the environment.
+    secrets_dir: Option<PathBuf>,
     problems: Vec<Problem>,
 }
 
@@ -799,10 +839,36 @@ impl Resolver<'_> {
         cbo: Option<&str>,
         what: &str,
     ) -> Option<Secret> {
+        if let Some(dir) = self.secrets_dir.clone() {
+            let file = dir.join(var);
+            match std::fs::read_to_string(&file) {
+                // Secret files usually end with a newline; a token never does.
+                Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => {
+                    return Some(Secret(v.trim_end_matches(['\n', '\r']).to_string()));
+                }
+                Ok(_) => {
+                    let message = format!("{what}: {} is empty", file.display());
+                    self.problem(at, cbo, message, true);
+                    return None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let message = format!("{what}: cannot read {}: {e}", file.display());
+                    self.problem(at, cbo, message, true);
+                    return None;
+                }
+            }
+        }
         match (self.env)(var) {
             Some(v) if !v.is_empty() => Some(Secret(v)),
             _ => {
-                let message = format!("{what}: environment variable {var} is not set");
+                let message = match &self.secrets_dir {
+                    Some(dir) => format!(
+                        "{what}: no file {var} in {} and environment variable {var} is not set",
+                        dir.display()
+                    ),
+                    None => format!("{what}: environment variable {var} is not set"),
+                };
                 self.problem(at, cbo, message, true);
                 None
             }
@@ -1082,6 +1148,7 @@ impl Resolver<'_> {
     }
 
     fn resolve(mut self, file: FileConfig) -> Checked {
+        self.secrets_dir = file.server.secrets_dir.clone();
         let admin_token = file
             .server
             .admin_token_env
@@ -1301,12 +1368,20 @@ impl Resolver<'_> {
             self.problem(None, Some(&cbo), message, false);
         }
 
-        if let Some(url) = &file.server.public_url
-            && !(url.starts_with("https://") || url.starts_with("http://"))
-        {
-            let message =
-                format!("server.public_url {url:?} must start with https:// (or http://)");
-            self.problem(None, None, message, true);
+        for (key, url) in [
+            ("public_url", file.server.public_url.as_deref()),
+            ("external_url", file.server.external_url.as_deref()),
+            ("runbook_url", Some(file.server.runbook_url.as_str())),
+        ] {
+            let Some(url) = url else { continue };
+            let absolute = (url.starts_with("https://") || url.starts_with("http://"))
+                && reqwest::Url::parse(url).is_ok();
+            if !absolute {
+                let message =
+                    format!("server.{key} {url:?} must be an absolute https:// (or http://) URL");
+                let at = self.key_at(&format!("server.{key}"));
+                self.problem(at, None, message, true);
+            }
         }
         if file.sources.twilio.overlap > Duration::from_secs(3600) {
             let message = "sources.twilio.overlap must be at most 1h".to_string();
@@ -1585,6 +1660,27 @@ mod tests {
         // The seed's own numbers pass.
         let ok = "[rules.success_rate]\nthreshold = 0.90\n[rules.bad_requests]\nminutes = 3\nwindow = \"5m\"\n[validation]\nduration = \"15m\"\n";
         assert!(refusals(ok, &[]).is_empty());
+    }
+
+    #[test]
+    fn link_urls_must_be_absolute() {
+        let text =
+            "[server]\nexternal_url = \"guard.example.org\"\nrunbook_url = \"docs/runbook.md\"\n";
+        let got = refusals(text, &[]);
+        assert_eq!(
+            got,
+            [
+                "line 2: server.external_url \"guard.example.org\" must be an absolute https:// (or http://) URL",
+                "line 3: server.runbook_url \"docs/runbook.md\" must be an absolute https:// (or http://) URL",
+            ]
+        );
+        let ok = check_str(
+            "[server]\npublic_url = \"https://guard.example.org/\"\n",
+            &env(&[]),
+        );
+        let server = ok.config.unwrap().server;
+        assert_eq!(server.link_base(), "https://guard.example.org");
+        assert_eq!(server.runbook_url, RUNBOOK_URL);
     }
 
     #[test]

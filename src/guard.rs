@@ -64,7 +64,7 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
                             stats,
                             taskrouter: tr,
                             reports,
-                            poll_interval: shared.config.twilio.poll_interval,
+                            poll_interval: shared.config().twilio.poll_interval,
                             now_ms,
                         },
                     )
@@ -187,7 +187,7 @@ pub fn deployed(shared: &Shared, cbo: &str, deployment: &str, at_ms: i64) {
     let now_ms = shared.clock.now_ms();
     shared.validations.supersede(cbo, deployment, now_ms);
     if !shared.validations.exists_for(cbo, deployment) {
-        let v = &shared.config.validation;
+        let v = &shared.config().validation;
         let _ = shared.validations.start(
             cbo,
             deployment,
@@ -232,14 +232,14 @@ fn standing(shared: &Shared, fresh: &[Transition]) -> Vec<Transition> {
 /// resolve them.
 fn notify(shared: &Shared, memory: &mut Memory, transitions: &[Transition], now_ms: i64) {
     use crate::actions::alertmanager::{RESEND_EVERY, alert};
-    if shared.config.actions.alertmanager.is_none() {
+    if shared.config().actions.alertmanager.is_none() {
         return;
     }
-    let generator = format!("http://{}/v1/status", shared.config.server.listen);
+    let links = crate::actions::alertmanager::Links::of(&shared.config().server);
     let mut alerts = Vec::new();
     for t in transitions.iter().filter(|t| t.from == RuleState::Breached) {
         memory.notified.remove(&(t.cbo.clone(), t.rule));
-        alerts.push(alert(&t.cbo, t.rule, &t.evidence, true, now_ms, &generator));
+        alerts.push(alert(&t.cbo, t.rule, &t.evidence, true, now_ms, &links));
     }
     let engine = shared.engine();
     for cbo in shared.fleet.iter() {
@@ -259,14 +259,7 @@ fn notify(shared: &Shared, memory: &mut Memory, transitions: &[Transition], now_
                 continue;
             }
             memory.notified.insert(key, now_ms);
-            alerts.push(alert(
-                &cbo.key,
-                rule,
-                &t.evidence,
-                false,
-                now_ms,
-                &generator,
-            ));
+            alerts.push(alert(&cbo.key, rule, &t.evidence, false, now_ms, &links));
         }
     }
     drop(engine);
@@ -310,7 +303,7 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
     };
     // With probes on, a window counts its test transfers (a quiet CBO's evidence).
     let probes = |cbo: &str, since: i64| {
-        let on = shared.config.cbo(cbo).is_some_and(|c| c.probe.is_some());
+        let on = shared.config().cbo(cbo).is_some_and(|c| c.probe.is_some());
         on.then(|| shared.fleet.get(cbo).map(|c| c.probes_since(since)))
             .flatten()
     };
@@ -401,7 +394,7 @@ fn validation_failed(
                 .and_then(|c| criterion(&c.name))
         })
         .unwrap_or(RuleId::SuccessRate);
-    let kind = action_kind(shared.config.validation.on_fail);
+    let kind = action_kind(shared.config().validation.on_fail);
     tracing::error!(cbo = %v.cbo, id = %v.id, deployment = %v.deployment, action = kind.as_str(), reason = v.reason.as_deref().unwrap_or(""), "deployment validation failed");
     let evidence = serde_json::json!({
         "validation": v.id, "deployment": v.deployment, "reason": v.reason,

@@ -26,6 +26,7 @@ pub mod twilio;
 pub mod validation;
 pub mod window;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,9 +43,46 @@ use crate::state::Fleet;
 /// How often open transfers are checked for their timeout and the rules are evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
 
+/// One Twilio client per account (see `sources::poll::clients`).
+pub type Clients = std::collections::HashMap<sid::AccountSid, twilio::TwilioClient>;
+
+/// The configuration in force and its Twilio clients; a reload (SIGHUP) swaps both at once.
+/// Readers take a snapshot (`config()`), so one request or one action sees one configuration.
+pub struct Live {
+    current: std::sync::RwLock<(Arc<Config>, Arc<Clients>)>,
+}
+
+impl Live {
+    pub fn new(config: Arc<Config>, clients: Clients) -> Live {
+        Live {
+            current: std::sync::RwLock::new((config, Arc::new(clients))),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    pub fn clients(&self) -> Arc<Clients> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    fn replace(&self, config: Arc<Config>, clients: Arc<Clients>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, clients);
+    }
+}
+
 /// What every handler and task shares.
 pub struct Shared {
-    pub config: Arc<Config>,
+    pub live: Arc<Live>,
     pub metrics: Arc<Metrics>,
     pub fleet: Fleet,
     pub clock: Clock,
@@ -59,6 +97,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
     pub fn engine(&self) -> std::sync::MutexGuard<'_, rules::Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -109,6 +152,117 @@ pub struct App {
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The pollers, prober and file followers, by what they were started for.
+    groups: BTreeMap<String, Group>,
+}
+
+/// What one group of tasks was started with: one CBO's pollers and prober, or one log file.
+/// A reload restarts a group only when this changed.
+#[derive(Debug, Clone, PartialEq)]
+enum GroupSpec {
+    Cbo {
+        cbo: Box<config::Cbo>,
+        twilio: config::TwilioSection,
+        record: config::TwilioSources,
+        timeout: Duration,
+        /// CBOs on the same Twilio account (whether debugger alerts are this CBO's alone).
+        sharing: usize,
+    },
+    File(config::FileSource),
+}
+
+struct Group {
+    spec: GroupSpec,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Group {
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn group_specs(config: &Config) -> BTreeMap<String, GroupSpec> {
+    let mut specs = BTreeMap::new();
+    for cbo in &config.cbos {
+        let sharing = config
+            .cbos
+            .iter()
+            .filter(|c| c.account_sid.is_some() && c.account_sid == cbo.account_sid)
+            .count();
+        specs.insert(
+            format!("cbo {}", cbo.key),
+            GroupSpec::Cbo {
+                cbo: Box::new(config::Cbo {
+                    // What only the rules, actions and ingest read: changing it restarts no poller.
+                    ingest_token: None,
+                    rules: Default::default(),
+                    rollback: Vec::new(),
+                    disable: Vec::new(),
+                    disable_features: Vec::new(),
+                    ..cbo.clone()
+                }),
+                twilio: config.twilio.clone(),
+                record: config.record.clone(),
+                timeout: config.transfers.timeout,
+                sharing,
+            },
+        );
+    }
+    for source in &config.file_sources {
+        specs.insert(
+            format!("file {} of {}", source.path.display(), source.cbo),
+            GroupSpec::File(source.clone()),
+        );
+    }
+    specs
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Groups of tasks restarted because what they were started with changed.
+    pub restarted: Vec<String>,
+}
+
+/// Why a reload was refused (the configuration in force is kept).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(#[from] config::ConfigError),
+    #[error("{} change only at a restart: nothing was reloaded", .0.join(", "))]
+    NeedsRestart(Vec<&'static str>),
+}
+
+/// Settings a running daemon cannot take over: the socket and its limits, where state lives,
+/// and the transfer tracking every CBO's state was built with.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    [
+        ("server.listen", o.listen != n.listen),
+        ("server.state_dir", o.state_dir != n.state_dir),
+        (
+            "server.header_read_timeout",
+            o.header_read_timeout != n.header_read_timeout,
+        ),
+        (
+            "server.request_timeout",
+            o.request_timeout != n.request_timeout,
+        ),
+        (
+            "server.max_connections",
+            o.max_connections != n.max_connections,
+        ),
+        ("transfers", old.transfers != new.transfers),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name)
+    .collect()
 }
 
 impl App {
@@ -124,13 +278,15 @@ impl App {
         let config = Arc::new(config);
         let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
         metrics.watch_log(log.health.clone());
-        let clients = sources::poll::clients(&config, clock);
-        let actions = Arc::new(actions::Actions::new(
+        let live = Arc::new(Live::new(
             config.clone(),
+            sources::poll::clients(&config, clock),
+        ));
+        let actions = Arc::new(actions::Actions::new(
+            live.clone(),
             log,
             metrics.clone(),
             clock,
-            clients.clone(),
         ));
         let validations = validation::Validations::open(
             &config.server.state_dir,
@@ -141,7 +297,7 @@ impl App {
             remembered: store::RememberedStore::open(&config.server.state_dir),
             validations,
             engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),
-            config,
+            live,
             metrics,
             fleet,
             clock,
@@ -159,7 +315,7 @@ impl App {
         let mut tasks = JoinSet::new();
 
         let router = api::router(shared.clone());
-        let server = &shared.config.server;
+        let server = &config.server;
         let limits = server::Limits {
             header_read_timeout: server.header_read_timeout,
             request_timeout: server.request_timeout,
@@ -194,77 +350,25 @@ impl App {
             }
         });
 
-        for cbo in &shared.config.cbos {
-            let mut poller = sources::poll::Poller::new(&shared.config, cbo, &clients);
-            let key = cbo.key.to_string();
-            if let Some(r) = shared.remembered.get(&key) {
-                poller.remember(r);
-            }
-            if !poller.pollable() {
-                // Nothing to ask Twilio; what the config alone says is all there is, and it is
-                // the guard's own configuration (config_mismatch), never a rollback trigger.
-                let state = shared.fleet.get(&key).expect("every cbo");
-                let mut tr = state.taskrouter();
-                tr.problems = poller.config_problems().to_vec();
-                tr.mismatch = tr.problems.clone();
-                if let Some(m) = shared.metrics.cbo(&key) {
-                    m.set_config_mismatch(!tr.mismatch.is_empty());
-                }
-                continue;
-            }
-            shared
-                .awaiting_first_poll
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
-            tasks.spawn(sources::poll::run(
-                shared.clone(),
-                poller,
-                key,
-                stopped.clone(),
-            ));
-        }
-
-        for cbo in &shared.config.cbos {
-            let key = cbo.key.to_string();
-            if let Some(prober) = sources::probe::Prober::new(&shared, &key, &clients) {
-                tasks.spawn(sources::probe::run(
-                    shared.clone(),
-                    prober,
-                    key,
-                    stopped.clone(),
-                ));
-            }
-        }
-
-        // Twilio's own record of each CBO's transfers (SPEC §2b).
-        let record = &shared.config.record;
-        if record.taskrouter_events || record.serverless_logs || record.twilio_alerts {
-            for cbo in &shared.config.cbos {
-                if let Some(poller) = sources::record::RecordPoller::new(&shared, cbo, &clients) {
-                    tasks.spawn(sources::record::run(
-                        shared.clone(),
-                        poller,
-                        stopped.clone(),
-                    ));
-                }
-            }
-        }
-
         // Intents written before a restart, without a result: ask Twilio what became of them.
         tasks.spawn(shared.actions.clone().settle(stopped.clone()));
 
-        for source in shared.config.file_sources.clone() {
-            tasks.spawn(sources::file::run(shared.clone(), source, stopped.clone()));
-        }
+        let groups = group_specs(&config)
+            .into_iter()
+            .map(|(name, spec)| {
+                let group = spawn_group(&shared, spec, true);
+                (name, group)
+            })
+            .collect();
 
         shared.ready.store(true, Ordering::Release);
-        tracing::info!(%addr, cbos = shared.config.cbos.len(), "transfer-guard listening");
+        tracing::info!(%addr, cbos = config.cbos.len(), "transfer-guard listening");
         Ok(App {
             addr,
             shared,
             stop,
             tasks,
+            groups,
         })
     }
 
@@ -272,13 +376,114 @@ impl App {
         format!("http://{}", self.addr)
     }
 
+    /// Takes a new configuration without a restart: rules, thresholds, tokens, actions and
+    /// CBOs added or removed. Every CBO kept keeps its transfers, windows, rule states and
+    /// switch; only the pollers whose settings changed start again. A configuration that
+    /// changes what only a restart can change is refused whole, and the one in force stays.
+    pub async fn reload(&mut self, config: Config) -> Result<Reloaded, ReloadError> {
+        let shared = self.shared.clone();
+        let old = shared.config();
+        let fixed = restart_only(&old, &config);
+        if !fixed.is_empty() {
+            return Err(ReloadError::NeedsRestart(fixed));
+        }
+        let now_ms = shared.clock.now_ms();
+        let clients = sources::poll::clients_after(
+            &config,
+            shared.clock,
+            Some((&old, &shared.live.clients())),
+        );
+        let config = Arc::new(config);
+        // New CBOs get their state before any request can name them; removed ones lose theirs
+        // only once no request can.
+        let added = shared.fleet.add(&config, &shared.metrics);
+        shared.engine().reconfigure(&config, now_ms);
+        shared.actions.reconfigure(&config);
+        shared.live.replace(config.clone(), Arc::new(clients));
+        let removed: Vec<String> = old
+            .cbos
+            .iter()
+            .map(|c| c.key.to_string())
+            .filter(|k| config.cbo(k).is_none())
+            .collect();
+        for cbo in &removed {
+            shared
+                .validations
+                .withdraw(cbo, "its cbo was removed from the configuration", now_ms);
+            shared.poll_done(cbo);
+        }
+        shared.fleet.retain(&config, &shared.metrics);
+
+        let wanted = group_specs(&config);
+        let mut restarted = Vec::new();
+        let stale: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(name, g)| wanted.get(*name) != Some(&g.spec))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(group) = self.groups.remove(&name) {
+                group.stop().await;
+                if wanted.contains_key(&name) {
+                    restarted.push(name);
+                }
+            }
+        }
+        for (name, spec) in wanted {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.groups.entry(name) {
+                slot.insert(spawn_group(&shared, spec, false));
+            }
+        }
+        Ok(Reloaded {
+            added,
+            removed,
+            restarted,
+        })
+    }
+
+    /// Reads `path` again and takes it (SIGHUP): a file that cannot be read, is invalid, or
+    /// changes what only a restart can is refused with the reason logged and counted, and the
+    /// configuration in force stays.
+    pub async fn reload_file(&mut self, path: &std::path::Path) -> Result<Reloaded, ReloadError> {
+        let result = match Config::load(path) {
+            Ok((config, problems)) => {
+                for p in problems {
+                    tracing::warn!(problem = %p, "configuration");
+                }
+                self.reload(config).await
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.shared.metrics.reloaded(result.is_ok());
+        match &result {
+            Ok(r) => tracing::info!(
+                path = %path.display(),
+                added = ?r.added,
+                removed = ?r.removed,
+                restarted = ?r.restarted,
+                "configuration reloaded"
+            ),
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                error = %e,
+                "configuration reload refused: the configuration in force is kept"
+            ),
+        }
+        result
+    }
+
     /// Stops accepting, lets requests in flight finish, and stops every task; actions being
     /// carried out get `server.drain` to finish (their intents are on record either way).
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
+        for group in std::mem::take(&mut self.groups).into_values() {
+            let _ = group.stop.send(true);
+            self.tasks.spawn(async move { group.stop().await });
+        }
         while self.tasks.join_next().await.is_some() {}
-        let drain = self.shared.config.server.drain;
+        let drain = self.shared.config().server.drain;
         if !self.shared.actions.finish_in_flight(drain).await {
             tracing::warn!(
                 in_flight = self.shared.actions.in_flight(),
@@ -287,6 +492,71 @@ impl App {
         }
         tracing::info!("transfer-guard stopped");
     }
+}
+
+/// Starts one group's tasks. `at_start`: `/readyz` waits for the CBO's first poll (a reload
+/// never makes a running daemon unready).
+fn spawn_group(shared: &Arc<Shared>, spec: GroupSpec, at_start: bool) -> Group {
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let config = shared.config();
+    let clients = shared.live.clients();
+    match &spec {
+        GroupSpec::File(source) => {
+            tasks.spawn(sources::file::run(
+                shared.clone(),
+                source.clone(),
+                stopped.clone(),
+            ));
+        }
+        GroupSpec::Cbo { cbo, record, .. } => {
+            let key = cbo.key.to_string();
+            let mut poller = sources::poll::Poller::new(&config, cbo, &clients);
+            if let Some(r) = shared.remembered.get(&key) {
+                poller.remember(r);
+            }
+            if poller.pollable() {
+                if at_start {
+                    shared
+                        .awaiting_first_poll
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone());
+                }
+                tasks.spawn(sources::poll::run(
+                    shared.clone(),
+                    poller,
+                    key.clone(),
+                    stopped.clone(),
+                ));
+            } else if let Some(state) = shared.fleet.get(&key) {
+                // Nothing to ask Twilio; what the config alone says is all there is, and it is
+                // the guard's own configuration (config_mismatch), never a rollback trigger.
+                let mut tr = state.taskrouter();
+                tr.problems = poller.config_problems().to_vec();
+                tr.mismatch = tr.problems.clone();
+                if let Some(m) = shared.metrics.cbo(&key) {
+                    m.set_config_mismatch(!tr.mismatch.is_empty());
+                }
+            }
+            if let Some(prober) = sources::probe::Prober::new(&config, cbo, &clients) {
+                tasks.spawn(sources::probe::run(
+                    shared.clone(),
+                    prober,
+                    key.clone(),
+                    stopped.clone(),
+                ));
+            }
+            // Twilio's own record of the CBO's transfers (SPEC §2b).
+            let wanted = record.taskrouter_events || record.serverless_logs || record.twilio_alerts;
+            if wanted
+                && let Some(poller) = sources::record::RecordPoller::new(&config, cbo, &clients)
+            {
+                tasks.spawn(sources::record::run(shared.clone(), poller, stopped));
+            }
+        }
+    }
+    Group { spec, stop, tasks }
 }
 
 /// Resolves when the process is asked to stop (SIGTERM or SIGINT).
@@ -303,4 +573,32 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Runs `app` until SIGTERM or SIGINT, reloading `path` at each SIGHUP; then stops it.
+pub async fn serve_until_stopped(mut app: App, path: &std::path::Path) {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing a SIGHUP handler");
+    loop {
+        #[cfg(unix)]
+        let hangup = hup.recv();
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup => {
+                systemd::notify("RELOADING=1");
+                // Refused or applied, it is logged and counted; the daemon goes on either way.
+                let _ = app.reload_file(path).await;
+                let cbos = app.shared.config().cbos.len();
+                systemd::notify(&format!("READY=1\nSTATUS=guarding {cbos} CBOs on {}", app.addr));
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    systemd::notify("STOPPING=1");
+    app.shutdown().await;
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use transfer_guard::config::{Config, Secret};
-use transfer_guard::{App, cli, demo, shutdown_signal};
+use transfer_guard::{App, cli, demo};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,10 @@ enum Command {
         /// Also ask Twilio about each CBO's workflow, statistics and variables.
         #[arg(long)]
         online: bool,
+        /// Also fail on what would leave the guard unable to act (dry run on, a CBO with no
+        /// rollback or disable integration), for pipelines installing a production file.
+        #[arg(long)]
+        strict: bool,
     },
     /// Start (or follow) a post-deploy validation window and wait for its verdict: exit 0
     /// passed, 1 failed, 2 inconclusive, 3 could not run.
@@ -313,9 +317,13 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config, online } => {
+        Command::Check {
+            config,
+            online,
+            strict,
+        } => {
             let env = |k: &str| std::env::var(k).ok();
-            let code = cli::check::run(&config, online, &env, &mut std::io::stdout()).await;
+            let code = cli::check::run(&config, online, strict, &env, &mut std::io::stdout()).await;
             ExitCode::from(code as u8)
         }
         Command::Ingest {
@@ -567,15 +575,12 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!(problem = %p, "configuration");
     }
     let app = App::start(config).await.context("starting")?;
-    let cbos = app.shared.config.cbos.len();
+    let cbos = app.shared.config().cbos.len();
     transfer_guard::systemd::notify(&format!(
         "READY=1\nSTATUS=guarding {cbos} CBOs on {}",
         app.addr
     ));
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    transfer_guard::systemd::notify("STOPPING=1");
-    app.shutdown().await;
+    transfer_guard::serve_until_stopped(app, &path).await;
     Ok(())
 }
 

@@ -491,6 +491,10 @@ pub struct Metrics {
     other_rejects: Mutex<BTreeMap<(String, Reject), u64>>,
     /// The decision log's health, once the log is open.
     log_health: std::sync::OnceLock<Arc<crate::decisions::Health>>,
+    /// `config_reloads_total{result}`: `applied` or `refused`.
+    reloads: prometheus::IntCounterVec,
+    /// `config_last_reload_successful`: 0 while the file on disk is one the daemon refused.
+    reload_ok: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -517,6 +521,33 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("registered once");
+        let reloads = prometheus::IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Configuration reloads (SIGHUP), by result: applied, or refused and the configuration in force kept.",
+            )
+            .namespace(NAMESPACE),
+            &["result"],
+        )
+        .expect("a valid definition");
+        for result in ["applied", "refused"] {
+            reloads.with_label_values(&[result]);
+        }
+        let reload_ok = prometheus::IntGauge::with_opts(
+            Opts::new(
+                "config_last_reload_successful",
+                "1 when the last reload was applied (or none was asked), 0 when it was refused.",
+            )
+            .namespace(NAMESPACE),
+        )
+        .expect("a valid definition");
+        reload_ok.set(1);
+        registry
+            .register(Box::new(reloads.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(reload_ok.clone()))
+            .expect("registered once");
         // Requests without a valid token belong to no CBO.
         let other = BTreeMap::from([((String::new(), Reject::Unauthorized), 0)]);
         Metrics {
@@ -524,7 +555,16 @@ impl Metrics {
             cbos: RwLock::new(BTreeMap::new()),
             other_rejects: Mutex::new(other),
             log_health: std::sync::OnceLock::new(),
+            reloads,
+            reload_ok,
         }
+    }
+
+    /// Counts a reload: applied, or refused (the configuration in force kept).
+    pub fn reloaded(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.with_label_values(&[result]).inc();
+        self.reload_ok.set(applied as i64);
     }
 
     /// Exports `decision_log_writable` and `decision_log_errors_total` from `health`.
@@ -547,6 +587,12 @@ impl Metrics {
     pub fn cbo(&self, cbo: &str) -> Option<Arc<CboSeries>> {
         let cbos = self.cbos.read().unwrap_or_else(|p| p.into_inner());
         cbos.get(cbo).cloned()
+    }
+
+    /// Drops the series of a CBO no longer configured (a reload removed it).
+    pub fn remove_cbo(&self, cbo: &str) {
+        let mut cbos = self.cbos.write().unwrap_or_else(|p| p.into_inner());
+        cbos.remove(cbo);
     }
 
     pub fn reject(&self, cbo: &str, reason: Reject) {

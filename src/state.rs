@@ -633,31 +633,63 @@ fn record(windows: &mut Windows, effect: &Effect, since_ms: i64, now_ms: i64) {
 
 /// Every configured CBO's state, by key.
 pub struct Fleet {
-    cbos: BTreeMap<String, Arc<CboState>>,
+    cbos: std::sync::RwLock<BTreeMap<String, Arc<CboState>>>,
 }
 
 impl Fleet {
     pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Fleet {
-        let cbos = config
-            .cbos
-            .iter()
-            .map(|c| {
-                let key = c.key.as_str();
-                (
+        let fleet = Fleet {
+            cbos: Default::default(),
+        };
+        fleet.add(config, metrics);
+        fleet
+    }
+
+    /// Adds the CBOs of `config` not here yet (empty); those already here keep their state.
+    /// Returns the keys added.
+    pub fn add(&self, config: &Config, metrics: &Metrics) -> Vec<String> {
+        let mut cbos = self.cbos.write().unwrap_or_else(|p| p.into_inner());
+        let mut added = Vec::new();
+        for cbo in &config.cbos {
+            let key = cbo.key.as_str();
+            if !cbos.contains_key(key) {
+                cbos.insert(
                     key.to_string(),
                     Arc::new(CboState::new(key, config, metrics)),
-                )
-            })
+                );
+                added.push(key.to_string());
+            }
+        }
+        added
+    }
+
+    /// Drops the CBOs `config` no longer has, with their series. Returns the keys removed.
+    pub fn retain(&self, config: &Config, metrics: &Metrics) -> Vec<String> {
+        let mut cbos = self.cbos.write().unwrap_or_else(|p| p.into_inner());
+        let removed: Vec<String> = cbos
+            .keys()
+            .filter(|k| config.cbo(k).is_none())
+            .cloned()
             .collect();
-        Fleet { cbos }
+        for key in &removed {
+            cbos.remove(key);
+            metrics.remove_cbo(key);
+        }
+        removed
     }
 
-    pub fn get(&self, key: &str) -> Option<&Arc<CboState>> {
-        self.cbos.get(key)
+    pub fn get(&self, key: &str) -> Option<Arc<CboState>> {
+        self.cbos
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<CboState>> {
-        self.cbos.values()
+    /// Every CBO now, in key order.
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<CboState>> {
+        let cbos = self.cbos.read().unwrap_or_else(|p| p.into_inner());
+        cbos.values().cloned().collect::<Vec<_>>().into_iter()
     }
 
     pub fn sweep(&self, now_ms: i64) {

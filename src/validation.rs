@@ -400,18 +400,33 @@ impl Validations {
     /// Ends `cbo`'s running windows of other deployments as inconclusive: a newer deployment
     /// took effect, so what they judged is no longer live.
     pub fn supersede(&self, cbo: &str, deployment: &str, now_ms: i64) {
+        self.end_running(
+            cbo,
+            |v| v.deployment != deployment,
+            &format!("superseded: deployment {deployment} took effect"),
+            now_ms,
+        );
+    }
+
+    /// Ends `cbo`'s running windows as inconclusive for `why` (its CBO was removed by a reload):
+    /// a pipeline waiting on one gets its answer instead of waiting out the window.
+    pub fn withdraw(&self, cbo: &str, why: &str, now_ms: i64) {
+        self.end_running(cbo, |_| true, why, now_ms);
+    }
+
+    fn end_running(&self, cbo: &str, which: impl Fn(&Validation) -> bool, why: &str, now_ms: i64) {
         let mut windows = self.lock();
         let mut ended = false;
         for v in windows
             .values_mut()
-            .filter(|v| v.cbo == cbo && v.deployment != deployment && v.state == State::Running)
+            .filter(|v| v.cbo == cbo && v.state == State::Running && which(v))
         {
             v.state = State::Inconclusive;
-            v.reason = Some(format!("superseded: deployment {deployment} took effect"));
+            v.reason = Some(why.to_string());
             v.end_ms = now_ms;
             v.end = rfc3339(now_ms);
             ended = true;
-            tracing::warn!(id = %v.id, cbo, deployment = %v.deployment, "validation window superseded by a newer deployment");
+            tracing::warn!(id = %v.id, cbo, deployment = %v.deployment, why, "validation window ended");
         }
         if ended {
             self.publish(&windows, cbo);

@@ -47,6 +47,53 @@ async fn check_passes_a_sound_config() {
 }
 
 #[tokio::test]
+async fn check_strict_also_fails_a_guard_that_could_not_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |path: std::path::PathBuf, strict: bool| async move {
+        let mut cmd = tg();
+        cmd.args(["check", "--config"]).arg(&path);
+        if strict {
+            cmd.arg("--strict");
+        }
+        let out = cmd.output().await.unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // Dry run (the default) and no integrations: a sound file...
+    let path = write_config(&dir, &config_text(""));
+    let (code, stdout) = check(path.clone(), false).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    // ...but a pipeline installing a production file wants a guard that acts.
+    let (code, stdout) = check(path, true).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(stdout.contains(": actions.dry_run is on"), "{stdout}");
+    assert!(
+        stdout.contains(": cbo a: no rollback and no disable integration"),
+        "{stdout}"
+    );
+    let acting = config_text("")
+        .replace(
+            "[[cbo]]\nkey = \"a\"",
+            "[actions]\ndry_run = false\n\n[[cbo]]\nkey = \"a\"",
+        )
+        .replace(
+            "\n[[cbo]]\nkey = \"b\"",
+            "rollback = [\"plugin_release\"]\n\n[[cbo]]\nkey = \"b\"",
+        )
+        .replace(
+            "workflow_sid = \"WW0000000000000000000000000000000b\"",
+            "workflow_sid = \"WW0000000000000000000000000000000b\"\ndisable = [\"flex_flag\"]",
+        );
+    let path = write_config(&dir, &acting);
+    let (code, stdout) = check(path, true).await;
+    assert_eq!(code, Some(0), "{acting}\n{stdout}");
+    assert!(stdout.contains("ok (2 CBOs, offline)"), "{stdout}");
+}
+
+#[tokio::test]
 async fn check_names_the_cbo_of_a_33_character_workflow_sid() {
     let dir = tempfile::tempdir().unwrap();
     let text = config_text("").replace(

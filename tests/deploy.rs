@@ -128,3 +128,74 @@ async fn the_alertmanager_example_is_valid_routes_pages_and_inhibits_only_real_a
         );
     }
 }
+
+/// The configuration files shipped in `deploy/` are ones `run` accepts, with every secret they
+/// name given (by the environment, or a file in `secrets_dir`).
+#[test]
+fn the_shipped_configurations_are_accepted() {
+    let example = std::fs::read_to_string(format!("{ROOT}/deploy/transfer-guard.toml")).unwrap();
+    let manifest =
+        std::fs::read_to_string(format!("{ROOT}/deploy/kubernetes/transfer-guard.yaml")).unwrap();
+    // The ConfigMap's file: the block under `transfer-guard.toml: |`, unindented.
+    let embedded: String = manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("transfer-guard.toml: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(embedded.contains("[[cbo]]"), "{embedded}");
+    for (name, text) in [
+        ("deploy/transfer-guard.toml", example),
+        ("the ConfigMap", embedded),
+    ] {
+        // Each variable a value of its own (tokens must differ from one another).
+        let checked =
+            transfer_guard::config::check_str(&text, &|var| Some(format!("value of {var}")));
+        let fatal: Vec<_> = checked.problems.iter().filter(|p| p.fatal).collect();
+        assert!(fatal.is_empty(), "{name}: {fatal:?}");
+    }
+}
+
+/// Every runbook link (the alert rules', and the daemon's own alerts' for each rule) is absolute
+/// and lands on a section of `docs/runbook.md`.
+#[test]
+fn every_runbook_link_is_absolute_and_lands_on_a_section() {
+    use transfer_guard::config::RUNBOOK_URL;
+    let runbook = std::fs::read_to_string(format!("{ROOT}/docs/runbook.md")).unwrap();
+    let sections: std::collections::BTreeSet<&str> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .collect();
+    let rules = std::fs::read_to_string(format!("{ROOT}/alerts/transfer-guard.rules.yml")).unwrap();
+    let mut links: Vec<String> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(links.len(), rules.matches("- alert: ").count());
+    let links_of_the_daemon = transfer_guard::rules::RuleId::ALL.map(|rule| {
+        let a = transfer_guard::actions::alertmanager::alert(
+            "nss",
+            rule,
+            &serde_json::json!({}),
+            false,
+            0,
+            &transfer_guard::actions::alertmanager::Links::of(&Default::default()),
+        );
+        a["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    });
+    links.extend(links_of_the_daemon);
+    for link in links {
+        let anchor = link
+            .strip_prefix(&format!("{RUNBOOK_URL}#"))
+            .unwrap_or_else(|| panic!("{link} is not under {RUNBOOK_URL}"));
+        assert!(
+            sections.contains(anchor),
+            "{link}: no section `## {anchor}`"
+        );
+    }
+}

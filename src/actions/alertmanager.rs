@@ -19,6 +19,21 @@ pub fn severity(rule: RuleId) -> &'static str {
     }
 }
 
+/// Where an alert's links lead: the daemon (`server.external_url`) and the runbook.
+pub struct Links {
+    pub base: String,
+    pub runbook: String,
+}
+
+impl Links {
+    pub fn of(server: &crate::config::ServerSection) -> Links {
+        Links {
+            base: server.link_base(),
+            runbook: server.runbook_url.clone(),
+        }
+    }
+}
+
 /// One postable alert: firing (`resolved = false`, valid for five minutes) or resolved now.
 pub fn alert(
     cbo: &str,
@@ -26,7 +41,7 @@ pub fn alert(
     evidence: &Value,
     resolved: bool,
     now_ms: i64,
-    generator: &str,
+    links: &Links,
 ) -> Value {
     let mut a = json!({
         "labels": {
@@ -39,9 +54,9 @@ pub fn alert(
         "annotations": {
             "summary": format!("transfer-guard: rule {} breached on {cbo}", rule.as_str()),
             "description": format!("CBO {cbo}: rule {} breached; evidence {evidence}", rule.as_str()),
-            "runbook_url": format!("docs/runbook.md#{}", rule.as_str().replace('_', "-")),
+            "runbook_url": format!("{}#{}", links.runbook, rule.as_str().replace('_', "-")),
         },
-        "generatorURL": generator,
+        "generatorURL": format!("{}/v1/status?cbo={cbo}", links.base),
     });
     if resolved {
         a["endsAt"] = json!(rfc3339(now_ms));

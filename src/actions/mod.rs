@@ -21,8 +21,6 @@ use crate::config::{Cbo, Config, DisableKind, Feature, RollbackKind};
 use crate::decisions::{DecisionLog, Entry, Kind, LogError};
 use crate::metrics::Metrics;
 use crate::rules::RuleId;
-use crate::sid::AccountSid;
-use crate::twilio::TwilioClient;
 use known::{Artifact, Ledger, Live, NoTarget, Verdict, View};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -377,11 +375,10 @@ enum Ran {
 }
 
 pub struct Actions {
-    config: Arc<Config>,
+    live: Arc<crate::Live>,
     pub log: Arc<DecisionLog>,
     metrics: Arc<Metrics>,
     clock: Clock,
-    clients: HashMap<AccountSid, TwilioClient>,
     memory: Mutex<Memory>,
     http: reqwest::Client,
     /// Set when something that held actions back has cleared (intents settled): breaches
@@ -409,14 +406,13 @@ pub struct NotRecorded(#[from] LogError);
 
 impl Actions {
     pub fn new(
-        config: Arc<Config>,
+        live: Arc<crate::Live>,
         log: Arc<DecisionLog>,
         metrics: Arc<Metrics>,
         clock: Clock,
-        clients: HashMap<AccountSid, TwilioClient>,
     ) -> Actions {
         let mut memory = Memory::default();
-        for cbo in &config.cbos {
+        for cbo in &live.config().cbos {
             memory
                 .switches
                 .insert(cbo.key.to_string(), Switch::on(cbo.key.as_str()));
@@ -430,11 +426,10 @@ impl Actions {
             }
         }
         Actions {
-            config,
+            live,
             log,
             metrics,
             clock,
-            clients,
             memory: Mutex::new(memory),
             http: reqwest::Client::new(),
             recheck: Default::default(),
@@ -446,6 +441,25 @@ impl Actions {
     pub fn take_recheck(&self) -> bool {
         self.recheck
             .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
+    /// A reload added CBOs: their switches start on (unless the log says otherwise).
+    pub fn reconfigure(&self, config: &Config) {
+        let mut memory = self.memory();
+        for cbo in &config.cbos {
+            let key = cbo.key.as_str();
+            memory
+                .switches
+                .entry(key.to_string())
+                .or_insert_with(|| Switch::on(key));
+            if let (Some(m), Some(s)) = (self.metrics.cbo(key), memory.switches.get(key)) {
+                m.set_disabled(s.is_off());
+            }
+        }
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -514,10 +528,10 @@ impl Actions {
     /// What integrations plan with for `cbo`.
     fn known(&self, cbo: &str) -> Known {
         let deploy_window = self
-            .config
+            .config()
             .cbo(cbo)
             .map(|c| {
-                crate::rules::Params::resolve(RuleId::CrossCbo, &self.config.rules, &c.rules)
+                crate::rules::Params::resolve(RuleId::CrossCbo, &self.config().rules, &c.rules)
                     .deploy_window
             })
             .unwrap_or(Duration::from_secs(3600));
@@ -558,14 +572,16 @@ impl Actions {
     }
 
     fn integrations(self: &Arc<Self>, cbo: &Cbo, kind: ActionKind) -> Vec<Box<dyn Integration>> {
-        let client = cbo.account_sid.and_then(|a| self.clients.get(&a).cloned());
+        let client = cbo
+            .account_sid
+            .and_then(|a| self.live.clients().get(&a).cloned());
         let mut out: Vec<Box<dyn Integration>> = Vec::new();
         let webhook = || {
-            self.config.actions.webhook.as_ref().map(|w| {
+            self.config().actions.webhook.as_ref().map(|w| {
                 Box::new(webhook::Webhook {
                     http: self.http.clone(),
                     url: w.url.clone(),
-                    secret: self.config.webhook_secret.clone(),
+                    secret: self.config().webhook_secret.clone(),
                     timeout: w.timeout,
                 }) as Box<dyn Integration>
             })
@@ -580,7 +596,7 @@ impl Actions {
                             {
                                 out.push(Box::new(serverless::Redeploy {
                                     client: c.clone(),
-                                    base_url: self.config.twilio.serverless_url.clone(),
+                                    base_url: self.config().twilio.serverless_url.clone(),
                                     service,
                                     environment: env,
                                 }));
@@ -589,12 +605,12 @@ impl Actions {
                         (RollbackKind::PluginRelease, Some(c)) => {
                             out.push(Box::new(flex::PreviousRelease {
                                 client: c.clone(),
-                                base_url: self.config.twilio.flex_url.clone(),
+                                base_url: self.config().twilio.flex_url.clone(),
                             }))
                         }
                         (RollbackKind::Webhook, _) => out.extend(webhook()),
                         (RollbackKind::Command, _) => {
-                            if let Some(c) = &self.config.actions.command {
+                            if let Some(c) = &self.config().actions.command {
                                 out.push(Box::new(command::Command {
                                     argv: c.argv.clone(),
                                     timeout: c.timeout,
@@ -610,7 +626,7 @@ impl Actions {
                     match (d, &client) {
                         (DisableKind::FlexFlag, Some(c)) => out.push(Box::new(flex::FlagOff {
                             client: c.clone(),
-                            base_url: self.config.twilio.flex_url.clone(),
+                            base_url: self.config().twilio.flex_url.clone(),
                             actions: Arc::downgrade(self),
                             features: cbo.disable_features.clone(),
                         })),
@@ -642,7 +658,7 @@ impl Actions {
     /// Records that a decision's action was held back, and why.
     pub fn suppress(self: &Arc<Self>, d: &Decision, why: String) {
         tracing::info!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action suppressed");
-        if let Some(cbo) = self.config.cbo(&d.cbo) {
+        if let Some(cbo) = self.config().cbo(&d.cbo) {
             for name in self.names(cbo, d.kind) {
                 self.count(&d.cbo, d.kind, name, "suppressed");
             }
@@ -655,7 +671,7 @@ impl Actions {
     /// attempts that first read whether the last one took effect, result. Returns at once; the
     /// integrations run on their own task so one CBO never waits for another.
     pub fn decide(self: &Arc<Self>, d: Decision) {
-        let Some(cbo) = self.config.cbo(&d.cbo).cloned() else {
+        let Some(cbo) = self.config().cbo(&d.cbo).cloned() else {
             return;
         };
         let now = self.clock.now_ms();
@@ -707,7 +723,7 @@ impl Actions {
             } else if let Some(at) = m
                 .last_attempt
                 .get(&key)
-                .filter(|at| now - **at < self.config.actions.cooldown.as_millis() as i64)
+                .filter(|at| now - **at < self.config().actions.cooldown.as_millis() as i64)
             {
                 Some(format!(
                     "cooldown: last {} at {}",
@@ -736,7 +752,7 @@ impl Actions {
             );
             return;
         }
-        if self.config.actions.dry_run {
+        if self.config().actions.dry_run {
             for name in self.names(&cbo, d.kind) {
                 self.count(&d.cbo, d.kind, name, "dry_run");
                 tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), integration = name, "dry run: would act");
@@ -760,7 +776,7 @@ impl Actions {
         if d.kind == ActionKind::Disable {
             let reason = format!("{} breached", d.rule.as_str());
             let off = self
-                .config
+                .config()
                 .cbo(&d.cbo)
                 .map_or(vec![Feature::Enabled], |c| c.disable_features.clone());
             if self.set_switch(&d.cbo, &off, reason).is_err() {
@@ -834,7 +850,7 @@ impl Actions {
             ..d.clone()
         });
         if self
-            .config
+            .config()
             .cbo(&d.cbo)
             .is_some_and(|c| !c.disable.is_empty())
         {
@@ -875,7 +891,7 @@ impl Actions {
             self.count(&d.cbo, d.kind, name, "failed");
             return Ran::NotRecorded;
         };
-        let attempts = self.config.actions.attempts.max(1);
+        let attempts = self.config().actions.attempts.max(1);
         let attempt_of = Attempt {
             decision: d,
             plan: &plan,
@@ -1010,7 +1026,7 @@ impl Actions {
             decided_at: intent.at.clone(),
         };
         let integration = self
-            .config
+            .config()
             .cbo(&intent.cbo)
             .map(|c| self.integrations(c, kind))
             .unwrap_or_default()
@@ -1148,14 +1164,14 @@ impl Actions {
             return Err(EnableError::NotRecorded(why));
         }
         let previous = self.switch(cbo.key.as_str()).and_then(|s| s.previous_flags);
-        if let (Some(previous), false) = (previous, self.config.actions.dry_run)
+        if let (Some(previous), false) = (previous, self.config().actions.dry_run)
             && cbo.disable.contains(&DisableKind::FlexFlag)
         {
             let client = cbo
                 .account_sid
-                .and_then(|a| self.clients.get(&a).cloned())
+                .and_then(|a| self.live.clients().get(&a).cloned())
                 .ok_or_else(|| EnableError::Twilio("no Twilio credentials for this CBO".into()))?;
-            flex::restore_flags(&client, &self.config.twilio.flex_url, &previous)
+            flex::restore_flags(&client, &self.config().twilio.flex_url, &previous)
                 .await
                 .map_err(EnableError::Twilio)?;
             self.count(cbo.key.as_str(), ActionKind::Disable, "flex_flag", "fired");
@@ -1167,7 +1183,7 @@ impl Actions {
     /// Sends breaches and recoveries to the configured Alertmanager, on its own task. These are
     /// notifications, not actions on Twilio: they are sent in dry run too.
     pub fn notify(self: &Arc<Self>, alerts: Vec<Value>) {
-        let Some(am) = self.config.actions.alertmanager.clone() else {
+        let Some(am) = self.config().actions.alertmanager.clone() else {
             return;
         };
         if alerts.is_empty() {

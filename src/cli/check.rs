@@ -7,10 +7,34 @@ use crate::config::check_str;
 use crate::health::Corruption;
 use crate::sources::poll::{Poller, clients};
 
+/// What a configuration that `run` accepts may still leave undone: a guard that decides but
+/// cannot act. `--strict` counts them as problems (for pipelines that install production
+/// configurations); plain `check` leaves them out, one line per problem.
+pub fn notes(config: &crate::config::Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if config.actions.dry_run {
+        notes.push(
+            "actions.dry_run is on (the default): breaches are decided and logged, nothing is rolled back or disabled"
+                .to_string(),
+        );
+    }
+    for cbo in &config.cbos {
+        if cbo.rollback.is_empty() && cbo.disable.is_empty() {
+            notes.push(format!(
+                "cbo {}: no rollback and no disable integration: its breaches only alert",
+                cbo.key
+            ));
+        }
+    }
+    notes
+}
+
 /// Prints one line per problem to `out`; returns the process exit code (0 clean, 1 problems).
+/// `strict`: the notes count as problems too.
 pub async fn run(
     path: &Path,
     online: bool,
+    strict: bool,
     env: &dyn Fn(&str) -> Option<String>,
     out: &mut dyn Write,
 ) -> i32 {
@@ -30,6 +54,12 @@ pub async fn run(
     let Some(config) = checked.config else {
         return 1;
     };
+    if strict {
+        for note in notes(&config) {
+            problems += 1;
+            let _ = writeln!(out, "{name}: {note}");
+        }
+    }
     if online {
         let clients = clients(&config, crate::clock::Clock::new());
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);

@@ -336,19 +336,32 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: &Config, now_ms: i64) -> Engine {
+        let mut engine = Engine {
+            params: BTreeMap::new(),
+            tracked: BTreeMap::new(),
+        };
+        engine.reconfigure(config, now_ms);
+        engine
+    }
+
+    /// Takes the rules and thresholds of `config`: each CBO's rules keep their state (a breach
+    /// still standing is judged again at the next tick, on the new thresholds), new CBOs start
+    /// ok, removed ones are dropped.
+    pub fn reconfigure(&mut self, config: &Config, now_ms: i64) {
         let mut params = BTreeMap::new();
-        let mut tracked = BTreeMap::new();
         for cbo in &config.cbos {
             for rule in RuleId::ALL {
                 let key = (cbo.key.to_string(), rule);
-                params.insert(
-                    key.clone(),
-                    Params::resolve(rule, &config.rules, &cbo.rules),
-                );
-                tracked.insert(key, Tracked::new(now_ms));
+                params.insert(key, Params::resolve(rule, &config.rules, &cbo.rules));
             }
         }
-        Engine { params, tracked }
+        self.tracked.retain(|key, _| params.contains_key(key));
+        for key in params.keys() {
+            self.tracked
+                .entry(key.clone())
+                .or_insert_with(|| Tracked::new(now_ms));
+        }
+        self.params = params;
     }
 
     pub fn params(&self, cbo: &str, rule: RuleId) -> Option<&Params> {
@@ -405,8 +418,16 @@ impl Engine {
         let mut reporting: Vec<(String, Value)> = Vec::new();
         let mut all: Vec<String> = Vec::new();
         for (cbo, inputs) in cbos {
+            // A CBO a reload added or removed since the caller looked is judged from the next
+            // tick on (or no more).
+            let Some(cross) = self
+                .params
+                .get(&(cbo.to_string(), RuleId::CrossCbo))
+                .copied()
+            else {
+                continue;
+            };
             all.push(cbo.to_string());
-            let cross = self.params[&(cbo.to_string(), RuleId::CrossCbo)];
             let since = now_ms - cross.window.as_millis() as i64;
             let recent: Vec<_> = inputs.reports.iter().filter(|r| r.at_ms >= since).collect();
             if !recent.is_empty() && recent.len() as u64 >= cross.min_samples.max(1) {

@@ -14,7 +14,7 @@ use crate::Shared;
 use crate::api::{Caller, caller, json_error, unauthorized};
 use crate::event::{self, Event, EventError};
 use crate::metrics::Reject;
-use crate::state::Rejection;
+use crate::state::{CboState, Rejection};
 
 #[derive(Debug, Serialize)]
 struct RejectedLine {
@@ -178,7 +178,7 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
             return json_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &message);
         }
     };
-    let limit = shared.config.server.max_body_bytes;
+    let limit = shared.config().server.max_body_bytes;
     let too_large = || {
         metrics.reject(who_cbo, Reject::TooLarge);
         json_error(
@@ -220,7 +220,8 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     let now_ms = shared.clock.now_ms();
     let mut rejected: Vec<Rejection> = Vec::new();
     let mut parsed = 0;
-    let mut by_cbo: BTreeMap<&str, Vec<(usize, Event)>> = BTreeMap::new();
+    // Each CBO's state is taken once: a reload that drops it mid-request cannot lose the batch.
+    let mut by_cbo: BTreeMap<String, (Arc<CboState>, Batch)> = BTreeMap::new();
     for (index, item) in items {
         let event = match item {
             Ok(event) => event,
@@ -242,7 +243,7 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         // A CBO's token writes that CBO's events whatever the body says; only the admin
         // token may name the CBO.
         let cbo = match &who {
-            Caller::Cbo(k) => shared.fleet.get(k).map(|c| c.key.as_str()),
+            Caller::Cbo(k) => shared.fleet.get(k),
             Caller::Admin => match event.cbo.as_deref() {
                 None => {
                     rejected.push(unknown(index, "required with the admin token".into()));
@@ -250,7 +251,7 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
                     continue;
                 }
                 Some(k) => match shared.fleet.get(k) {
-                    Some(c) => Some(c.key.as_str()),
+                    Some(c) => Some(c),
                     None => {
                         rejected.push(unknown(index, format!("{k:?} is not a configured CBO")));
                         metrics.reject("", Reject::UnknownCbo);
@@ -260,12 +261,15 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
             },
         };
         if let Some(cbo) = cbo {
-            by_cbo.entry(cbo).or_default().push((index, event));
+            by_cbo
+                .entry(cbo.key.clone())
+                .or_insert_with(|| (cbo.clone(), Vec::new()))
+                .1
+                .push((index, event));
         }
     }
     let mut accepted = 0;
-    for (cbo, events) in by_cbo {
-        let state = shared.fleet.get(cbo).expect("looked up above");
+    for (state, events) in by_cbo.into_values() {
         accepted += state.ingest(events, now_ms, &mut rejected);
     }
     rejected.sort_by_key(|r| r.index);
@@ -290,6 +294,9 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     };
     (status, axum::Json(reply)).into_response()
 }
+
+/// One CBO's events of a body, with their indexes in it.
+type Batch = Vec<(usize, Event)>;
 
 fn unknown(index: usize, why: String) -> Rejection {
     Rejection {

@@ -15,26 +15,61 @@ use crate::twilio::taskrouter::{self, CumulativeStatistics, RealTimeStatistics, 
 use crate::twilio::{PollResult, Retry, TwilioClient, TwilioError};
 
 /// One client per Twilio account, so every CBO of an account shares its concurrency limit.
-pub fn clients(config: &Config, clock: crate::clock::Clock) -> HashMap<AccountSid, TwilioClient> {
+pub fn clients(config: &Config, clock: crate::clock::Clock) -> crate::Clients {
+    clients_after(config, clock, None)
+}
+
+/// The clients of `config`, after a reload from `previous`: an account whose credentials and
+/// request settings did not change keeps its client (and with it its concurrency limit, shared
+/// with pollers still running).
+pub fn clients_after(
+    config: &Config,
+    clock: crate::clock::Clock,
+    previous: Option<(&Config, &crate::Clients)>,
+) -> crate::Clients {
     let mut clients = HashMap::new();
     for cbo in &config.cbos {
-        if let (Some(account), Some(credentials)) = (&cbo.account_sid, &cbo.credentials) {
-            clients.entry(*account).or_insert_with(|| {
-                TwilioClient::new(
-                    *account,
-                    credentials,
-                    config.twilio.request_timeout,
-                    config.twilio.max_concurrent_requests,
-                    Retry {
-                        max_retry_after: config.twilio.max_retry_after,
-                        ..Retry::default()
-                    },
-                    clock,
-                )
-            });
+        let (Some(account), Some(credentials)) = (&cbo.account_sid, &cbo.credentials) else {
+            continue;
+        };
+        if clients.contains_key(account) {
+            continue;
         }
+        let kept = previous.and_then(|(old, old_clients)| {
+            let same = old.twilio.request_timeout == config.twilio.request_timeout
+                && old.twilio.max_concurrent_requests == config.twilio.max_concurrent_requests
+                && old.twilio.max_retry_after == config.twilio.max_retry_after
+                && account_credentials(old, account) == Some(credentials);
+            same.then(|| old_clients.get(account).cloned()).flatten()
+        });
+        let client = kept.unwrap_or_else(|| {
+            TwilioClient::new(
+                *account,
+                credentials,
+                config.twilio.request_timeout,
+                config.twilio.max_concurrent_requests,
+                Retry {
+                    max_retry_after: config.twilio.max_retry_after,
+                    ..Retry::default()
+                },
+                clock,
+            )
+        });
+        clients.insert(*account, client);
     }
     clients
+}
+
+/// The credentials an account's client is made with: its first CBO's.
+fn account_credentials<'a>(
+    config: &'a Config,
+    account: &AccountSid,
+) -> Option<&'a crate::config::Credentials> {
+    config
+        .cbos
+        .iter()
+        .filter(|c| c.account_sid.as_ref() == Some(account))
+        .find_map(|c| c.credentials.as_ref())
 }
 
 /// What one poll cycle of one CBO found.
@@ -615,7 +650,7 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     let timeout = if cycle.variables_read {
         cycle
             .transfer_timeout
-            .unwrap_or(shared.config.transfers.timeout)
+            .unwrap_or(shared.config().transfers.timeout)
     } else {
         state.transfer_timeout()
     };
@@ -747,7 +782,7 @@ pub async fn run(
     key: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let interval = shared.config.twilio.poll_interval;
+    let interval = shared.config().twilio.poll_interval;
     let mut wait = interval
         .min(Duration::from_secs(1))
         .mul_f64(fastrand::f64());

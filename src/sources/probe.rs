@@ -58,14 +58,13 @@ impl Prober {
     /// `None` when the CBO has no probe, or cannot be asked (no credentials, workspace or
     /// valid workflow SID).
     pub fn new(
-        shared: &Shared,
-        key: &str,
-        clients: &std::collections::HashMap<crate::sid::AccountSid, TwilioClient>,
+        config: &crate::config::Config,
+        cbo: &crate::config::Cbo,
+        clients: &crate::Clients,
     ) -> Option<Prober> {
-        let cbo = shared.config.cbo(key)?;
         Some(Prober {
             client: clients.get(&cbo.account_sid?)?.clone(),
-            base_url: shared.config.twilio.taskrouter_url.clone(),
+            base_url: config.twilio.taskrouter_url.clone(),
             workspace: cbo.workspace_sid?,
             workflow: *cbo.workflow.sid.as_ref().ok()?,
             probe: cbo.probe.clone()?,

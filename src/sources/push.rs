@@ -25,21 +25,18 @@ const STREAMS: &str = "event_streams";
 
 /// What a push needs before its signature can be checked: the CBO, the URL Twilio called and
 /// the auth token it signs with.
-fn signing<'a>(
-    shared: &'a Shared,
-    cbo: &str,
-    uri: &OriginalUri,
-) -> Result<Signed<'a>, (StatusCode, String)> {
-    let Some(config) = shared.config.cbo(cbo) else {
+fn signing(shared: &Shared, cbo: &str, uri: &OriginalUri) -> Result<Signed, (StatusCode, String)> {
+    let live = shared.config();
+    let Some(config) = live.cbo(cbo).cloned() else {
         return Err((StatusCode::NOT_FOUND, format!("unknown cbo {cbo:?}")));
     };
-    let Some(base) = shared.config.server.public_url.as_deref() else {
+    let Some(base) = live.server.public_url.as_deref() else {
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             "server.public_url is not set: Twilio's signature covers the URL it called, so pushes cannot be verified".into(),
         ));
     };
-    let Some(Credentials::AuthToken(token)) = &config.credentials else {
+    let Some(Credentials::AuthToken(token)) = config.credentials.clone() else {
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -59,10 +56,10 @@ fn signing<'a>(
 }
 
 /// A push's CBO, the URL Twilio signed and the token it signed with.
-struct Signed<'a> {
-    config: &'a Cbo,
+struct Signed {
+    config: Cbo,
     url: String,
-    token: &'a Secret,
+    token: Secret,
 }
 
 fn signature_header(headers: &HeaderMap) -> Option<&str> {
@@ -121,7 +118,7 @@ pub async fn taskrouter(
         return refused(&shared, &cbo, CALLBACK, e);
     }
     match TaskRouterEvent::from_form(&params) {
-        Ok(e) => take(&shared, config, Source::TaskRouterCallback, vec![e]),
+        Ok(e) => take(&shared, &config, Source::TaskRouterCallback, vec![e]),
         Err(why) => malformed(
             &shared,
             &cbo,
@@ -168,5 +165,5 @@ pub async fn event_streams(
         .iter()
         .filter_map(|v| TaskRouterEvent::from_cloud_event(v).ok())
         .collect();
-    take(&shared, config, Source::EventStreams, events)
+    take(&shared, &config, Source::EventStreams, events)
 }

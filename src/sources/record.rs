@@ -4,7 +4,7 @@
 //! before it and drops what it has already taken (by SID), so a restart or an outage neither
 //! loses nor double-counts; a 429 pushes the next poll back by Twilio's `Retry-After`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::Shared;
 use crate::event::{Event, Source};
-use crate::sid::{AccountSid, EnvironmentSid, ServiceSid, WorkflowSid, WorkspaceSid};
+use crate::sid::{EnvironmentSid, ServiceSid, WorkflowSid, WorkspaceSid};
 use crate::sources::twilio_record::{Alert, LogLine, LogMeaning, Mapped, TaskRouterEvent};
 use crate::state::SignalSource;
 use crate::twilio::{PollResult, TwilioClient, TwilioError};
@@ -206,17 +206,16 @@ impl RecordPoller {
     /// A poller for `cbo`, or `None` when it cannot be polled (no credentials, workspace or
     /// sound workflow SID: those are reported by the configuration poll).
     pub fn new(
-        shared: &Shared,
+        config: &crate::config::Config,
         cbo: &crate::config::Cbo,
-        clients: &HashMap<AccountSid, TwilioClient>,
+        clients: &crate::Clients,
     ) -> Option<RecordPoller> {
         let account = cbo.account_sid?;
         let client = clients.get(&account)?.clone();
         let workspace = cbo.workspace_sid?;
         let workflow = *cbo.workflow.sid.as_ref().ok()?;
-        let path = Cursors::path(&shared.config.server.state_dir, cbo.key.as_str());
-        let sharing = shared
-            .config
+        let path = Cursors::path(&config.server.state_dir, cbo.key.as_str());
+        let sharing = config
             .cbos
             .iter()
             .filter(|c| c.account_sid == Some(account))
@@ -245,7 +244,7 @@ impl RecordPoller {
 
     /// TaskRouter's events of the chat-transfer workflow since the cursor, as transfers.
     pub async fn taskrouter_events(&mut self, shared: &Shared) -> Result<usize, TwilioError> {
-        let record = &shared.config.record;
+        let record = &shared.config().record;
         let now = shared.clock.now_ms();
         let overlap = record.overlap.as_millis() as i64;
         let start = self.cursors.taskrouter_events.start_ms(
@@ -261,7 +260,7 @@ impl RecordPoller {
         ];
         let items = pages(
             &self.client,
-            &shared.config.twilio.taskrouter_url,
+            &shared.config().twilio.taskrouter_url,
             &path,
             &query,
             "events",
@@ -302,7 +301,7 @@ impl RecordPoller {
         let Some((service, environment)) = self.functions else {
             return Ok(0);
         };
-        let record = &shared.config.record;
+        let record = &shared.config().record;
         let now = shared.clock.now_ms();
         let overlap = record.overlap.as_millis() as i64;
         let start = self.cursors.serverless_logs.start_ms(
@@ -317,7 +316,7 @@ impl RecordPoller {
         ];
         let items = pages(
             &self.client,
-            &shared.config.twilio.serverless_url,
+            &shared.config().twilio.serverless_url,
             &path,
             &query,
             "logs",
@@ -366,7 +365,7 @@ impl RecordPoller {
     /// The debugger's error-level alerts since the cursor: counted by code; Bad Requests of
     /// TaskRouter's Tasks endpoint or a transfer function count as Bad Requests.
     pub async fn twilio_alerts(&mut self, shared: &Shared) -> Result<usize, TwilioError> {
-        let record = &shared.config.record;
+        let record = &shared.config().record;
         let now = shared.clock.now_ms();
         let overlap = record.overlap.as_millis() as i64;
         let start =
@@ -380,7 +379,7 @@ impl RecordPoller {
         ];
         let items = pages(
             &self.client,
-            &shared.config.twilio.monitor_url,
+            &shared.config().twilio.monitor_url,
             "/v1/Alerts",
             &query,
             "alerts",
@@ -436,11 +435,11 @@ impl RecordPoller {
     /// One poll of every source that is on; the wait Twilio asked for, if any.
     pub async fn cycle(&mut self, shared: &Shared) -> Option<Duration> {
         let before = self.cursors.clone();
-        let record = shared.config.record.clone();
+        let record = shared.config().record.clone();
         let series = shared.metrics.cbo(&self.key);
         let key = self.key.clone();
         let mut retry_after = None;
-        let state = shared.fleet.get(&self.key).cloned();
+        let state = shared.fleet.get(&self.key);
         let now = crate::clock::rfc3339(shared.clock.now_ms());
         let mut count = |source: &'static str, r: Result<usize, TwilioError>, cursor: &Cursor| {
             let result = match &r {
@@ -527,7 +526,7 @@ pub fn take_taskrouter_events(
 
 /// Polls one CBO's record every `poll_interval` (jittered) until `stop`.
 pub async fn run(shared: Arc<Shared>, mut poller: RecordPoller, mut stop: watch::Receiver<bool>) {
-    let interval = shared.config.twilio.poll_interval;
+    let interval = shared.config().twilio.poll_interval;
     let mut wait = interval.mul_f64(fastrand::f64());
     loop {
         tokio::select! {
