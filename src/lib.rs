@@ -12,6 +12,7 @@ pub mod event;
 pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod reconcile;
 pub mod rules;
 pub mod server;

@@ -757,7 +757,42 @@ async fn on_call_status_switch_and_ack_from_a_shell() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    // One cause, said once, the URL once.
+    assert_eq!(
+        stderr,
+        "transfer-guard status: http://127.0.0.1:9/v1/status: connection refused\n"
+    );
+    let one = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(one.path(), "{}\n").unwrap();
+    let one = one.path().to_str().unwrap();
+    for args in [
+        vec!["decisions"],
+        vec![
+            "validate",
+            "--cbo",
+            "a",
+            "--deployment",
+            "ZE00000000000000000000000000000001",
+        ],
+        vec!["ingest", one],
+    ] {
+        let out = tg()
+            .args(&args)
+            .args(["--server", "http://127.0.0.1:9", "--token-env", "ADMIN"])
+            .env("ADMIN", ADMIN)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.ends_with(": connection refused"), "{args:?}: {stderr}");
+        assert_eq!(last.matches("127.0.0.1:9").count(), 1, "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("error sending request"),
+            "{args:?}: {stderr}"
+        );
+    }
     app.shutdown().await;
 }
 

@@ -82,7 +82,7 @@ pub async fn post(
         match tokio::time::timeout(timeout, http.post(&endpoint).json(alerts).send()).await {
             Ok(Ok(r)) if r.status().is_success() => return Ok(()),
             Ok(Ok(r)) => last = format!("{endpoint} answered {}", r.status()),
-            Ok(Err(e)) => last = format!("{endpoint}: {}", e.without_url()),
+            Ok(Err(e)) => last = format!("{endpoint}: {}", crate::net::cause(&e)),
             Err(_) => last = format!("{endpoint}: no answer within {timeout:?}"),
         }
     }

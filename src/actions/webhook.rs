@@ -54,7 +54,7 @@ impl Integration for Webhook {
             let resp = tokio::time::timeout(self.timeout, req.send())
                 .await
                 .map_err(|_| format!("webhook {}: no answer within {:?}", self.url, self.timeout))?
-                .map_err(|e| format!("webhook {}: {}", self.url, e.without_url()))?;
+                .map_err(|e| format!("webhook {}: {}", self.url, crate::net::cause(&e)))?;
             let status = resp.status();
             if status.is_success() {
                 Ok(format!("webhook {} answered {status}", self.url))

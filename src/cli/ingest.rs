@@ -227,7 +227,7 @@ async fn post(
             }
             Err(e) => IngestError::Unreachable {
                 server: server.into(),
-                message: e.to_string(),
+                message: crate::net::cause(&e),
             },
         };
         if attempt == ATTEMPTS {

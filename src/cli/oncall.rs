@@ -38,7 +38,7 @@ impl Server {
         let resp = req
             .send()
             .await
-            .map_err(|e| format!("{url}: {}", crate::cli::cause(&e)))?;
+            .map_err(|e| format!("{url}: {}", crate::net::cause(&e)))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {

@@ -101,9 +101,13 @@ pub fn table(v: &Value) -> String {
 
 async fn request(req: reqwest::RequestBuilder, what: &str) -> Result<Value, (bool, String)> {
     let resp = req.send().await.map_err(|e| {
+        let daemon = e
+            .url()
+            .map(|u| format!("{}://{}", u.scheme(), u.authority()))
+            .unwrap_or_else(|| "the daemon".into());
         (
             true,
-            format!("{what}: cannot reach the daemon: {}", e.without_url()),
+            format!("{what}: cannot reach {daemon}: {}", crate::net::cause(&e)),
         )
     })?;
     let status = resp.status();

@@ -329,7 +329,7 @@ impl TwilioClient {
             }
             Ok(Err(e)) => {
                 // reqwest's message names the URL and the cause; never a header.
-                let message = e.without_url().to_string();
+                let message = crate::net::cause(&e);
                 return Err((
                     TwilioError::Transport {
                         resource: resource.to_string(),
