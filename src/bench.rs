@@ -629,3 +629,54 @@ pub async fn idle(connections: usize) -> (u64, u64, usize, bool, f64) {
     app.shutdown().await;
     (before, with, closed, health, ms)
 }
+
+/// Single-event ingest requests per second against a daemon of `cbos` CBOs, each with its own
+/// token, sending with the last CBO's token from `clients` keep-alive connections for
+/// `seconds`: what token lookup costs as the fleet grows.
+pub async fn single_event_ingest(cbos: usize, clients: usize, seconds: f64) -> f64 {
+    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
+    for i in 0..cbos {
+        text += &format!("[[cbo]]\nkey = \"c{i}\"\ningest_token_env = \"T{i}\"\n");
+    }
+    let env = |k: &str| k.strip_prefix('T').map(|i| format!("bench-token-{i}"));
+    let checked = check_str(&text, &env);
+    let app = crate::App::start(checked.config.expect("the bench config parses"))
+        .await
+        .expect("starts");
+    let url = format!("{}/v1/events", app.url());
+    let token = format!("bench-token-{}", cbos - 1);
+    let until = Instant::now() + std::time::Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (url, token) = (url.clone(), token.clone());
+        tasks.spawn(async move {
+            let http = reqwest::Client::new();
+            let mut sent = 0u64;
+            while Instant::now() < until {
+                let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let body = format!(
+                    "{{\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{c:08x}{sent:024x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}"
+                );
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("ingest answers");
+                assert_eq!(resp.status().as_u16(), 202);
+                sent += 1;
+            }
+            sent
+        });
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.expect("a client");
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    app.shutdown().await;
+    rate
+}

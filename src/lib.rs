@@ -50,34 +50,85 @@ pub type Clients = std::collections::HashMap<sid::AccountSid, twilio::TwilioClie
 /// The configuration in force and its Twilio clients; a reload (SIGHUP) swaps both at once.
 /// Readers take a snapshot (`config()`), so one request or one action sees one configuration.
 pub struct Live {
-    current: std::sync::RwLock<(Arc<Config>, Arc<Clients>)>,
+    current: std::sync::RwLock<Current>,
+}
+
+struct Current {
+    config: Arc<Config>,
+    clients: Arc<Clients>,
+    tokens: Arc<Tokens>,
+}
+
+/// Who each bearer token is, keyed by the token's SHA-256: a lookup costs the same at 1 CBO
+/// and at 5,000, and says nothing about how close a wrong token came.
+pub struct Tokens {
+    by_digest: std::collections::HashMap<[u8; 32], (config::Secret, api::Caller)>,
+}
+
+impl Tokens {
+    fn of(config: &Config) -> Tokens {
+        let mut by_digest = std::collections::HashMap::new();
+        for cbo in &config.cbos {
+            if let Some(t) = &cbo.ingest_token {
+                let who = api::Caller::Cbo(cbo.key.to_string());
+                by_digest.insert(Tokens::digest(t.expose().as_bytes()), (t.clone(), who));
+            }
+        }
+        // The admin token last: it is what an equal CBO token would be (a configuration
+        // refuses that anyway).
+        if let Some(t) = &config.admin_token {
+            let who = api::Caller::Admin;
+            by_digest.insert(Tokens::digest(t.expose().as_bytes()), (t.clone(), who));
+        }
+        Tokens { by_digest }
+    }
+
+    fn digest(token: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token).into()
+    }
+
+    /// Who `token` is, if anyone.
+    pub fn who(&self, token: &[u8]) -> Option<api::Caller> {
+        let (secret, who) = self.by_digest.get(&Tokens::digest(token))?;
+        secret.matches(token).then(|| who.clone())
+    }
 }
 
 impl Live {
     pub fn new(config: Arc<Config>, clients: Clients) -> Live {
         Live {
-            current: std::sync::RwLock::new((config, Arc::new(clients))),
+            current: std::sync::RwLock::new(Current {
+                tokens: Arc::new(Tokens::of(&config)),
+                config,
+                clients: Arc::new(clients),
+            }),
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn config(&self) -> Arc<Config> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.read().config.clone()
     }
 
     pub fn clients(&self) -> Arc<Clients> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        self.read().clients.clone()
+    }
+
+    pub fn tokens(&self) -> Arc<Tokens> {
+        self.read().tokens.clone()
     }
 
     fn replace(&self, config: Arc<Config>, clients: Arc<Clients>) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, clients);
+        let tokens = Arc::new(Tokens::of(&config));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Current {
+            config,
+            clients,
+            tokens,
+        };
     }
 }
 
@@ -340,7 +391,23 @@ impl App {
                 let next = start + TICK * ticks as u32;
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {
-                        guard::tick(&ticker_shared, &mut memory, ticker_shared.clock.now_ms());
+                        // On a blocking thread: a tick over thousands of CBOs, or one waiting
+                        // on a CBO's lock, never holds an async worker (requests, polls).
+                        let shared = ticker_shared.clone();
+                        let ticked = tokio::task::spawn_blocking(move || {
+                            guard::tick(&shared, &mut memory, shared.clock.now_ms());
+                            memory
+                        })
+                        .await;
+                        memory = match ticked {
+                            Ok(m) => m,
+                            // A tick that panicked: its memory of notifications is lost, not
+                            // the guard.
+                            Err(e) => {
+                                tracing::error!(error = %e, "a tick failed");
+                                guard::Memory::default()
+                            }
+                        };
                         if watchdog.is_some_and(|every| fed.elapsed() >= every) {
                             systemd::notify("WATCHDOG=1");
                             fed = tokio::time::Instant::now();

@@ -230,6 +230,18 @@ enum BenchWhat {
         #[arg(long, default_value_t = 2000)]
         connections: usize,
     },
+    /// Single-event ingest requests per second at each fleet size (token lookup's cost).
+    Tokens {
+        /// Fleet sizes, compared in one run.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 1000, 5000])]
+        cbos: Vec<usize>,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Rendering /metrics with many CBOs.
     Scrape {
         #[arg(long, default_value_t = 1000)]
@@ -441,6 +453,30 @@ async fn main() -> ExitCode {
                         mib(with),
                         if health { "answered" } else { "did NOT answer" }
                     );
+                }
+                BenchWhat::Tokens {
+                    cbos,
+                    clients,
+                    seconds,
+                    runs,
+                } => {
+                    // Round robin over the sizes, so a machine's drift falls on all of them.
+                    let mut rates = vec![Vec::new(); cbos.len()];
+                    for _ in 0..runs {
+                        for (i, n) in cbos.iter().enumerate() {
+                            rates[i].push(bench::single_event_ingest(*n, clients, seconds).await);
+                        }
+                    }
+                    let mut first = None;
+                    for (n, mut rates) in cbos.into_iter().zip(rates) {
+                        rates.sort_by(|a, b| a.total_cmp(b));
+                        let median = rates[rates.len() / 2];
+                        let base = *first.get_or_insert(median);
+                        println!(
+                            "tokens: {n} CBOs, single-event ingest with the last CBO's token, {clients} clients, median of {runs} x {seconds} s (interleaved): {median:.0} requests/s ({:.2} of the first)",
+                            median / base
+                        );
+                    }
                 }
                 BenchWhat::Scrape { cbos, runs } => {
                     let (ms, size) = bench::scrape(cbos, runs);
