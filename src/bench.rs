@@ -8,9 +8,23 @@ use crate::metrics::Metrics;
 use crate::sim::traffic::{Generator, Profile};
 use crate::state::{Fleet, Rejection};
 
+/// A `[server]` section on a loopback port with a fresh, empty state directory of its own
+/// (never the system's `/var/lib/transfer-guard`: one bench's decisions are not another's
+/// start-up cost).
+pub fn server_section() -> String {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tg-bench-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
+        dir.display()
+    )
+}
+
 /// A config of `cbos` CBOs (no Twilio), for the in-process benchmarks.
 pub fn config(cbos: usize) -> Config {
-    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
+    let mut text = server_section();
     for i in 0..cbos {
         text += &format!("[[cbo]]\nkey = \"c{i}\"\n");
     }
@@ -90,6 +104,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Peak resident memory of this process so far (`VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -280,13 +302,11 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     use crate::clock::Clock;
     use crate::sim::twilio::SimTwilio;
     let sim = SimTwilio::start(Clock::new()).await;
-    let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\nmonitor_url = \"{url}\"\n[actions]\ndry_run = false\n",
-        std::env::temp_dir()
-            .join(format!("tg-bench-{}", std::process::id()))
-            .display(),
-        url = sim.url()
-    );
+    let mut text = server_section()
+        + &format!(
+            "[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\nmonitor_url = \"{url}\"\n[actions]\ndry_run = false\n",
+            url = sim.url()
+        );
     for i in 0..trials {
         let (ac, ws, ww, zs, ze) = (
             format!("AC{i:032x}"),
@@ -634,7 +654,7 @@ pub async fn idle(connections: usize) -> (u64, u64, usize, bool, f64) {
 /// token, sending with the last CBO's token from `clients` keep-alive connections for
 /// `seconds`: what token lookup costs as the fleet grows.
 pub async fn single_event_ingest(cbos: usize, clients: usize, seconds: f64) -> f64 {
-    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
+    let mut text = server_section();
     for i in 0..cbos {
         text += &format!("[[cbo]]\nkey = \"c{i}\"\ningest_token_env = \"T{i}\"\n");
     }
@@ -679,4 +699,80 @@ pub async fn single_event_ingest(cbos: usize, clients: usize, seconds: f64) -> f
     let rate = total as f64 / started.elapsed().as_secs_f64();
     app.shutdown().await;
     rate
+}
+
+/// What `run` with a `[[sources.file]]` made of a backlog.
+#[derive(Debug)]
+pub struct BacklogReport {
+    pub lines: u64,
+    pub seconds: f64,
+    pub peak_rss: u64,
+    /// `/healthz` round trips sampled every 10 ms while the backlog was read, in ms.
+    pub healthz_ms: Vec<f64>,
+}
+
+/// Starts the daemon with `path` as a file source read from its beginning (as `run` does) and
+/// waits until every line is taken: lines per second, peak RSS, `/healthz` meanwhile.
+pub async fn backlog(path: &std::path::Path) -> std::io::Result<BacklogReport> {
+    use std::io::Read;
+    // The lines to wait for, counted without holding the file.
+    let mut lines = 0u64;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    drop(buf);
+    let text = server_section()
+        + &format!(
+            "[[cbo]]\nkey = \"c0\"\n[[sources.file]]\npath = \"{}\"\ncbo = \"c0\"\nfrom_beginning = true\n",
+            path.display()
+        );
+    let checked = check_str(&text, &|_| None);
+    let start = Instant::now();
+    let app = crate::App::start(checked.config.expect("the bench config parses"))
+        .await
+        .expect("starts");
+    let health = format!("{}/healthz", app.url());
+    let http = reqwest::Client::new();
+    let mut healthz_ms = Vec::new();
+    let taken = |app: &crate::App| {
+        let text = app.shared.metrics.render();
+        text.lines()
+            .filter(|l| {
+                (l.starts_with("transfer_guard_events_ingested_total{")
+                    || l.starts_with("transfer_guard_events_rejected_total{"))
+                    && l.contains("cbo=\"c0\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    loop {
+        let asked = Instant::now();
+        let ok = http
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            healthz_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+        }
+        if taken(&app) >= lines {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let peak_rss = peak_rss_bytes().unwrap_or(0);
+    app.shutdown().await;
+    Ok(BacklogReport {
+        lines,
+        seconds,
+        peak_rss,
+        healthz_ms,
+    })
 }

@@ -230,6 +230,11 @@ enum BenchWhat {
         #[arg(long, default_value_t = 2000)]
         connections: usize,
     },
+    /// `run` with a `[[sources.file]]` read from its beginning: lines/s, peak RSS, /healthz.
+    Backlog {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Single-event ingest requests per second at each fleet size (token lookup's cost).
     Tokens {
         /// Fleet sizes, compared in one run.
@@ -454,6 +459,33 @@ async fn main() -> ExitCode {
                         if health { "answered" } else { "did NOT answer" }
                     );
                 }
+                BenchWhat::Backlog { file } => match bench::backlog(&file).await {
+                    Ok(mut r) => {
+                        r.healthz_ms.sort_by(|a, b| a.total_cmp(b));
+                        let at = |q: f64| {
+                            r.healthz_ms
+                                .get(((r.healthz_ms.len().max(1) - 1) as f64 * q).round() as usize)
+                                .copied()
+                                .unwrap_or(f64::NAN)
+                        };
+                        println!(
+                            "backlog: {} lines of {} taken in {:.2} s: {:.0} lines/s; peak RSS {:.1} MiB; /healthz meanwhile ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                            r.lines,
+                            file.display(),
+                            r.seconds,
+                            r.lines as f64 / r.seconds,
+                            r.peak_rss as f64 / (1 << 20) as f64,
+                            r.healthz_ms.len(),
+                            at(0.5),
+                            at(0.99),
+                            at(1.0)
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("bench backlog: {}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
                 BenchWhat::Tokens {
                     cbos,
                     clients,

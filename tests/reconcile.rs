@@ -57,13 +57,6 @@ async fn start() -> App {
         .unwrap()
 }
 
-/// Lets the daemon's tasks (the ticker) run.
-async fn settle() {
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-}
-
 fn window(app: &App) -> transfer_guard::window::WindowStats {
     app.shared
         .fleet

@@ -71,12 +71,6 @@ async fn pushes_only(dir: &std::path::Path, sim: &SimTwilio) -> App {
     .await
 }
 
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn taskrouter_events_alone_guard_a_cbo_and_a_restart_neither_loses_nor_rereads_them() {
     let sim = story::sim().await;

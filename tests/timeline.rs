@@ -8,13 +8,6 @@ use common::*;
 use transfer_guard::App;
 use transfer_guard::clock::Clock;
 
-/// Lets the daemon's tasks (ticker, file sources) run after the clock moved.
-async fn settle() {
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn ingest(app: &App, cbo: &str, lines: &[String]) {
     ingest_lines(app, cbo, lines);
 }

@@ -19,6 +19,17 @@ use crate::state::Rejection;
 pub const POLL: Duration = Duration::from_millis(250);
 /// A line longer than this is dropped rather than buffered without end.
 const MAX_LINE: usize = 1024 * 1024;
+/// A backlog is read this much at a time, each chunk taken before the next is read: memory
+/// stays bounded whatever the file's size.
+pub const CHUNK: usize = 1024 * 1024;
+
+/// A line as text; bytes that are not UTF-8 become U+FFFD (the line is still judged).
+fn text(line: &[u8]) -> String {
+    match std::str::from_utf8(line) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(line).into_owned(),
+    }
+}
 
 /// Reads complete new lines from a path, like `tail -F`.
 pub struct Follower {
@@ -45,11 +56,19 @@ impl Follower {
 
     /// New complete lines since the last call. A missing file is not an error: it may appear.
     pub fn poll(&mut self) -> io::Result<Vec<String>> {
+        self.poll_chunk(usize::MAX).map(|(lines, _)| lines)
+    }
+
+    /// The complete lines of at most `max` new bytes, and whether more are waiting (a backlog
+    /// read a chunk at a time). Rotation is looked for once the file is read to its end.
+    pub fn poll_chunk(&mut self, max: usize) -> io::Result<(Vec<String>, bool)> {
         let mut lines = Vec::new();
         if self.file.is_none() && !self.open()? {
-            return Ok(lines);
+            return Ok((lines, false));
         }
-        self.read_available(&mut lines)?;
+        if self.read_available(&mut lines, max)? {
+            return Ok((lines, true));
+        }
         // Rotation: the path now names another file. The old one was read to its end above.
         match std::fs::metadata(&self.path) {
             Ok(meta) => {
@@ -59,7 +78,8 @@ impl Follower {
                     self.file = None;
                     self.from_start = true;
                     if self.open()? {
-                        self.read_available(&mut lines)?;
+                        let more = self.read_available(&mut lines, max)?;
+                        return Ok((lines, more));
                     }
                 } else if meta.len() < self.offset {
                     // Copy-truncate: the same file, cut short.
@@ -67,13 +87,14 @@ impl Follower {
                     self.partial.clear();
                     let (file, _) = self.file.as_mut().expect("opened above");
                     file.seek(SeekFrom::Start(0))?;
-                    self.read_available(&mut lines)?;
+                    let more = self.read_available(&mut lines, max)?;
+                    return Ok((lines, more));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(lines)
+        Ok((lines, false))
     }
 
     fn open(&mut self) -> io::Result<bool> {
@@ -96,16 +117,23 @@ impl Follower {
         Ok(true)
     }
 
-    fn read_available(&mut self, lines: &mut Vec<String>) -> io::Result<()> {
+    /// Reads up to `max` bytes; whether it stopped at `max` (more may be waiting).
+    fn read_available(&mut self, lines: &mut Vec<String>, max: usize) -> io::Result<bool> {
         let (file, _) = self.file.as_mut().expect("caller opened it");
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)?;
+        let mut buf = Vec::with_capacity(max.min(CHUNK));
+        file.take(max as u64).read_to_end(&mut buf)?;
         self.offset += buf.len() as u64;
         for chunk in buf.split_inclusive(|b| *b == b'\n') {
             if chunk.last() == Some(&b'\n') {
                 if !self.discarding {
-                    self.partial.extend_from_slice(&chunk[..chunk.len() - 1]);
-                    lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+                    let line = &chunk[..chunk.len() - 1];
+                    if self.partial.is_empty() {
+                        // The usual case, a whole line in this read: one copy.
+                        lines.push(text(line));
+                    } else {
+                        self.partial.extend_from_slice(line);
+                        lines.push(text(&self.partial));
+                    }
                 }
                 self.partial.clear();
                 self.discarding = false;
@@ -118,13 +146,13 @@ impl Follower {
                 }
             }
         }
-        Ok(())
+        Ok(max != usize::MAX && buf.len() == max)
     }
 
     /// The last line of a rotated-away file may lack its newline; it is still a line.
     fn finish_partial(&mut self, lines: &mut Vec<String>) {
         if !self.partial.is_empty() && !self.discarding {
-            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            lines.push(text(&self.partial));
         }
         self.partial.clear();
         self.discarding = false;
@@ -137,65 +165,124 @@ fn looks_like_event(line: &str) -> bool {
     t.starts_with('{') || t.contains(LOG_MARKER)
 }
 
-/// Follows one source until `stop` turns true.
+/// A chunk's lines this many or more are parsed on two threads (a backlog); fewer, on one.
+const PARALLEL_FROM: usize = 1024;
+
+type Parsed = (Vec<(usize, event::Event)>, Vec<(usize, EventError)>);
+
+/// The event lines of `lines` parsed, in order, with their indexes: the events, and the errors.
+fn parse_lines(lines: &[String]) -> Parsed {
+    let parse = |offset: usize, part: &[String]| {
+        let mut events = Vec::with_capacity(part.len());
+        let mut errors = Vec::new();
+        for (i, line) in part.iter().enumerate().filter(|(_, l)| looks_like_event(l)) {
+            match event::parse_line(line) {
+                Ok(e) => events.push((offset + i, e)),
+                Err(err) => errors.push((offset + i, err)),
+            }
+        }
+        (events, errors)
+    };
+    if lines.len() < PARALLEL_FROM {
+        return parse(0, lines);
+    }
+    // Parsing is most of a backlog's cost: the second half on another thread, in order.
+    let mid = lines.len() / 2;
+    let (first, second) = lines.split_at(mid);
+    let ((mut events, mut errors), (more_events, more_errors)) = std::thread::scope(|scope| {
+        let later = scope.spawn(|| parse(mid, second));
+        let now = parse(0, first);
+        (now, later.join().expect("parsing does not panic"))
+    });
+    events.extend(more_events);
+    errors.extend(more_errors);
+    (events, errors)
+}
+
+/// One source's reading state, used from a blocking thread.
+struct Reader {
+    shared: Arc<Shared>,
+    cbo: Arc<crate::state::CboState>,
+    path: PathBuf,
+    follower: Follower,
+    last_error: Option<String>,
+}
+
+impl Reader {
+    /// Reads one chunk and hands its events to the CBO; whether more is waiting.
+    fn step(&mut self) -> bool {
+        let (lines, more) = match self.follower.poll_chunk(CHUNK) {
+            Ok(read) => {
+                self.last_error = None;
+                read
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.last_error.as_ref() != Some(&message) {
+                    tracing::warn!(path = %self.path.display(), error = %message, "cannot read log file");
+                    self.last_error = Some(message);
+                }
+                return false;
+            }
+        };
+        let (events, errors) = parse_lines(&lines);
+        let mut rejected = Vec::new();
+        for (i, err) in errors {
+            let reason = match err {
+                EventError::Malformed(_) => Reject::Malformed,
+                EventError::Field { .. } => Reject::Invalid,
+            };
+            self.shared.metrics.reject(&self.cbo.key, reason);
+            rejected.push(Rejection {
+                index: i,
+                reason,
+                error: err.to_string(),
+            });
+        }
+        if !events.is_empty() {
+            self.cbo
+                .ingest(events, self.shared.clock.now_ms(), &mut rejected);
+        }
+        for r in rejected {
+            tracing::warn!(path = %self.path.display(), cbo = %self.cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
+        }
+        more
+    }
+}
+
+/// Follows one source until `stop` turns true. The file is read and its events taken on a
+/// blocking thread, a chunk at a time, each taken before the next is read: a backlog of
+/// hundreds of megabytes holds one chunk in memory and never an async worker.
 pub async fn run(shared: Arc<Shared>, source: FileSource, mut stop: watch::Receiver<bool>) {
-    let cbo = shared
-        .fleet
-        .get(source.cbo.as_str())
-        .expect("config checked the source's cbo")
-        .clone();
-    let mut follower = Follower::new(&source.path, source.from_beginning);
+    let Some(cbo) = shared.fleet.get(source.cbo.as_str()) else {
+        tracing::warn!(path = %source.path.display(), cbo = %source.cbo, "log file of a CBO not configured: not followed");
+        return;
+    };
+    tracing::info!(path = %source.path.display(), cbo = %source.cbo, "following log file");
+    let reader = Arc::new(std::sync::Mutex::new(Reader {
+        shared: shared.clone(),
+        cbo,
+        path: source.path.clone(),
+        follower: Follower::new(&source.path, source.from_beginning),
+        last_error: None,
+    }));
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error: Option<String> = None;
-    tracing::info!(path = %source.path.display(), cbo = %source.cbo, "following log file");
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
-        let lines = match follower.poll() {
-            Ok(lines) => {
-                last_error = None;
-                lines
+        loop {
+            let r = reader.clone();
+            let more = tokio::task::spawn_blocking(move || {
+                r.lock().unwrap_or_else(|p| p.into_inner()).step()
+            })
+            .await
+            .unwrap_or(false);
+            if !more || *stop.borrow() {
+                break;
             }
-            Err(e) => {
-                let message = e.to_string();
-                if last_error.as_ref() != Some(&message) {
-                    tracing::warn!(path = %source.path.display(), error = %message, "cannot read log file");
-                    last_error = Some(message);
-                }
-                continue;
-            }
-        };
-        let mut events = Vec::new();
-        let mut rejected = Vec::new();
-        for (i, line) in lines
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| looks_like_event(l))
-        {
-            match event::parse_line(line) {
-                Ok(e) => events.push((i, e)),
-                Err(err) => {
-                    let reason = match err {
-                        EventError::Malformed(_) => Reject::Malformed,
-                        EventError::Field { .. } => Reject::Invalid,
-                    };
-                    shared.metrics.reject(&cbo.key, reason);
-                    rejected.push(Rejection {
-                        index: i,
-                        reason,
-                        error: err.to_string(),
-                    });
-                }
-            }
-        }
-        if !events.is_empty() {
-            cbo.ingest(events, shared.clock.now_ms(), &mut rejected);
-        }
-        for r in rejected {
-            tracing::warn!(path = %source.path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
         }
     }
 }
@@ -225,6 +312,36 @@ mod tests {
         assert_eq!(f.poll().unwrap(), vec!["one"]);
         append(&path, "o\n");
         assert_eq!(f.poll().unwrap(), vec!["two"]);
+    }
+
+    #[test]
+    fn a_backlog_is_read_a_bounded_chunk_at_a_time_without_losing_or_splitting_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        let text: String = (0..1000)
+            .map(|i| format!("line {i:04} {}\n", "x".repeat(i % 37)))
+            .collect();
+        append(&path, &text);
+        let mut f = Follower::new(&path, true);
+        let mut all = Vec::new();
+        let mut chunks = 0;
+        loop {
+            let (lines, more) = f.poll_chunk(1000).unwrap();
+            chunks += 1;
+            all.extend(lines);
+            if !more {
+                break;
+            }
+        }
+        assert!(chunks >= text.len() / 1000, "{chunks} chunks");
+        let want: Vec<String> = text.lines().map(str::to_string).collect();
+        assert_eq!(all, want);
+        // New lines after the backlog come as before.
+        append(&path, "late\n");
+        assert_eq!(
+            f.poll_chunk(1000).unwrap(),
+            (vec!["late".to_string()], false)
+        );
     }
 
     #[test]

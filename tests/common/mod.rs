@@ -215,3 +215,16 @@ pub fn tool(name: &str, package: &str, test: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// Under a paused clock, lets the daemon's tasks run after the clock moved: the ticker and the
+/// file sources, whose work runs on blocking threads. A paused clock does not auto-advance
+/// while blocking work is in flight, so the short sleep ends only once that work is done.
+pub async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
