@@ -297,7 +297,9 @@ pub async fn scrape_http(cbos: usize, runs: usize, gzip: bool) -> (f64, usize) {
 /// Detection latency: from posting the event that completes a breach (a Bad Request with
 /// `bad_requests` at one minute) to the rollback's `POST …/Deployments` reaching the simulated
 /// Twilio, once per CBO, `trials` CBOs in turn.
-pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
+/// A daemon of `trials` CBOs on a simulated Twilio, each with a known-good build and a bad one
+/// live, rolling back (not dry run) on one Bad Request: detection's and the storm's setup.
+async fn rollback_fleet(trials: usize) -> (crate::App, crate::sim::twilio::SimTwilio) {
     use crate::App;
     use crate::clock::Clock;
     use crate::sim::twilio::SimTwilio;
@@ -345,6 +347,12 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     while !app.shared.not_ready().is_empty() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    (app, sim)
+}
+
+/// Detection latency: one breach at a time, the event to the rollback request.
+pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
+    let (app, sim) = rollback_fleet(trials).await;
     let http = reqwest::Client::new();
     let mut out = Vec::new();
     for i in 0..trials {
@@ -775,4 +783,49 @@ pub async fn backlog(path: &std::path::Path) -> std::io::Result<BacklogReport> {
         peak_rss,
         healthz_ms,
     })
+}
+
+/// A breach storm: one Bad Request on each of `cbos` CBOs in one request, so all breach in one
+/// tick; for each rollback request at the simulated Twilio, its delay from the ingest, sorted;
+/// and how many commits the decision log made for the intents and results.
+pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, u64) {
+    let (app, sim) = rollback_fleet(cbos).await;
+    // The fleet's start (first polls, a validation window per deployment seen) is over
+    // before the storm, so the figures are the storm's own.
+    tokio::time::sleep(std::time::Duration::from_secs(settle_secs)).await;
+    let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let body: String = (0..cbos)
+        .map(|i| format!(
+            "{{\"cbo\":\"c{i}\",\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}\n{{\"cbo\":\"c{i}\",\"event\":\"failed\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"error\":{{\"status\":400}}}}\n"
+        ))
+        .collect();
+    let commits_before = app.shared.actions.log.commits();
+    let sent = tokio::time::Instant::now();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events", app.url()))
+        .bearer_auth("bench-admin")
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(resp.status().as_u16(), 202);
+    let deadline = sent + std::time::Duration::from_secs(60);
+    let out = loop {
+        let hits: Vec<_> = sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/Deployments"))
+            .map(|r| r.at.saturating_duration_since(sent))
+            .collect();
+        if hits.len() >= cbos || tokio::time::Instant::now() > deadline {
+            break hits;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let commits = app.shared.actions.log.commits() - commits_before;
+    app.shutdown().await;
+    let mut out = out;
+    out.sort();
+    (out, commits)
 }

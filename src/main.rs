@@ -194,6 +194,14 @@ enum BenchWhat {
         #[arg(long, default_value_t = 50)]
         trials: usize,
     },
+    /// A breach storm: every CBO breaches in one tick; each rollback request's delay.
+    Storm {
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+        /// Seconds to let the fleet's start settle before the storm.
+        #[arg(long, default_value_t = 30)]
+        settle: u64,
+    },
     /// Write generated NDJSON event lines to files of `per_file` lines (for wrk and mtail).
     Lines {
         #[arg(long, default_value_t = 100_000)]
@@ -392,6 +400,24 @@ async fn main() -> ExitCode {
                         at(0.5),
                         at(0.99),
                         ms[ms.len() - 1]
+                    );
+                }
+                BenchWhat::Storm { cbos, settle } => {
+                    let (delays, commits) = bench::storm(cbos, settle).await;
+                    let ms: Vec<f64> = delays.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+                    let at = |q: f64| {
+                        ms.get(((ms.len().max(1) - 1) as f64 * q).round() as usize)
+                            .copied()
+                            .unwrap_or(f64::NAN)
+                    };
+                    println!(
+                        "storm: {cbos} CBOs breaching in one tick: {} rollback requests; from the ingest: first {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms (spread {:.0} ms); {commits} decision-log commits",
+                        ms.len(),
+                        at(0.0),
+                        at(0.5),
+                        at(0.99),
+                        at(1.0),
+                        at(1.0) - at(0.0)
                     );
                 }
                 BenchWhat::Lines {

@@ -507,6 +507,24 @@ impl Actions {
         }
     }
 
+    /// `record` from an action in flight: the write waits on a blocking thread, where it joins
+    /// the other actions' writes in one fsync (group commit) instead of holding a worker.
+    async fn durable(&self, entry: Entry) -> Option<Entry> {
+        let log = self.log.clone();
+        let written = tokio::task::spawn_blocking(move || log.append(entry)).await;
+        match written {
+            Ok(Ok(e)) => Some(e),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write the decision log");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the decision log");
+                None
+            }
+        }
+    }
+
     fn count(&self, cbo: &str, kind: ActionKind, integration: &str, result: &str) {
         if let Some(m) = self.metrics.cbo(cbo) {
             m.action(kind.as_str(), integration, result);
@@ -823,7 +841,8 @@ impl Actions {
             "failed"
         };
         let detail = format!("done by {fired} of {} integrations", integrations.len());
-        self.record(self.entry(&d, d.kind.as_str(), result, detail));
+        self.durable(self.entry(&d, d.kind.as_str(), result, detail))
+            .await;
         {
             let mut m = self.memory();
             if d.kind == ActionKind::Rollback
@@ -872,7 +891,8 @@ impl Actions {
                 let no_target = matches!(e, PlanError::NoTarget(_));
                 tracing::error!(cbo = %d.cbo, integration = name, error = %e, "action not planned");
                 self.count(&d.cbo, d.kind, name, "failed");
-                self.record(self.entry(d, name, "failed", format!("nothing sent: {e}")));
+                self.durable(self.entry(d, name, "failed", format!("nothing sent: {e}")))
+                    .await;
                 return if no_target {
                     Ran::NoTarget(e.to_string())
                 } else {
@@ -887,7 +907,7 @@ impl Actions {
         intent.result = None;
         intent.key = Some(key.clone());
         intent.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        let Some(intent) = self.record(intent) else {
+        let Some(intent) = self.durable(intent).await else {
             self.count(&d.cbo, d.kind, name, "failed");
             return Ran::NotRecorded;
         };
@@ -909,7 +929,7 @@ impl Actions {
                             "{detail} (took effect, though attempt {} answered: {last_error})",
                             attempt - 1
                         );
-                        return self.done(d, name, &plan, &key, attempt - 1, done);
+                        return self.done(d, name, &plan, &key, attempt - 1, done).await;
                     }
                     Ok(Effect::NotApplied | Effect::Unknown) => {}
                     Err(e) => {
@@ -924,14 +944,14 @@ impl Actions {
                 }
             }
             match integration.run(attempt_of).await {
-                Ok(done) => return self.done(d, name, &plan, &key, attempt, done),
+                Ok(done) => return self.done(d, name, &plan, &key, attempt, done).await,
                 Err(error) => {
                     tracing::warn!(cbo = %d.cbo, integration = name, attempt, error, "action attempt failed");
                     if attempt < attempts {
                         let mut e = self.entry(d, name, "retrying", error.clone());
                         e.attempt = Some(attempt);
                         e.key = Some(key.clone());
-                        self.record(e);
+                        self.durable(e).await;
                     }
                     last_error = error;
                 }
@@ -943,13 +963,13 @@ impl Actions {
         e.attempt = Some(attempts);
         e.key = Some(key);
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        self.record(e);
+        self.durable(e).await;
         Ran::Failed
     }
 
     /// An integration's action took effect: the result joins its intent by key, and carries
     /// the plan so a restart knows what is bad and what is this guard's own.
-    fn done(
+    async fn done(
         &self,
         d: &Decision,
         name: &str,
@@ -964,7 +984,7 @@ impl Actions {
         e.attempt = Some(attempt);
         e.key = Some(key.to_string());
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        self.record(e);
+        self.durable(e).await;
         let mut m = self.memory();
         m.took_effect(&d.cbo, plan);
         if plan.artifact.is_some() {
