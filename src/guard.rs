@@ -310,6 +310,15 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
     let ended = shared
         .validations
         .tick(now_ms, &stats, &probes, &config_ok, &triggers);
+    let failing: Vec<_> = ended
+        .iter()
+        .filter(|v| v.state == crate::validation::State::Failed)
+        .filter_map(|v| {
+            let state = shared.fleet.get(&v.cbo)?;
+            Some((v.id.clone(), state.failing(v.start_ms)))
+        })
+        .collect();
+    shared.validations.set_failing(failing);
     for v in ended {
         let Some((_, tr)) = statuses.iter().find(|(k, _)| *k == v.cbo) else {
             continue;
@@ -329,14 +338,7 @@ fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatu
                     }
                 }
             }
-            crate::validation::State::Failed => {
-                if let Some(state) = shared.fleet.get(&v.cbo) {
-                    shared
-                        .validations
-                        .set_failing(&v.id, state.failing(v.start_ms));
-                }
-                validation_failed(shared, &v, tr, now_ms)
-            }
+            crate::validation::State::Failed => validation_failed(shared, &v, tr, now_ms),
             _ => {}
         }
     }

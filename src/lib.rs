@@ -395,7 +395,9 @@ impl App {
                         // on a CBO's lock, never holds an async worker (requests, polls).
                         let shared = ticker_shared.clone();
                         let ticked = tokio::task::spawn_blocking(move || {
-                            guard::tick(&shared, &mut memory, shared.clock.now_ms());
+                            shared.actions.in_one_commit(|| {
+                                guard::tick(&shared, &mut memory, shared.clock.now_ms())
+                            });
                             memory
                         })
                         .await;

@@ -434,11 +434,21 @@ impl Validations {
         }
     }
 
-    /// Records a failed window's failed transfers.
-    pub fn set_failing(&self, id: &str, failing: Vec<crate::state::Failing>) {
+    /// Records failed windows' failed transfers, with one save for all of them (a storm ends
+    /// a thousand windows in one tick; the file is rewritten whole).
+    pub fn set_failing(&self, failing: Vec<(String, Vec<crate::state::Failing>)>) {
+        if failing.is_empty() {
+            return;
+        }
         let mut windows = self.lock();
-        if let Some(v) = windows.get_mut(id) {
-            v.failing = failing;
+        let mut changed = false;
+        for (id, f) in failing {
+            if let Some(v) = windows.get_mut(&id) {
+                v.failing = f;
+                changed = true;
+            }
+        }
+        if changed {
             let _ = self.save(&windows);
         }
     }

@@ -374,6 +374,11 @@ enum Ran {
     NotRecorded,
 }
 
+thread_local! {
+    /// The records noted during a tick on this thread (`Actions::in_one_commit`).
+    static TICK_NOTES: std::cell::RefCell<Option<Vec<Entry>>> = const { std::cell::RefCell::new(None) };
+}
+
 pub struct Actions {
     live: Arc<crate::Live>,
     pub log: Arc<DecisionLog>,
@@ -505,6 +510,41 @@ impl Actions {
                 None
             }
         }
+    }
+
+    /// A record that nothing waits on (an alert, a suppression, a dry run): inside a tick it
+    /// joins the tick's other such records in one commit at the tick's end; elsewhere it is
+    /// written at once.
+    fn note(&self, entry: Entry) {
+        let deferred = TICK_NOTES.with(|notes| match notes.borrow_mut().as_mut() {
+            Some(batch) => {
+                batch.push(entry);
+                None
+            }
+            None => Some(entry),
+        });
+        if let Some(entry) = deferred {
+            self.record(entry);
+        }
+    }
+
+    /// Runs `tick` with the records it notes gathered, then written with one commit: a storm
+    /// of a thousand breaches costs one fsync for them, not a thousand in a row.
+    pub fn in_one_commit<T>(&self, tick: impl FnOnce() -> T) -> T {
+        struct Flush<'a>(&'a Actions);
+        impl Drop for Flush<'_> {
+            fn drop(&mut self) {
+                let notes = TICK_NOTES
+                    .with(|n| n.borrow_mut().take())
+                    .unwrap_or_default();
+                if let Err(e) = self.0.log.append_all(notes) {
+                    tracing::error!(error = %e, "cannot write the decision log");
+                }
+            }
+        }
+        TICK_NOTES.with(|n| *n.borrow_mut() = Some(Vec::new()));
+        let _flush = Flush(self);
+        tick()
     }
 
     /// `record` from an action in flight: the write waits on a blocking thread, where it joins
@@ -681,7 +721,7 @@ impl Actions {
                 self.count(&d.cbo, d.kind, name, "suppressed");
             }
         }
-        self.record(self.entry(d, d.kind.as_str(), "suppressed", why));
+        self.note(self.entry(d, d.kind.as_str(), "suppressed", why));
     }
 
     /// Runs a decision through the pipeline: a writable log, ack, intents still settling, once
@@ -696,7 +736,7 @@ impl Actions {
         if d.kind == ActionKind::Alert {
             tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), evidence = %d.evidence, "rule breached: alert");
             self.count(&d.cbo, ActionKind::Alert, "log", "fired");
-            self.record(self.entry(
+            self.note(self.entry(
                 &d,
                 "log",
                 "fired",
@@ -774,7 +814,7 @@ impl Actions {
             for name in self.names(&cbo, d.kind) {
                 self.count(&d.cbo, d.kind, name, "dry_run");
                 tracing::warn!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), integration = name, "dry run: would act");
-                self.record(self.entry(
+                self.note(self.entry(
                     &d,
                     name,
                     "dry_run",
