@@ -350,6 +350,26 @@ async fn rollback_fleet(trials: usize) -> (crate::App, crate::sim::twilio::SimTw
     (app, sim)
 }
 
+/// CBO `c{i}`'s transfer failing with a Bad Request, as two NDJSON lines for the admin token.
+fn breach(i: usize, ts: &str) -> String {
+    format!(
+        "{{\"cbo\":\"c{i}\",\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}\n{{\"cbo\":\"c{i}\",\"event\":\"failed\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"error\":{{\"status\":400}}}}"
+    )
+}
+
+/// Posts NDJSON `body` with the bench's admin token; it must be accepted.
+async fn post_as_admin(http: &reqwest::Client, app: &crate::App, body: String) {
+    let resp = http
+        .post(format!("{}/v1/events", app.url()))
+        .bearer_auth("bench-admin")
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(resp.status().as_u16(), 202);
+}
+
 /// Detection latency: one breach at a time, the event to the rollback request.
 pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
     let (app, sim) = rollback_fleet(trials).await;
@@ -360,19 +380,8 @@ pub async fn detection(trials: usize) -> Vec<std::time::Duration> {
         tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(0..1000))).await;
         let now = chrono::Utc::now();
         let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let body = format!(
-            "{{\"cbo\":\"c{i}\",\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}\n{{\"cbo\":\"c{i}\",\"event\":\"failed\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"error\":{{\"status\":400}}}}"
-        );
         let sent = tokio::time::Instant::now();
-        let resp = http
-            .post(format!("{}/v1/events", app.url()))
-            .bearer_auth("bench-admin")
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .expect("ingest answers");
-        assert_eq!(resp.status().as_u16(), 202);
+        post_as_admin(&http, &app, breach(i, &ts)).await;
         let service = format!("ZS{i:032x}");
         loop {
             let hit = sim.requests().into_iter().find(|r| {
@@ -794,22 +803,10 @@ pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, 
     // before the storm, so the figures are the storm's own.
     tokio::time::sleep(std::time::Duration::from_secs(settle_secs)).await;
     let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let body: String = (0..cbos)
-        .map(|i| format!(
-            "{{\"cbo\":\"c{i}\",\"event\":\"initiated\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"transfer_type\":\"cold\",\"target_type\":\"queue\"}}\n{{\"cbo\":\"c{i}\",\"event\":\"failed\",\"timestamp\":\"{ts}\",\"conversation_sid\":\"CH{i:032x}\",\"error\":{{\"status\":400}}}}\n"
-        ))
-        .collect();
+    let body: String = (0..cbos).map(|i| breach(i, &ts) + "\n").collect();
     let commits_before = app.shared.actions.log.commits();
     let sent = tokio::time::Instant::now();
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/events", app.url()))
-        .bearer_auth("bench-admin")
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .expect("ingest answers");
-    assert_eq!(resp.status().as_u16(), 202);
+    post_as_admin(&reqwest::Client::new(), &app, body).await;
     let deadline = sent + std::time::Duration::from_secs(60);
     let out = loop {
         let hits: Vec<_> = sim

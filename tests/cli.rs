@@ -180,18 +180,7 @@ async fn run_serves_and_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("daemon exited before listening");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        if v["fields"]["message"] == "transfer-guard listening" {
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let (addr, _lines) = listening(&mut child).await;
     // Ready once every CBO's first poll has finished (here they fail: no Twilio on loopback).
     let mut status = 0;
     for _ in 0..100 {

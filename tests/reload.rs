@@ -9,28 +9,13 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use transfer_guard::config::check_str;
 use transfer_guard::rules::RuleId;
 use transfer_guard::{App, ReloadError};
 
 /// A configuration with `cbos` as (key, ingest token variable, workflow SID's last character).
 fn config_of(state_dir: &Path, cbos: &[(&str, &str, char)], extra: &str) -> String {
-    let mut t = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_token_env = "ADMIN"
-state_dir = "{}"
-
-[twilio]
-taskrouter_url = "{NO_TWILIO}"
-serverless_url = "{NO_TWILIO}"
-flex_url = "{NO_TWILIO}"
-monitor_url = "{NO_TWILIO}"
-"#,
-        state_dir.display()
-    );
+    let mut t = header(state_dir, NO_TWILIO);
     for (key, token, ww) in cbos {
         t += &format!(
             r#"
@@ -287,14 +272,7 @@ async fn sighup_reloads_a_running_daemon_and_refuses_a_bad_file_without_stopping
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("listening");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["fields"]["message"] == "transfer-guard listening" {
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let (addr, mut lines) = listening(&mut child).await;
     // The log goes on being read, so the daemon never blocks on a full pipe.
     let (said, mut heard) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -44,19 +44,9 @@ pub fn config_text_with(twilio: &str, extra: &str) -> String {
 
 /// The same with the state directory `state_dir` (to restart on the same state).
 pub fn config_text_in(state_dir: &std::path::Path, twilio: &str, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_token_env = "ADMIN"
-state_dir = "{}"
-
-[twilio]
-taskrouter_url = "{twilio}"
-serverless_url = "{twilio}"
-flex_url = "{twilio}"
-monitor_url = "{twilio}"
-
+    header(state_dir, twilio)
+        + &format!(
+            r#"
 [[cbo]]
 key = "a"
 ingest_token_env = "TOKEN_A"
@@ -73,6 +63,25 @@ auth_token_env = "TWILIO"
 workspace_sid = "WS0000000000000000000000000000000b"
 workflow_sid = "WW0000000000000000000000000000000b"
 {extra}
+"#
+        )
+}
+
+/// `[server]` on a loopback port with the admin token in `ADMIN` and the state in `state_dir`,
+/// and `[twilio]` with every base URL at `twilio`.
+pub fn header(state_dir: &std::path::Path, twilio: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_token_env = "ADMIN"
+state_dir = "{}"
+
+[twilio]
+taskrouter_url = "{twilio}"
+serverless_url = "{twilio}"
+flex_url = "{twilio}"
+monitor_url = "{twilio}"
 "#,
         state_dir.display()
     )
@@ -226,5 +235,25 @@ pub async fn settle() {
     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     for _ in 0..20 {
         tokio::task::yield_now().await;
+    }
+}
+
+/// The log lines of a daemon spawned with `--log-format json` and a piped stderr.
+pub type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Waits until a spawned daemon listens: its address, and its log lines from there on.
+pub async fn listening(child: &mut tokio::process::Child) -> (String, LogLines) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("daemon exited before listening");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        if v["fields"]["message"] == "transfer-guard listening" {
+            return (v["fields"]["addr"].as_str().unwrap().to_string(), lines);
+        }
     }
 }
