@@ -797,7 +797,7 @@ pub async fn backlog(path: &std::path::Path) -> std::io::Result<BacklogReport> {
 /// A breach storm: one Bad Request on each of `cbos` CBOs in one request, so all breach in one
 /// tick; for each rollback request at the simulated Twilio, its delay from the ingest, sorted;
 /// and how many commits the decision log made for the intents and results.
-pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, u64) {
+pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, u64, Vec<f64>) {
     let (app, sim) = rollback_fleet(cbos).await;
     // The fleet's start (first polls, a validation window per deployment seen) is over
     // before the storm, so the figures are the storm's own.
@@ -805,6 +805,21 @@ pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, 
     let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let body: String = (0..cbos).map(|i| breach(i, &ts) + "\n").collect();
     let commits_before = app.shared.actions.log.commits();
+    // /healthz every 10 ms through the storm.
+    let (done, mut stopped) = tokio::sync::watch::channel(false);
+    let health = format!("{}/healthz", app.url());
+    let probe = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut ms = Vec::new();
+        while !*stopped.borrow_and_update() {
+            let asked = Instant::now();
+            if http.get(&health).send().await.is_ok() {
+                ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        ms
+    });
     let sent = tokio::time::Instant::now();
     post_as_admin(&reqwest::Client::new(), &app, body).await;
     let deadline = sent + std::time::Duration::from_secs(60);
@@ -821,8 +836,11 @@ pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, 
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let commits = app.shared.actions.log.commits() - commits_before;
+    let _ = done.send(true);
+    let mut healthz = probe.await.unwrap_or_default();
+    healthz.sort_by(|a, b| a.total_cmp(b));
     app.shutdown().await;
     let mut out = out;
     out.sort();
-    (out, commits)
+    (out, commits, healthz)
 }

@@ -403,7 +403,7 @@ async fn main() -> ExitCode {
                     );
                 }
                 BenchWhat::Storm { cbos, settle } => {
-                    let (delays, commits) = bench::storm(cbos, settle).await;
+                    let (delays, commits, healthz) = bench::storm(cbos, settle).await;
                     let ms: Vec<f64> = delays.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
                     let at = |q: f64| {
                         ms.get(((ms.len().max(1) - 1) as f64 * q).round() as usize)
@@ -418,6 +418,19 @@ async fn main() -> ExitCode {
                         at(0.99),
                         at(1.0),
                         at(1.0) - at(0.0)
+                    );
+                    let h = |q: f64| {
+                        healthz
+                            .get(((healthz.len().max(1) - 1) as f64 * q).round() as usize)
+                            .copied()
+                            .unwrap_or(f64::NAN)
+                    };
+                    println!(
+                        "  /healthz through the storm ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                        healthz.len(),
+                        h(0.5),
+                        h(0.99),
+                        h(1.0)
                     );
                 }
                 BenchWhat::Lines {
