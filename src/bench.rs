@@ -102,18 +102,28 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Resident memory of this process in bytes (Linux).
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_kib("VmRSS:").map(|kb| kb * 1024)
 }
 
 /// Peak resident memory of this process so far (`VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// A `kB` field of `/proc/self/status`.
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The `q` quantile (0 = first, 1 = last) of `sorted`, by nearest rank; NaN when empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let last = sorted.len().max(1) - 1;
+    sorted
+        .get((last as f64 * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// Parsing alone and tracking alone, events per second (median of `runs`): where the time goes.

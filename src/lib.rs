@@ -237,13 +237,16 @@ impl Group {
 }
 
 fn group_specs(config: &Config) -> BTreeMap<String, GroupSpec> {
+    let mut per_account = std::collections::HashMap::new();
+    for account in config.cbos.iter().filter_map(|c| c.account_sid) {
+        *per_account.entry(account).or_insert(0usize) += 1;
+    }
     let mut specs = BTreeMap::new();
     for cbo in &config.cbos {
-        let sharing = config
-            .cbos
-            .iter()
-            .filter(|c| c.account_sid.is_some() && c.account_sid == cbo.account_sid)
-            .count();
+        let sharing = cbo
+            .account_sid
+            .and_then(|a| per_account.get(&a).copied())
+            .unwrap_or(0);
         specs.insert(
             format!("cbo {}", cbo.key),
             GroupSpec::Cbo {
@@ -470,19 +473,13 @@ impl App {
         shared.engine().reconfigure(&config, now_ms);
         shared.actions.reconfigure(&config);
         shared.live.replace(config.clone(), Arc::new(clients));
-        let removed: Vec<String> = old
-            .cbos
-            .iter()
-            .map(|c| c.key.to_string())
-            .filter(|k| config.cbo(k).is_none())
-            .collect();
+        let removed = shared.fleet.retain(&config, &shared.metrics);
         for cbo in &removed {
             shared
                 .validations
                 .withdraw(cbo, "its cbo was removed from the configuration", now_ms);
             shared.poll_done(cbo);
         }
-        shared.fleet.retain(&config, &shared.metrics);
 
         let wanted = group_specs(&config);
         let mut restarted = Vec::new();
@@ -645,8 +642,19 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Runs `app` until SIGTERM or SIGINT, reloading `path` at each SIGHUP; then stops it.
+/// Tells systemd the daemon serves, and what it guards.
+fn notify_ready(app: &App) {
+    let cbos = app.shared.config().cbos.len();
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=guarding {cbos} CBOs on {}",
+        app.addr
+    ));
+}
+
+/// Says READY to systemd, runs `app` until SIGTERM or SIGINT, reloading `path` at each SIGHUP;
+/// then stops it.
 pub async fn serve_until_stopped(mut app: App, path: &std::path::Path) {
+    notify_ready(&app);
     let stop = shutdown_signal();
     tokio::pin!(stop);
     #[cfg(unix)]
@@ -663,8 +671,7 @@ pub async fn serve_until_stopped(mut app: App, path: &std::path::Path) {
                 systemd::notify("RELOADING=1");
                 // Refused or applied, it is logged and counted; the daemon goes on either way.
                 let _ = app.reload_file(path).await;
-                let cbos = app.shared.config().cbos.len();
-                systemd::notify(&format!("READY=1\nSTATUS=guarding {cbos} CBOs on {}", app.addr));
+                notify_ready(&app);
             }
         }
     }

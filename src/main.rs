@@ -394,22 +394,18 @@ async fn main() -> ExitCode {
                         .map(|d| d.as_secs_f64() * 1000.0)
                         .collect();
                     ms.sort_by(|a, b| a.total_cmp(b));
-                    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+                    let at = |q: f64| bench::quantile(&ms, q);
                     println!(
                         "detection: {trials} breaches, event to rollback request: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
                         at(0.5),
                         at(0.99),
-                        ms[ms.len() - 1]
+                        at(1.0)
                     );
                 }
                 BenchWhat::Storm { cbos, settle } => {
                     let (delays, commits, healthz) = bench::storm(cbos, settle).await;
                     let ms: Vec<f64> = delays.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-                    let at = |q: f64| {
-                        ms.get(((ms.len().max(1) - 1) as f64 * q).round() as usize)
-                            .copied()
-                            .unwrap_or(f64::NAN)
-                    };
+                    let at = |q: f64| bench::quantile(&ms, q);
                     println!(
                         "storm: {cbos} CBOs breaching in one tick: {} rollback requests; from the ingest: first {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms (spread {:.0} ms); {commits} decision-log commits",
                         ms.len(),
@@ -419,12 +415,7 @@ async fn main() -> ExitCode {
                         at(1.0),
                         at(1.0) - at(0.0)
                     );
-                    let h = |q: f64| {
-                        healthz
-                            .get(((healthz.len().max(1) - 1) as f64 * q).round() as usize)
-                            .copied()
-                            .unwrap_or(f64::NAN)
-                    };
+                    let h = |q: f64| bench::quantile(&healthz, q);
                     println!(
                         "  /healthz through the storm ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                         healthz.len(),
@@ -501,12 +492,7 @@ async fn main() -> ExitCode {
                 BenchWhat::Backlog { file } => match bench::backlog(&file).await {
                     Ok(mut r) => {
                         r.healthz_ms.sort_by(|a, b| a.total_cmp(b));
-                        let at = |q: f64| {
-                            r.healthz_ms
-                                .get(((r.healthz_ms.len().max(1) - 1) as f64 * q).round() as usize)
-                                .copied()
-                                .unwrap_or(f64::NAN)
-                        };
+                        let at = |q: f64| bench::quantile(&r.healthz_ms, q);
                         println!(
                             "backlog: {} lines of {} taken in {:.2} s: {:.0} lines/s; peak RSS {:.1} MiB; /healthz meanwhile ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                             r.lines,
@@ -682,11 +668,6 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!(problem = %p, "configuration");
     }
     let app = App::start(config).await.context("starting")?;
-    let cbos = app.shared.config().cbos.len();
-    transfer_guard::systemd::notify(&format!(
-        "READY=1\nSTATUS=guarding {cbos} CBOs on {}",
-        app.addr
-    ));
     transfer_guard::serve_until_stopped(app, &path).await;
     Ok(())
 }

@@ -374,6 +374,17 @@ enum Ran {
     NotRecorded,
 }
 
+/// Appends `entry`; a log that cannot be written is loud, never silent.
+fn append_logged(log: &DecisionLog, entry: Entry) -> Option<Entry> {
+    match log.append(entry) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot write the decision log");
+            None
+        }
+    }
+}
+
 thread_local! {
     /// The records noted during a tick on this thread (`Actions::in_one_commit`).
     static TICK_NOTES: std::cell::RefCell<Option<Vec<Entry>>> = const { std::cell::RefCell::new(None) };
@@ -503,13 +514,7 @@ impl Actions {
 
     /// Appends to the log; a log that cannot be written is loud, never silent.
     pub fn record(&self, entry: Entry) -> Option<Entry> {
-        match self.log.append(entry) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write the decision log");
-                None
-            }
-        }
+        append_logged(&self.log, entry)
     }
 
     /// A record that nothing waits on (an alert, a suppression, a dry run): inside a tick it
@@ -551,13 +556,8 @@ impl Actions {
     /// the other actions' writes in one fsync (group commit) instead of holding a worker.
     async fn durable(&self, entry: Entry) -> Option<Entry> {
         let log = self.log.clone();
-        let written = tokio::task::spawn_blocking(move || log.append(entry)).await;
-        match written {
-            Ok(Ok(e)) => Some(e),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot write the decision log");
-                None
-            }
+        match tokio::task::spawn_blocking(move || append_logged(&log, entry)).await {
+            Ok(written) => written,
             Err(e) => {
                 tracing::error!(error = %e, "cannot write the decision log");
                 None
