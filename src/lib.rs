@@ -348,10 +348,16 @@ impl App {
             clock.now_ms(),
             metrics.clone(),
         )?;
+        let mut engine = rules::Engine::new(&config, clock.now_ms());
+        for (cbo, rule, state) in engine.resume(actions.log.replayed().rule_states()) {
+            if let Some(m) = metrics.cbo(&cbo) {
+                m.set_rule_state(rule, state);
+            }
+        }
         let shared = Arc::new(Shared {
             remembered: store::RememberedStore::open(&config.server.state_dir),
             validations,
-            engine: std::sync::Mutex::new(rules::Engine::new(&config, clock.now_ms())),
+            engine: std::sync::Mutex::new(engine),
             live,
             metrics,
             fleet,
@@ -557,6 +563,9 @@ impl App {
                 "actions still in flight at the stop: their intents are settled with Twilio at the next start"
             );
         }
+        // The next start reads the snapshot, not the history.
+        let log = self.shared.actions.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.checkpoint()).await;
         tracing::info!("transfer-guard stopped");
     }
 }

@@ -413,6 +413,47 @@ async fn a_restart_right_after_a_rollback_does_not_roll_back_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restart_logs_no_rule_state_that_did_not_change() {
+    let sim = sim().await;
+    let dir = fresh_dir();
+    let text = text(&dir, &sim, "", "");
+    let states = |app: &App| {
+        app.shared
+            .actions
+            .log
+            .query(Some("a"), None)
+            .iter()
+            .filter(|e| e.kind == Kind::State)
+            .count()
+    };
+    // No transfers: the rules that need samples say so.
+    let app = start_at(&text, T0).await;
+    run(&app, 120, |_, _| {}).await;
+    assert_eq!(state(&app, "a", "success_rate"), "inconclusive");
+    let logged = states(&app);
+    assert!(logged > 0, "{logged}");
+    app.shutdown().await;
+
+    // Still none after two restarts: nothing new to say, nothing logged.
+    for _ in 0..2 {
+        let app = start_at(&text, T0).await;
+        let m = metrics(&app);
+        assert_eq!(
+            metric(
+                &m,
+                r#"transfer_guard_rule_state{cbo="a",rule="success_rate",state="inconclusive"}"#
+            ),
+            Some(1.0),
+            "resumed, and shown as resumed"
+        );
+        run(&app, 120, |_, _| {}).await;
+        assert_eq!(state(&app, "a", "success_rate"), "inconclusive");
+        assert_eq!(states(&app), logged);
+        app.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn dry_run_reaches_nothing_and_counts_the_decisions() {
     let sim = sim().await;
     let text = text(&fresh_dir(), &sim, "", "").replacen("dry_run = false", "dry_run = true", 1);

@@ -48,7 +48,7 @@ impl Verdict {
 }
 
 /// One CBO's knowledge of one artifact kind.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct View {
     pub good: BTreeSet<String>,
     pub bad: BTreeSet<String>,
@@ -115,8 +115,9 @@ impl View {
 }
 
 /// Every CBO's knowledge, rebuilt from the decision log at start.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Ledger {
+    #[serde(with = "super::pairs")]
     views: BTreeMap<(String, Artifact), View>,
 }
 

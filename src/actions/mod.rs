@@ -250,27 +250,117 @@ impl Switch {
     }
 }
 
-/// Everything the pipeline remembers, rebuilt from the decision log on start.
-#[derive(Default)]
-struct Memory {
+/// What the decision log says, folded entry by entry in order: everything a start needs. The
+/// log keeps one folded to its newest entry and snapshots it, so a start reads the snapshot
+/// and the entries after it, not the whole history.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Replayed {
     /// (cbo, deployment) with a rollback fired.
     rolled_back: HashSet<(String, String)>,
     /// (cbo, kind) -> when an action of that kind was last attempted.
+    #[serde(with = "pairs")]
     last_attempt: HashMap<(String, ActionKind), i64>,
     /// Rules on-call silenced until they recover.
     acked: HashSet<(String, String)>,
-    in_flight: HashSet<(String, ActionKind)>,
+    #[serde(with = "saved_switches")]
     switches: BTreeMap<String, Switch>,
     known: Ledger,
-    /// Intents read back at start without a result, by key: settled by asking Twilio.
+    /// Intents without a result yet, by key: at a start, settled by asking Twilio.
     unsettled: BTreeMap<String, Entry>,
+    /// (cbo, rule) -> the state it was last logged in: a start resumes from it, so restarts do
+    /// not log again a state that did not change.
+    #[serde(with = "pairs")]
+    rule_states: BTreeMap<(String, String), String>,
+}
+
+impl Replayed {
+    /// The state each rule of each CBO was last logged in.
+    pub fn rule_states(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.rule_states
+            .iter()
+            .map(|((cbo, rule), state)| (cbo.as_str(), rule.as_str(), state.as_str()))
+    }
+}
+
+/// A map with keys that are not strings, saved as a list of pairs.
+mod pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<'a, S, M, K, V>(map: &'a M, s: S) -> Result<S::Ok, S::Error>
+    where
+        S: Serializer,
+        &'a M: IntoIterator<Item = (&'a K, &'a V)>,
+        K: Serialize + 'a,
+        V: Serialize + 'a,
+    {
+        s.collect_seq(map)
+    }
+
+    pub fn deserialize<'de, D, M, K, V>(d: D) -> Result<M, D::Error>
+    where
+        D: Deserializer<'de>,
+        M: FromIterator<(K, V)>,
+        K: Deserialize<'de>,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// Switches with the Flex flags to restore (which the API does not show).
+mod saved_switches {
+    use super::Switch;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<String, Switch>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.values().map(|sw| (sw, &sw.previous_flags)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Switch>, D::Error> {
+        Ok(Vec::<(Switch, Option<Value>)>::deserialize(d)?
+            .into_iter()
+            .map(|(sw, previous_flags)| {
+                (
+                    sw.cbo.clone(),
+                    Switch {
+                        previous_flags,
+                        ..sw
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+/// Everything the pipeline remembers: what the log says, and what is under way now.
+#[derive(Default)]
+struct Memory {
+    replayed: Replayed,
+    in_flight: HashSet<(String, ActionKind)>,
     /// Rollbacks that took effect since the tick last looked: (cbo, when).
     landed: Vec<(String, i64)>,
 }
 
-impl Memory {
-    /// What one entry of the log says, replayed in order at start.
-    fn replay(&mut self, e: &Entry) {
+impl std::ops::Deref for Memory {
+    type Target = Replayed;
+    fn deref(&self) -> &Replayed {
+        &self.replayed
+    }
+}
+
+impl std::ops::DerefMut for Memory {
+    fn deref_mut(&mut self) -> &mut Replayed {
+        &mut self.replayed
+    }
+}
+
+impl Replayed {
+    /// What one entry of the log says, folded in order.
+    pub fn apply(&mut self, e: &Entry) {
         let kind = e.action.as_deref().and_then(ActionKind::parse);
         match e.kind {
             Kind::Intent => {
@@ -325,9 +415,13 @@ impl Memory {
                     self.acked.insert((e.cbo.clone(), rule.clone()));
                 }
             }
-            Kind::State if e.to.as_deref() == Some("ok") => {
-                if let Some(rule) = &e.rule {
-                    self.acked.remove(&(e.cbo.clone(), rule.clone()));
+            Kind::State => {
+                if let (Some(rule), Some(to)) = (&e.rule, &e.to) {
+                    let key = (e.cbo.clone(), rule.clone());
+                    if to == "ok" {
+                        self.acked.remove(&key);
+                    }
+                    self.rule_states.insert(key, to.clone());
                 }
             }
             Kind::Switch => {
@@ -427,15 +521,19 @@ impl Actions {
         metrics: Arc<Metrics>,
         clock: Clock,
     ) -> Actions {
-        let mut memory = Memory::default();
+        // What the log says: what fired, when, what is acked, known good and bad, where each
+        // switch stands, which intents still need settling.
+        let mut memory = Memory {
+            replayed: log.replayed(),
+            ..Memory::default()
+        };
         for cbo in &live.config().cbos {
+            let key = cbo.key.as_str();
             memory
                 .switches
-                .insert(cbo.key.to_string(), Switch::on(cbo.key.as_str()));
+                .entry(key.to_string())
+                .or_insert_with(|| Switch::on(key));
         }
-        // Replay the log: what fired, when, what is acked, known good and bad, where each
-        // switch stands, which intents still need settling.
-        log.for_each(|e| memory.replay(e));
         for (cbo, s) in &memory.switches {
             if let Some(m) = metrics.cbo(cbo) {
                 m.set_disabled(s.is_off());

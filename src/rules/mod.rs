@@ -364,6 +364,31 @@ impl Engine {
         self.params = params;
     }
 
+    /// Resumes each rule in the state the decision log last recorded for it (cbo, rule,
+    /// state), when that state holds no timer: ok or inconclusive. A restart then logs only
+    /// what changes. Pending and breached rules start over from ok and are judged afresh.
+    /// Returns the rules resumed in another state than ok.
+    pub fn resume<'a>(
+        &mut self,
+        states: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Vec<(String, RuleId, RuleState)> {
+        let mut out = Vec::new();
+        for (cbo, rule, state) in states {
+            let Some(rule) = RuleId::parse(rule) else {
+                continue;
+            };
+            let state = match state {
+                "inconclusive" => RuleState::Inconclusive,
+                _ => continue,
+            };
+            if let Some(t) = self.tracked.get_mut(&(cbo.to_string(), rule)) {
+                t.state = state;
+                out.push((cbo.to_string(), rule, state));
+            }
+        }
+        out
+    }
+
     pub fn params(&self, cbo: &str, rule: RuleId) -> Option<&Params> {
         self.params.get(&(cbo.to_string(), rule))
     }
