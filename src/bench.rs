@@ -258,34 +258,140 @@ fn fill(fleet: &Fleet, now: i64) {
     }
 }
 
-/// `/metrics` rendering with `cbos` CBOs that all have traffic: median milliseconds of `runs`.
-pub fn scrape(cbos: usize, runs: usize) -> (f64, usize) {
+/// `/healthz` of the daemon at `url`, asked every 10 ms until the sender is told to stop; the
+/// round trips in ms, sorted, from the handle.
+fn sample_healthz(
+    url: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Vec<f64>>,
+) {
+    let (done, mut stopped) = tokio::sync::watch::channel(false);
+    let health = format!("{url}/healthz");
+    let probe = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut ms = Vec::new();
+        while !*stopped.borrow_and_update() {
+            let asked = Instant::now();
+            if http.get(&health).send().await.is_ok() {
+                ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        ms
+    });
+    (done, probe)
+}
+
+/// What `bench scrape` measured in process (median milliseconds of the runs).
+pub struct ScrapeReport {
+    pub bytes: usize,
+    pub gzipped: usize,
+    /// The text, written whole.
+    pub render_ms: f64,
+    /// That text gzipped as one stream (what the scrape cost before its cache).
+    pub gzip_ms: f64,
+    /// `render_gzip` after every CBO's every family changed (the worst case).
+    pub all_changed_ms: f64,
+    /// `render_gzip` after one scrape interval at a CBO's volume (`interval`).
+    pub interval_ms: f64,
+    /// `render_gzip` with nothing changed.
+    pub unchanged_ms: f64,
+}
+
+/// What changes in one 15-second scrape interval across a fleet at a CBO's volume: every
+/// CBO's pollers ran once (TaskRouter, and the three sources of Twilio's record), and one
+/// CBO in fifty had a transfer end.
+pub fn interval(metrics: &Metrics, keys: &[String]) {
+    use crate::event::{EventKind, TargetType, TransferType};
+    for (i, key) in keys.iter().enumerate() {
+        let Some(c) = metrics.cbo(key) else { continue };
+        c.poll(crate::twilio::PollResult::Ok, 0.18);
+        for source in crate::metrics::POLLED_SOURCES {
+            c.source_poll(source, crate::twilio::PollResult::Ok);
+        }
+        if i % 50 == 0 {
+            c.ingested(EventKind::Completed);
+            c.completion(TransferType::Cold, 3.2);
+            c.transfer(
+                Some(TransferType::Cold),
+                Some(TargetType::Queue),
+                crate::tracker::Outcome::Completed,
+            );
+        }
+    }
+}
+
+/// A change to every family of every CBO (the scrape cache's worst case).
+fn everything(metrics: &Metrics, keys: &[String], round: usize) {
+    for key in keys {
+        let Some(c) = metrics.cbo(key) else { continue };
+        c.ingested(crate::event::EventKind::Initiated);
+        c.set_open(round);
+        interval(metrics, std::slice::from_ref(key));
+    }
+}
+
+/// `/metrics` rendering with `cbos` CBOs that all have traffic.
+pub fn scrape(cbos: usize, runs: usize) -> ScrapeReport {
     let now = chrono::Utc::now().timestamp_millis();
     let config = config(cbos);
+    let keys: Vec<String> = config.cbos.iter().map(|c| c.key.to_string()).collect();
     let metrics = std::sync::Arc::new(Metrics::new());
     let fleet = Fleet::new(&config, &metrics);
     fill(&fleet, now);
-    let mut times = Vec::new();
-    let mut size = 0;
-    for _ in 0..runs {
+    fleet.refresh_gauges(now);
+    let timed = |f: &mut dyn FnMut() -> usize| {
         let start = Instant::now();
-        fleet.refresh_gauges(now);
-        size = metrics.render().len();
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        let n = f();
+        (start.elapsed().as_secs_f64() * 1000.0, n)
+    };
+    let (mut render, mut gzip, mut all, mut each, mut none) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bytes, mut gzipped) = (0, 0);
+    for round in 0..runs {
+        let mut text = String::new();
+        let (ms, n) = timed(&mut || {
+            text = metrics.render();
+            text.len()
+        });
+        (bytes, _) = (n, render.push(ms));
+        gzip.push(timed(&mut || crate::metrics::gzip(text.as_bytes()).len()).0);
+        everything(&metrics, &keys, round);
+        all.push(timed(&mut || metrics.render_gzip().len()).0);
+        interval(&metrics, &keys);
+        let (ms, n) = timed(&mut || metrics.render_gzip().len());
+        (gzipped, _) = (n, each.push(ms));
+        none.push(timed(&mut || metrics.render_gzip().len()).0);
     }
-    (median(times), size)
+    ScrapeReport {
+        bytes,
+        gzipped,
+        render_ms: median(render),
+        gzip_ms: median(gzip),
+        all_changed_ms: median(all),
+        interval_ms: median(each),
+        unchanged_ms: median(none),
+    }
 }
 
 /// The same through a running daemon: `GET /metrics` over loopback, request to last byte,
-/// median milliseconds of `runs`.
-pub async fn scrape_http(cbos: usize, runs: usize, gzip: bool) -> (f64, usize) {
-    let app = crate::App::start(config(cbos)).await.expect("starts");
+/// median milliseconds of `runs`; and `/healthz` round trips (ms, sorted) sampled meanwhile.
+/// Between two scrapes, one scrape interval at a CBO's volume (`interval`) changes the series.
+pub async fn scrape_http(cbos: usize, runs: usize, gzip: bool) -> (f64, usize, Vec<f64>) {
+    let config = config(cbos);
+    let keys: Vec<String> = config.cbos.iter().map(|c| c.key.to_string()).collect();
+    let app = crate::App::start(config).await.expect("starts");
     fill(&app.shared.fleet, app.shared.clock.now_ms());
+    let (done, healthz) = sample_healthz(&app.url());
     let http = reqwest::Client::new();
     let url = format!("{}/metrics", app.url());
     let mut times = Vec::new();
     let mut size = 0;
-    for _ in 0..runs {
+    // One scrape before the timed ones: Prometheus scrapes all the time, the cache is warm.
+    for run in 0..=runs {
+        interval(&app.shared.metrics, &keys);
         let start = Instant::now();
         let body = http
             .get(&url)
@@ -298,10 +404,14 @@ pub async fn scrape_http(cbos: usize, runs: usize, gzip: bool) -> (f64, usize) {
             .and_then(|r| r.error_for_status())
             .expect("/metrics answers");
         size = body.bytes().await.expect("the body arrives").len();
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        if run > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
     }
+    let _ = done.send(true);
+    let healthz = healthz.await.unwrap_or_default();
     app.shutdown().await;
-    (median(times), size)
+    (median(times), size, healthz)
 }
 
 /// Detection latency: from posting the event that completes a breach (a Bad Request with
@@ -313,7 +423,19 @@ async fn rollback_fleet(trials: usize) -> (crate::App, crate::sim::twilio::SimTw
     use crate::App;
     use crate::clock::Clock;
     use crate::sim::twilio::SimTwilio;
-    let sim = SimTwilio::start(Clock::new()).await;
+    // Twilio is elsewhere in production: the simulated one answers from a runtime (and thread)
+    // of its own, so its work is not the daemon's async workers' work.
+    let twilio = Box::leak(Box::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the simulated Twilio"),
+    ));
+    let sim = twilio
+        .spawn(SimTwilio::start(Clock::new()))
+        .await
+        .expect("the simulated Twilio starts");
     let mut text = server_section()
         + &format!(
             "[twilio]\ntaskrouter_url = \"{url}\"\nserverless_url = \"{url}\"\nflex_url = \"{url}\"\nmonitor_url = \"{url}\"\n[actions]\ndry_run = false\n",
@@ -815,21 +937,7 @@ pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, 
     let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let body: String = (0..cbos).map(|i| breach(i, &ts) + "\n").collect();
     let commits_before = app.shared.actions.log.commits();
-    // /healthz every 10 ms through the storm.
-    let (done, mut stopped) = tokio::sync::watch::channel(false);
-    let health = format!("{}/healthz", app.url());
-    let probe = tokio::spawn(async move {
-        let http = reqwest::Client::new();
-        let mut ms = Vec::new();
-        while !*stopped.borrow_and_update() {
-            let asked = Instant::now();
-            if http.get(&health).send().await.is_ok() {
-                ms.push(asked.elapsed().as_secs_f64() * 1000.0);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        ms
-    });
+    let (done, probe) = sample_healthz(&app.url());
     let sent = tokio::time::Instant::now();
     post_as_admin(&reqwest::Client::new(), &app, body).await;
     let deadline = sent + std::time::Duration::from_secs(60);
@@ -847,10 +955,165 @@ pub async fn storm(cbos: usize, settle_secs: u64) -> (Vec<std::time::Duration>, 
     };
     let commits = app.shared.actions.log.commits() - commits_before;
     let _ = done.send(true);
-    let mut healthz = probe.await.unwrap_or_default();
-    healthz.sort_by(|a, b| a.total_cmp(b));
+    let healthz = probe.await.unwrap_or_default();
     app.shutdown().await;
     let mut out = out;
     out.sort();
     (out, commits, healthz)
+}
+
+/// What `bench decisions` measured.
+pub struct DecisionsReport {
+    pub entries: usize,
+    pub bytes: u64,
+    /// Opening the log when it has no index or snapshot yet (the first start after an upgrade).
+    pub first_open_ms: f64,
+    /// Opening it again (index and snapshot in place), each run.
+    pub open_ms: Vec<f64>,
+    /// A daemon of the bench's CBOs on that state directory: `App::start` until it listens.
+    pub start_ms: Vec<f64>,
+    /// `GET /v1/decisions?cbo=X&limit=100` over HTTP: the first page of a random CBO.
+    pub first_page_ms: Vec<f64>,
+    /// The same from a cursor halfway through the history.
+    pub middle_page_ms: Vec<f64>,
+    pub rss_after_open: u64,
+}
+
+/// A decision log of `entries` typical entries over `cbos` CBOs (rule states with their
+/// evidence, alerts, actions with a plan, acks, notes; about 500 bytes each), then: its first
+/// open, reopening it, starting a daemon on it, and reading one CBO's page over HTTP.
+pub async fn decisions(
+    entries: usize,
+    cbos: usize,
+    runs: usize,
+) -> std::io::Result<DecisionsReport> {
+    use crate::decisions::{DecisionLog, Entry, FILE_NAME, INDEX_FILE, Kind, SNAPSHOT_FILE};
+    let section = server_section();
+    let dir = std::path::PathBuf::from(
+        section
+            .lines()
+            .find_map(|l| l.strip_prefix("state_dir = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("the bench's state_dir"),
+    );
+    let to_io = |e: crate::decisions::LogError| std::io::Error::other(e.to_string());
+    let now = chrono::Utc::now().timestamp_millis();
+    {
+        let log = DecisionLog::open(&dir).map_err(to_io)?;
+        let mut batch = Vec::with_capacity(10_000);
+        for i in 0..entries {
+            let cbo = format!("c{}", fastrand::usize(..cbos));
+            let at = now - (entries - i) as i64 * 10;
+            let mut e = match i % 10 {
+                0 => {
+                    let mut e = Entry::new(&cbo, Kind::Action, at);
+                    e.action = Some("alert".into());
+                    e.integration = Some("alertmanager".into());
+                    e.result = Some("fired".into());
+                    e
+                }
+                1 => {
+                    let mut e = Entry::new(&cbo, Kind::Ack, at);
+                    e.rule = Some("success_rate".into());
+                    e
+                }
+                _ => {
+                    let mut e = Entry::new(&cbo, Kind::State, at);
+                    e.rule = Some(["success_rate", "bad_requests", "history_loss"][i % 3].into());
+                    e.from = Some("ok".into());
+                    e.to = Some(["pending", "ok", "inconclusive"][i % 3].into());
+                    e
+                }
+            };
+            e.deployment = Some(format!("ZD{:032x}", i / 1000));
+            e.evidence = serde_json::json!({
+                "measured": {"success_rate": 0.91, "transfers": 57, "failed": 5, "window": "15m",
+                    "wilson_upper": 0.962, "bad_requests": 3},
+                "params": {"threshold": 0.95, "window": "15m", "for": "2m", "min_samples": 20,
+                    "action": "rollback", "confidence": 0.95},
+                "failing": [format!("CH{i:032x}")],
+            });
+            batch.push(e);
+            if batch.len() == 10_000 {
+                log.append_all(std::mem::take(&mut batch)).map_err(to_io)?;
+            }
+        }
+        log.append_all(batch).map_err(to_io)?;
+    }
+    let bytes = std::fs::metadata(dir.join(FILE_NAME))?.len();
+    let _ = std::fs::remove_file(dir.join(INDEX_FILE));
+    let _ = std::fs::remove_file(dir.join(SNAPSHOT_FILE));
+    let timed = |dir: &std::path::Path| -> std::io::Result<f64> {
+        let started = Instant::now();
+        let log = DecisionLog::open(dir).map_err(to_io)?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        drop(log);
+        Ok(ms)
+    };
+    let first_open_ms = timed(&dir)?;
+    let mut open_ms = Vec::new();
+    for _ in 0..runs {
+        open_ms.push(timed(&dir)?);
+    }
+    let rss_before = rss_bytes().unwrap_or(0);
+    let kept = DecisionLog::open(&dir).map_err(to_io)?;
+    let rss_after_open = rss_bytes().unwrap_or(0).saturating_sub(rss_before);
+    let middle = kept.last_seq() / 2;
+    drop(kept);
+
+    let mut text = section.replacen("[server]\n", "[server]\nadmin_token_env = \"ADMIN\"\n", 1);
+    for i in 0..cbos {
+        text += &format!("[[cbo]]\nkey = \"c{i}\"\n");
+    }
+    let env = |k: &str| (k == "ADMIN").then(|| "bench-admin".to_string());
+    let config = check_str(&text, &env)
+        .config
+        .expect("the bench config parses");
+    let http = reqwest::Client::new();
+    let (mut start_ms, mut first_page_ms, mut middle_page_ms) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        let app = crate::App::start(config.clone())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        start_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        for _ in 0..50 {
+            for (after, out) in [(0, &mut first_page_ms), (middle, &mut middle_page_ms)] {
+                let url = format!(
+                    "{}/v1/decisions?cbo=c{}&limit=100&after={after}",
+                    app.url(),
+                    fastrand::usize(..cbos)
+                );
+                let asked = Instant::now();
+                let resp = http.get(&url).bearer_auth("bench-admin").send().await;
+                let body = match resp {
+                    Ok(r) if r.status().is_success() => {
+                        r.bytes().await.map_err(std::io::Error::other)?
+                    }
+                    Ok(r) => return Err(std::io::Error::other(format!("{url}: {}", r.status()))),
+                    Err(e) => return Err(std::io::Error::other(e)),
+                };
+                out.push(asked.elapsed().as_secs_f64() * 1000.0);
+                let page: serde_json::Value = serde_json::from_slice(&body)?;
+                assert_eq!(
+                    page["decisions"].as_array().map(Vec::len),
+                    Some(100),
+                    "a full page"
+                );
+            }
+        }
+        app.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(DecisionsReport {
+        entries,
+        bytes,
+        first_open_ms,
+        open_ms,
+        start_ms,
+        first_page_ms,
+        middle_page_ms,
+        rss_after_open,
+    })
 }

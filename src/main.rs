@@ -243,6 +243,15 @@ enum BenchWhat {
         #[arg(long)]
         file: PathBuf,
     },
+    /// A decision log of many entries: opening it, starting on it, reading one CBO's page.
+    Decisions {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: usize,
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Single-event ingest requests per second at each fleet size (token lookup's cost).
     Tokens {
         /// Fleet sizes, compared in one run.
@@ -489,6 +498,46 @@ async fn main() -> ExitCode {
                         if health { "answered" } else { "did NOT answer" }
                     );
                 }
+                BenchWhat::Decisions {
+                    entries,
+                    cbos,
+                    runs,
+                } => match bench::decisions(entries, cbos, runs).await {
+                    Ok(mut r) => {
+                        let line = |name: &str, v: &mut Vec<f64>| {
+                            v.sort_by(|a, b| a.total_cmp(b));
+                            let at = |q: f64| bench::quantile(v, q);
+                            println!(
+                                "  {name} ({} times): median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                                v.len(),
+                                at(0.5),
+                                at(0.99),
+                                at(1.0)
+                            );
+                        };
+                        println!(
+                            "decisions: {} entries over {cbos} CBOs, {:.0} MB; first open (no index or snapshot yet) {:.0} ms; index and snapshot in memory: {:.1} MiB",
+                            r.entries,
+                            r.bytes as f64 / 1e6,
+                            r.first_open_ms,
+                            r.rss_after_open as f64 / (1 << 20) as f64
+                        );
+                        line("reopen", &mut r.open_ms);
+                        line("daemon start until it listens", &mut r.start_ms);
+                        line(
+                            "GET /v1/decisions?cbo=X&limit=100, first page",
+                            &mut r.first_page_ms,
+                        );
+                        line(
+                            "the same from a cursor halfway through",
+                            &mut r.middle_page_ms,
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("bench decisions: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
                 BenchWhat::Backlog { file } => match bench::backlog(&file).await {
                     Ok(mut r) => {
                         r.healthz_ms.sort_by(|a, b| a.total_cmp(b));
@@ -536,18 +585,34 @@ async fn main() -> ExitCode {
                     }
                 }
                 BenchWhat::Scrape { cbos, runs } => {
-                    let (ms, size) = bench::scrape(cbos, runs);
+                    let r = bench::scrape(cbos, runs);
                     println!(
-                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms to render"
+                        "scrape: {cbos} CBOs, {} bytes of /metrics ({} gzipped), medians of {runs}: the text {:.1} ms, gzipping it {:.1} ms; gzipped with the cache: {:.1} ms after every family of every CBO changed, {:.1} ms after one 15 s interval at a CBO's volume, {:.1} ms unchanged",
+                        r.bytes,
+                        r.gzipped,
+                        r.render_ms,
+                        r.gzip_ms,
+                        r.all_changed_ms,
+                        r.interval_ms,
+                        r.unchanged_ms
                     );
-                    let (ms, size) = bench::scrape_http(cbos, runs, false).await;
-                    println!(
-                        "scrape: {cbos} CBOs, {size} bytes of /metrics, median of {runs}: {ms:.1} ms for GET /metrics over loopback"
-                    );
-                    let (ms, size) = bench::scrape_http(cbos, runs, true).await;
-                    println!(
-                        "scrape: {cbos} CBOs, {size} bytes of /metrics gzipped, median of {runs}: {ms:.1} ms for GET /metrics with Accept-Encoding: gzip"
-                    );
+                    for gzip in [false, true] {
+                        let (ms, size, healthz) = bench::scrape_http(cbos, runs, gzip).await;
+                        let h = |q: f64| bench::quantile(&healthz, q);
+                        println!(
+                            "scrape: {cbos} CBOs, {size} bytes of /metrics{}, median of {runs}: {ms:.1} ms for GET /metrics over loopback{}; /healthz meanwhile ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                            if gzip { " gzipped" } else { "" },
+                            if gzip {
+                                " with Accept-Encoding: gzip"
+                            } else {
+                                ""
+                            },
+                            healthz.len(),
+                            h(0.5),
+                            h(0.99),
+                            h(1.0)
+                        );
+                    }
                 }
             }
             ExitCode::SUCCESS
