@@ -1027,6 +1027,36 @@ mod tests {
     }
 
     #[test]
+    fn a_switch_and_the_flags_to_restore_come_back_from_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DecisionLog::open(dir.path()).unwrap();
+        let mut e = Entry::new("a", Kind::Switch, 1_000);
+        e.evidence = serde_json::json!({
+            "cbo": "a", "transfers_enabled": false, "cold_transfer": true,
+            "multi_participant": true, "reason": "success_rate breached",
+            "since": "2026-11-26T10:00:00.000Z",
+            "previous_flags": {"conversation_transfer": {"enabled": true}},
+        });
+        log.append(e).unwrap();
+        log.append(Entry::new("b", Kind::Note, 2_000)).unwrap();
+        log.checkpoint();
+        drop(log);
+        // The switch's entry is gone from the log (the index still agrees with its last).
+        blank(dir.path(), 1);
+        let log = DecisionLog::open(dir.path()).unwrap();
+        let saved = serde_json::to_value(log.replayed()).unwrap();
+        let (switch, flags) = (&saved["switches"][0][0], &saved["switches"][0][1]);
+        assert_eq!(
+            (
+                switch["cbo"].as_str(),
+                switch["transfers_enabled"].as_bool()
+            ),
+            (Some("a"), Some(false))
+        );
+        assert_eq!(flags["conversation_transfer"]["enabled"], true);
+    }
+
+    #[test]
     fn an_index_that_lags_or_disagrees_with_the_log_is_mended_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = DecisionLog::open(dir.path()).unwrap();

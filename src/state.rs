@@ -698,10 +698,13 @@ impl Fleet {
         }
     }
 
-    /// Sets every CBO's window gauges, the fleet split over two threads (a scrape of
+    /// Sets every CBO's window gauges, a large fleet split over two threads (a scrape of
     /// thousands of CBOs reads each one's windows).
     pub fn refresh_gauges(&self, now_ms: i64) {
         let cbos: Vec<_> = self.iter().collect();
+        if cbos.len() < 200 {
+            return cbos.iter().for_each(|c| c.refresh_gauges(now_ms));
+        }
         let (first, second) = cbos.split_at(cbos.len() / 2);
         std::thread::scope(|scope| {
             scope.spawn(|| second.iter().for_each(|c| c.refresh_gauges(now_ms)));
