@@ -218,8 +218,11 @@ impl Index {
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
-    /// The newest entry folded in.
+    /// The newest entry folded in, and the byte its line starts at: a log whose entry of that
+    /// number is elsewhere (another log) does not take this snapshot.
     seq: u64,
+    #[serde(default)]
+    off: Option<u64>,
     replayed: crate::actions::Replayed,
 }
 
@@ -447,7 +450,10 @@ impl DecisionLog {
             Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {
                 Ok(s)
                     if s.version == SNAPSHOT_VERSION
-                        && (s.seq == 0 || index.position_of(s.seq).is_some()) =>
+                        && (s.seq == 0
+                            || index
+                                .position_of(s.seq)
+                                .is_some_and(|p| s.off.is_none_or(|o| index.all[p].off == o))) =>
                 {
                     (s.replayed, s.seq)
                 }
@@ -536,6 +542,7 @@ impl DecisionLog {
         let snapshot = Snapshot {
             version: SNAPSHOT_VERSION,
             seq: inner.last_seq,
+            off: inner.index.all.last().map(|r| r.off),
             replayed: std::mem::take(&mut inner.replayed),
         };
         let bytes = serde_json::to_vec(&snapshot).expect("the fold serializes");
@@ -1054,6 +1061,26 @@ mod tests {
             (Some("a"), Some(false))
         );
         assert_eq!(flags["conversation_transfer"]["enabled"], true);
+    }
+
+    #[test]
+    fn another_logs_snapshot_is_not_taken() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let log = DecisionLog::open(a.path()).unwrap();
+        log.append(ack("a", "success_rate", 1_000)).unwrap();
+        log.append(Entry::new("a", Kind::Note, 2_000)).unwrap();
+        log.checkpoint();
+        drop(log);
+        let log = DecisionLog::open(b.path()).unwrap();
+        let mut long = Entry::new("b", Kind::Note, 1_000);
+        long.detail = Some("a longer entry: the second one starts elsewhere".into());
+        log.append(long).unwrap();
+        log.append(Entry::new("b", Kind::Note, 2_000)).unwrap();
+        drop(log);
+        std::fs::copy(a.path().join(SNAPSHOT_FILE), b.path().join(SNAPSHOT_FILE)).unwrap();
+        let log = DecisionLog::open(b.path()).unwrap();
+        let saved = serde_json::to_value(log.replayed()).unwrap();
+        assert_eq!(saved["acked"], serde_json::json!([]), "{saved}");
     }
 
     #[test]
