@@ -12,14 +12,23 @@ use crate::state::{Fleet, Rejection};
 /// (never the system's `/var/lib/transfer-guard`: one bench's decisions are not another's
 /// start-up cost).
 pub fn server_section() -> String {
-    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("tg-bench-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    server_section_in(&fresh_state_dir())
+}
+
+fn server_section_in(dir: &std::path::Path) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
         dir.display()
     )
+}
+
+/// A state directory no other bench run uses, empty.
+fn fresh_state_dir() -> std::path::PathBuf {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tg-bench-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// A config of `cbos` CBOs (no Twilio), for the in-process benchmarks.
@@ -118,6 +127,17 @@ fn status_kib(field: &str) -> Option<u64> {
 }
 
 /// The `q` quantile (0 = first, 1 = last) of `sorted`, by nearest rank; NaN when empty.
+/// `p50 …, p99 …, max … ms` of sorted milliseconds, with `decimals` places.
+pub fn spread(sorted: &[f64], decimals: usize) -> String {
+    let at = |q: f64| quantile(sorted, q);
+    format!(
+        "p50 {:.decimals$} ms, p99 {:.decimals$} ms, max {:.decimals$} ms",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let last = sorted.len().max(1) - 1;
     sorted
@@ -273,7 +293,8 @@ fn sample_healthz(
         let mut ms = Vec::new();
         while !*stopped.borrow_and_update() {
             let asked = Instant::now();
-            if http.get(&health).send().await.is_ok() {
+            let answered = http.get(&health).send().await;
+            if answered.is_ok_and(|r| r.status().is_success()) {
                 ms.push(asked.elapsed().as_secs_f64() * 1000.0);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -356,13 +377,15 @@ pub fn scrape(cbos: usize, runs: usize) -> ScrapeReport {
             text = metrics.render();
             text.len()
         });
-        (bytes, _) = (n, render.push(ms));
+        bytes = n;
+        render.push(ms);
         gzip.push(timed(&mut || crate::metrics::gzip(text.as_bytes()).len()).0);
         everything(&metrics, &keys, round);
         all.push(timed(&mut || metrics.render_gzip().len()).0);
         interval(&metrics, &keys);
         let (ms, n) = timed(&mut || metrics.render_gzip().len());
-        (gzipped, _) = (n, each.push(ms));
+        gzipped = n;
+        each.push(ms);
         none.push(timed(&mut || metrics.render_gzip().len()).0);
     }
     ScrapeReport {
@@ -886,9 +909,7 @@ pub async fn backlog(path: &std::path::Path) -> std::io::Result<BacklogReport> {
     let app = crate::App::start(checked.config.expect("the bench config parses"))
         .await
         .expect("starts");
-    let health = format!("{}/healthz", app.url());
-    let http = reqwest::Client::new();
-    let mut healthz_ms = Vec::new();
+    let (done, healthz) = sample_healthz(&app.url());
     let taken = |app: &crate::App| {
         let text = app.shared.metrics.render();
         text.lines()
@@ -900,22 +921,12 @@ pub async fn backlog(path: &std::path::Path) -> std::io::Result<BacklogReport> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
-    loop {
-        let asked = Instant::now();
-        let ok = http
-            .get(&health)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            healthz_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
-        }
-        if taken(&app) >= lines {
-            break;
-        }
+    while taken(&app) < lines {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let _ = done.send(true);
+    let healthz_ms = healthz.await.unwrap_or_default();
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     app.shutdown().await;
     Ok(BacklogReport {
@@ -988,14 +999,8 @@ pub async fn decisions(
     runs: usize,
 ) -> std::io::Result<DecisionsReport> {
     use crate::decisions::{DecisionLog, Entry, FILE_NAME, INDEX_FILE, Kind, SNAPSHOT_FILE};
-    let section = server_section();
-    let dir = std::path::PathBuf::from(
-        section
-            .lines()
-            .find_map(|l| l.strip_prefix("state_dir = \""))
-            .and_then(|l| l.strip_suffix('"'))
-            .expect("the bench's state_dir"),
-    );
+    let dir = fresh_state_dir();
+    let section = server_section_in(&dir);
     let to_io = |e: crate::decisions::LogError| std::io::Error::other(e.to_string());
     let now = chrono::Utc::now().timestamp_millis();
     {

@@ -357,6 +357,39 @@ fn load_index(dir: &Path, reader: &File, len: u64) -> (Index, u64, bool) {
     }
 }
 
+/// The fold saved in the snapshot and the entry it goes up to, when that entry is this log's
+/// (same number, same place); else nothing folded yet (the whole log is replayed).
+fn load_snapshot(dir: &Path, index: &Index) -> (crate::actions::Replayed, u64) {
+    let Ok(bytes) = std::fs::read(dir.join(SNAPSHOT_FILE)) else {
+        return Default::default();
+    };
+    match serde_json::from_slice::<Snapshot>(&bytes) {
+        Err(e) => {
+            tracing::warn!(error = %e, "the decision log snapshot is unreadable: replaying the log");
+            Default::default()
+        }
+        Ok(s) if s.version != SNAPSHOT_VERSION => {
+            tracing::warn!(
+                version = s.version,
+                "the decision log snapshot is of another version: replaying the log"
+            );
+            Default::default()
+        }
+        Ok(s) => {
+            let ours = s.seq == 0
+                || index
+                    .position_of(s.seq)
+                    .is_some_and(|p| s.off.is_none_or(|o| index.all[p].off == o));
+            if ours {
+                (s.replayed, s.seq)
+            } else {
+                tracing::warn!("the decision log snapshot is not of this log: replaying the log");
+                Default::default()
+            }
+        }
+    }
+}
+
 /// The entry whose line starts at `off`, and the line's length with its newline.
 fn read_line_at(reader: &File, off: u64, len: u64) -> Option<(Entry, u64)> {
     use std::os::unix::fs::FileExt;
@@ -446,30 +479,7 @@ impl DecisionLog {
 
         // The fold: from the snapshot when it names an entry of this log, then the entries
         // after it.
-        let (mut replayed, folded_to) = match std::fs::read(state_dir.join(SNAPSHOT_FILE)) {
-            Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {
-                Ok(s)
-                    if s.version == SNAPSHOT_VERSION
-                        && (s.seq == 0
-                            || index
-                                .position_of(s.seq)
-                                .is_some_and(|p| s.off.is_none_or(|o| index.all[p].off == o))) =>
-                {
-                    (s.replayed, s.seq)
-                }
-                Ok(_) => {
-                    tracing::warn!(
-                        "the decision log snapshot is not of this log: replaying the log"
-                    );
-                    Default::default()
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the decision log snapshot is unreadable: replaying the log");
-                    Default::default()
-                }
-            },
-            Err(_) => Default::default(),
-        };
+        let (mut replayed, folded_to) = load_snapshot(state_dir, &index);
         let from = index.all.partition_point(|r| r.seq <= folded_to);
         let mut folded = 0u64;
         if let Some(rec) = index.all.get(from) {

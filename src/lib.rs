@@ -337,9 +337,18 @@ impl App {
             config.clone(),
             sources::poll::clients(&config, clock),
         ));
+        // What the log says: read once, for the rules and for the actions.
+        let replayed = log.replayed();
+        let mut engine = rules::Engine::new(&config, clock.now_ms());
+        for (cbo, rule, state) in engine.resume(replayed.rule_states()) {
+            if let Some(m) = metrics.cbo(&cbo) {
+                m.set_rule_state(rule, state);
+            }
+        }
         let actions = Arc::new(actions::Actions::new(
             live.clone(),
             log,
+            replayed,
             metrics.clone(),
             clock,
         ));
@@ -348,12 +357,6 @@ impl App {
             clock.now_ms(),
             metrics.clone(),
         )?;
-        let mut engine = rules::Engine::new(&config, clock.now_ms());
-        for (cbo, rule, state) in engine.resume(actions.log.replayed().rule_states()) {
-            if let Some(m) = metrics.cbo(&cbo) {
-                m.set_rule_state(rule, state);
-            }
-        }
         let shared = Arc::new(Shared {
             remembered: store::RememberedStore::open(&config.server.state_dir),
             validations,

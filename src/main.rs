@@ -424,13 +424,10 @@ async fn main() -> ExitCode {
                         at(1.0),
                         at(1.0) - at(0.0)
                     );
-                    let h = |q: f64| bench::quantile(&healthz, q);
                     println!(
-                        "  /healthz through the storm ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                        "  /healthz through the storm ({} answers): {}",
                         healthz.len(),
-                        h(0.5),
-                        h(0.99),
-                        h(1.0)
+                        bench::spread(&healthz, 2)
                     );
                 }
                 BenchWhat::Lines {
@@ -506,14 +503,7 @@ async fn main() -> ExitCode {
                     Ok(mut r) => {
                         let line = |name: &str, v: &mut Vec<f64>| {
                             v.sort_by(|a, b| a.total_cmp(b));
-                            let at = |q: f64| bench::quantile(v, q);
-                            println!(
-                                "  {name} ({} times): median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                                v.len(),
-                                at(0.5),
-                                at(0.99),
-                                at(1.0)
-                            );
+                            println!("  {name} ({} times): {}", v.len(), bench::spread(v, 1));
                         };
                         println!(
                             "decisions: {} entries over {cbos} CBOs, {:.0} MB; first open (no index or snapshot yet) {:.0} ms; index and snapshot in memory: {:.1} MiB",
@@ -539,20 +529,16 @@ async fn main() -> ExitCode {
                     }
                 },
                 BenchWhat::Backlog { file } => match bench::backlog(&file).await {
-                    Ok(mut r) => {
-                        r.healthz_ms.sort_by(|a, b| a.total_cmp(b));
-                        let at = |q: f64| bench::quantile(&r.healthz_ms, q);
+                    Ok(r) => {
                         println!(
-                            "backlog: {} lines of {} taken in {:.2} s: {:.0} lines/s; peak RSS {:.1} MiB; /healthz meanwhile ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                            "backlog: {} lines of {} taken in {:.2} s: {:.0} lines/s; peak RSS {:.1} MiB; /healthz meanwhile ({} answers): {}",
                             r.lines,
                             file.display(),
                             r.seconds,
                             r.lines as f64 / r.seconds,
                             r.peak_rss as f64 / (1 << 20) as f64,
                             r.healthz_ms.len(),
-                            at(0.5),
-                            at(0.99),
-                            at(1.0)
+                            bench::spread(&r.healthz_ms, 2)
                         );
                     }
                     Err(e) => {
@@ -598,9 +584,8 @@ async fn main() -> ExitCode {
                     );
                     for gzip in [false, true] {
                         let (ms, size, healthz) = bench::scrape_http(cbos, runs, gzip).await;
-                        let h = |q: f64| bench::quantile(&healthz, q);
                         println!(
-                            "scrape: {cbos} CBOs, {size} bytes of /metrics{}, median of {runs}: {ms:.1} ms for GET /metrics over loopback{}; /healthz meanwhile ({} answers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                            "scrape: {cbos} CBOs, {size} bytes of /metrics{}, median of {runs}: {ms:.1} ms for GET /metrics over loopback{}; /healthz meanwhile ({} answers): {}",
                             if gzip { " gzipped" } else { "" },
                             if gzip {
                                 " with Accept-Encoding: gzip"
@@ -608,9 +593,7 @@ async fn main() -> ExitCode {
                                 ""
                             },
                             healthz.len(),
-                            h(0.5),
-                            h(0.99),
-                            h(1.0)
+                            bench::spread(&healthz, 2)
                         );
                     }
                 }

@@ -618,20 +618,15 @@ impl Metrics {
         let cbos = self.cbo_list();
         let mut w = Writer::new(Mode::Text, cbos.len() * 12_000);
         render_cbos(&mut w, &cbos, None);
-        let blocks = [w];
-        let mut out = Vec::with_capacity(blocks[0].out.len() + 65_536);
+        let mut out = Vec::with_capacity(w.out.len() + 65_536);
         for (header, global, family) in self.global_families() {
-            let mut bodies = blocks.iter().filter_map(|b| b.body(&family));
-            let first = bodies.next();
-            if global.is_empty() && first.is_none() {
+            let body = w.body(&family);
+            if global.is_empty() && body.is_none() {
                 continue;
             }
             out.extend_from_slice(&header);
             out.extend_from_slice(&global);
-            first
-                .into_iter()
-                .chain(bodies)
-                .for_each(|b| out.extend_from_slice(b));
+            out.extend_from_slice(body.unwrap_or_default());
         }
         self.registry_text(&mut out);
         String::from_utf8(out).expect("exposition is UTF-8")

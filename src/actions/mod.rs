@@ -567,16 +567,17 @@ pub enum EnableError {
 pub struct NotRecorded(#[from] LogError);
 
 impl Actions {
+    /// `replayed`: what `log` says (`DecisionLog::replayed`): what fired, when, what is acked,
+    /// known good and bad, where each switch stands, which intents still need settling.
     pub fn new(
         live: Arc<crate::Live>,
         log: Arc<DecisionLog>,
+        replayed: Replayed,
         metrics: Arc<Metrics>,
         clock: Clock,
     ) -> Actions {
-        // What the log says: what fired, when, what is acked, known good and bad, where each
-        // switch stands, which intents still need settling.
         let mut memory = Memory {
-            replayed: log.replayed(),
+            replayed,
             ..Memory::default()
         };
         for cbo in &live.config().cbos {
