@@ -10,6 +10,13 @@ use crate::sid::{ConversationSid, TaskSid, WorkerSid};
 /// The marker the plugin's `logTransferEvent` prints before every event.
 pub const LOG_MARKER: &str = "[ConversationTransfer]";
 
+/// Where `LOG_MARKER` starts in `line`, with a searcher built once (a backlog asks per line).
+pub fn find_marker(line: &str) -> Option<usize> {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(LOG_MARKER));
+    FINDER.find(line.as_bytes())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     Initiated,
@@ -366,7 +373,7 @@ pub fn parse_line(line: &str) -> Result<Event, EventError> {
     if line.starts_with('{') {
         return parse_json(line);
     }
-    if let Some(rest) = line.find(LOG_MARKER).map(|i| &line[i + LOG_MARKER.len()..]) {
+    if let Some(rest) = find_marker(line).map(|i| &line[i + LOG_MARKER.len()..]) {
         let (name, json) = rest.split_once(':').ok_or_else(|| {
             EventError::Malformed(format!("log line has no `<event>:` after {LOG_MARKER}"))
         })?;

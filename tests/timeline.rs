@@ -137,3 +137,73 @@ async fn a_file_source_follows_its_log_across_rotation() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_of_several_chunks_is_taken_whole_and_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("transfers.log");
+    // About 3.4 MiB: read a 1 MiB chunk at a time, each parsed while the one before is taken.
+    let transfers = 9000;
+    let mut text = String::new();
+    for n in 0..transfers {
+        let at = T0 - 600_000 + i64::from(n) * 50;
+        text += &format!(
+            "[ConversationTransfer] initiated: {{\"timestamp\":\"{}\",\"conversationSid\":\"{}\",\"transferType\":\"warm\",\"targetType\":\"queue\",\"reason\":\"a backlog line padded to the size of the plugin's\"}}\n",
+            rfc3339(at),
+            ch(n)
+        );
+        text += &format!(
+            "[ConversationTransfer] completed: {{\"timestamp\":\"{}\",\"conversationSid\":\"{}\",\"historyPreserved\":true}}\n",
+            rfc3339(at + 20),
+            ch(n)
+        );
+    }
+    // One bad line, in the last chunk.
+    text += "[ConversationTransfer] completed: {\"timestamp\":\"not a time\"}\n";
+    assert!(text.len() > 3 * 1024 * 1024, "{} bytes", text.len());
+    std::fs::write(&path, &text).unwrap();
+    let extra = format!(
+        "[[sources.file]]\npath = {:?}\ncbo = \"b\"\nfrom_beginning = true\n",
+        path.display().to_string()
+    );
+    let app = App::start_with_clock(config(&extra), Clock::starting_at(T0))
+        .await
+        .unwrap();
+    let taken = |app: &App| {
+        metric_sum(
+            &app.shared.metrics.render(),
+            "transfer_guard_events_ingested_total",
+            &[r#"cbo="b""#],
+        ) + metric_sum(
+            &app.shared.metrics.render(),
+            "transfer_guard_events_rejected_total",
+            &[r#"cbo="b""#],
+        )
+    };
+    let all = f64::from(2 * transfers + 1);
+    for _ in 0..200 {
+        if taken(&app) >= all {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+    }
+    let m = app.shared.metrics.render();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "transfer_guard_transfers_total",
+            &[r#"cbo="b""#, r#"outcome="completed""#]
+        ),
+        f64::from(transfers)
+    );
+    assert_eq!(
+        metric_sum(&m, "transfer_guard_events_rejected_total", &[r#"cbo="b""#]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "transfer_guard_events_ingested_total", &[r#"cbo="b""#]),
+        f64::from(2 * transfers)
+    );
+    app.shutdown().await;
+}

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::Shared;
 use crate::config::FileSource;
-use crate::event::{self, EventError, LOG_MARKER};
+use crate::event::{self, EventError};
 use crate::metrics::Reject;
 use crate::state::Rejection;
 
@@ -162,7 +162,7 @@ impl Follower {
 /// Whether a line is meant as an event; other console output in the same log is skipped.
 fn looks_like_event(line: &str) -> bool {
     let t = line.trim_start();
-    t.starts_with('{') || t.contains(LOG_MARKER)
+    t.starts_with('{') || event::find_marker(t).is_some()
 }
 
 /// A chunk's lines this many or more are parsed on two threads (a backlog); fewer, on one.
@@ -206,12 +206,37 @@ struct Reader {
     path: PathBuf,
     follower: Follower,
     last_error: Option<String>,
+    /// A backlog's chunk parsed and not yet taken: it is taken while the next one is read
+    /// and parsed, so the two cores overlap reading and taking. Never held once the file is
+    /// read to its end (a followed file's new lines are taken at once).
+    pending: Option<Chunk>,
+}
+
+/// A chunk's lines and what parsing them found.
+struct Chunk {
+    lines: Vec<String>,
+    parsed: Parsed,
 }
 
 impl Reader {
-    /// Reads one chunk and hands its events to the CBO; whether more is waiting.
+    /// Reads one chunk and hands its events to the CBO (or keeps them until the next chunk
+    /// is read, in a backlog); whether more is waiting.
     fn step(&mut self) -> bool {
-        let (lines, more) = match self.follower.poll_chunk(CHUNK) {
+        let pending = self.pending.take();
+        let (shared, cbo, path) = (&self.shared, &self.cbo, &self.path);
+        let follower = &mut self.follower;
+        let read = std::thread::scope(|scope| {
+            let taking = pending.map(|chunk| scope.spawn(move || take(shared, cbo, path, chunk)));
+            let read = follower.poll_chunk(CHUNK).map(|(lines, more)| {
+                let parsed = parse_lines(&lines);
+                (Chunk { lines, parsed }, more)
+            });
+            if let Some(t) = taking {
+                t.join().expect("taking a chunk does not panic");
+            }
+            read
+        });
+        let (chunk, more) = match read {
             Ok(read) => {
                 self.last_error = None;
                 read
@@ -225,28 +250,46 @@ impl Reader {
                 return false;
             }
         };
-        let (events, errors) = parse_lines(&lines);
-        let mut rejected = Vec::new();
-        for (i, err) in errors {
-            let reason = match err {
-                EventError::Malformed(_) => Reject::Malformed,
-                EventError::Field { .. } => Reject::Invalid,
-            };
-            self.shared.metrics.reject(&self.cbo.key, reason);
-            rejected.push(Rejection {
-                index: i,
-                reason,
-                error: err.to_string(),
-            });
-        }
-        if !events.is_empty() {
-            self.cbo
-                .ingest(events, self.shared.clock.now_ms(), &mut rejected);
-        }
-        for r in rejected {
-            tracing::warn!(path = %self.path.display(), cbo = %self.cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
+        if more {
+            self.pending = Some(chunk);
+        } else {
+            take(&self.shared, &self.cbo, &self.path, chunk);
         }
         more
+    }
+
+    /// Takes the chunk still held, if any (at a stop).
+    fn finish(&mut self) {
+        if let Some(chunk) = self.pending.take() {
+            take(&self.shared, &self.cbo, &self.path, chunk);
+        }
+    }
+}
+
+/// Hands a chunk's events to the CBO and counts and logs its rejected lines.
+fn take(shared: &Shared, cbo: &crate::state::CboState, path: &Path, chunk: Chunk) {
+    let Chunk {
+        lines,
+        parsed: (events, errors),
+    } = chunk;
+    let mut rejected = Vec::new();
+    for (i, err) in errors {
+        let reason = match err {
+            EventError::Malformed(_) => Reject::Malformed,
+            EventError::Field { .. } => Reject::Invalid,
+        };
+        shared.metrics.reject(&cbo.key, reason);
+        rejected.push(Rejection {
+            index: i,
+            reason,
+            error: err.to_string(),
+        });
+    }
+    if !events.is_empty() {
+        cbo.ingest(events, shared.clock.now_ms(), &mut rejected);
+    }
+    for r in rejected {
+        tracing::warn!(path = %path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
     }
 }
 
@@ -265,6 +308,7 @@ pub async fn run(shared: Arc<Shared>, source: FileSource, mut stop: watch::Recei
         path: source.path.clone(),
         follower: Follower::new(&source.path, source.from_beginning),
         last_error: None,
+        pending: None,
     }));
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -285,6 +329,11 @@ pub async fn run(shared: Arc<Shared>, source: FileSource, mut stop: watch::Recei
             }
         }
     }
+    // A stop in a backlog: the chunk already parsed is taken, not dropped.
+    let _ = tokio::task::spawn_blocking(move || {
+        reader.lock().unwrap_or_else(|p| p.into_inner()).finish()
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -391,5 +440,43 @@ mod tests {
         ));
         assert!(looks_like_event("{\"event\":\"completed\"}"));
         assert!(!looks_like_event("GET /health 200"));
+    }
+
+    #[tokio::test]
+    async fn a_stop_in_a_backlog_takes_the_chunk_already_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        let now = chrono::Utc::now().timestamp_millis();
+        let lines = crate::bench::lines(12_000, now);
+        append(&path, &(lines.join("\n") + "\n"));
+        let app = crate::App::start(crate::bench::config(1)).await.unwrap();
+        let shared = app.shared.clone();
+        let cbo = shared.fleet.get("c0").unwrap();
+        let mut reader = Reader {
+            shared: shared.clone(),
+            cbo,
+            path: path.clone(),
+            follower: Follower::new(&path, true),
+            last_error: None,
+            pending: None,
+        };
+        let taken = || {
+            let m = shared.metrics.render();
+            m.lines()
+                .filter(|l| l.starts_with("transfer_guard_events_ingested_total{cbo=\"c0\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        // The first chunk of a backlog is parsed and held: more is waiting.
+        assert!(reader.step());
+        let first_chunk = {
+            let mut f = Follower::new(&path, true);
+            f.poll_chunk(CHUNK).unwrap().0.len() as f64
+        };
+        assert!(first_chunk < 12_000.0, "{first_chunk}");
+        // A stop now takes it: nothing read is dropped.
+        reader.finish();
+        assert_eq!(taken(), first_chunk);
+        app.shutdown().await;
     }
 }

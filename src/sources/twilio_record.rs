@@ -357,7 +357,7 @@ impl LogLine {
     }
 
     pub fn meaning(&self) -> LogMeaning {
-        if self.message.contains(crate::event::LOG_MARKER) {
+        if crate::event::find_marker(&self.message).is_some() {
             return match crate::event::parse_line(&self.message) {
                 Ok(mut e) => {
                     e.source = Source::ServerlessLogs;
