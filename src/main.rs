@@ -736,7 +736,11 @@ async fn ingest(server: &str, token_env: &str, input: &std::path::Path) -> ExitC
         .await
     } else {
         match tokio::fs::File::open(input).await {
-            Ok(f) => cli::ingest::send(server, &token, tokio::io::BufReader::new(f)).await,
+            Ok(f) => {
+                // Large reads: a file read through tokio is a blocking-pool hop per read.
+                let input = tokio::io::BufReader::with_capacity(cli::ingest::READ_BUFFER, f);
+                cli::ingest::send(server, &token, input).await
+            }
             Err(e) => {
                 eprintln!("transfer-guard ingest: cannot open {name}: {e}");
                 return ExitCode::from(COULD_NOT_RUN);

@@ -226,7 +226,9 @@ async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
     let app = App::start(config("")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let t = chrono::Utc::now().timestamp_millis() - 60_000;
-    let mut text = String::new();
+    // Six batches of 1,000 lines, two in flight at a time: a bad line in the first, the third
+    // and the last is each reported by its own number, in order.
+    let mut text = String::from("Transfer failed: TypeError: x is undefined\n");
     for i in 0..2500u32 {
         text += &event("initiated", t, i, "");
         text.push('\n');
@@ -235,20 +237,25 @@ async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
             rfc3339(t + 3000),
             ch(i)
         );
+        if i == 1200 {
+            text += "Transfer failed: TypeError: y is undefined\n";
+        }
     }
-    text += "Transfer failed: TypeError: x is undefined\n";
+    text += "Transfer failed: TypeError: z is undefined\n";
     let path = dir.path().join("transfers.log");
     std::fs::write(&path, text).unwrap();
     let (out, stdout, stderr) = ingest_as_a(&app, &path).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(
-        stdout.contains("5001 lines, 5000 accepted, 1 rejected"),
+        stdout.contains("5003 lines, 5000 accepted, 3 rejected"),
         "{stdout}"
     );
-    assert!(
-        stderr.contains("transfers.log:5001: not a JSON event object"),
-        "{stderr}"
-    );
+    let at = |line: &str| {
+        stderr
+            .find(&format!("transfers.log:{line}: not a JSON event object"))
+            .unwrap_or_else(|| panic!("line {line} not reported: {stderr}"))
+    };
+    assert!(at("1") < at("2404") && at("2404") < at("5003"), "{stderr}");
     let m = app.shared.metrics.render();
     assert_eq!(
         metric_sum(

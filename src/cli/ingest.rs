@@ -1,6 +1,10 @@
 //! `transfer-guard ingest`: sends a file or standard input to a running daemon in NDJSON batches and reports each rejected line.
 
+use std::collections::VecDeque;
 use std::time::Duration;
+
+use axum::body::Bytes;
+use tokio::task::JoinHandle;
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -12,6 +16,8 @@ pub const BATCH_LINES: usize = 1000;
 pub const BATCH_BYTES: usize = 512 * 1024;
 /// A longer line is no event: reported by its number, not sent, not held in memory whole.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// The read buffer for a file: each read of a tokio file is a hop to a blocking thread.
+pub const READ_BUFFER: usize = 1024 * 1024;
 const ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +103,15 @@ struct RejectedLine {
     error: String,
 }
 
+/// Batches in flight at once: the daemon parses one while it takes the other, and the next
+/// is read meanwhile. Events of two batches may be taken in either order, as events posted by
+/// two browsers are: a transfer's events are paired by conversation, not by arrival.
+const IN_FLIGHT: usize = 2;
+
+/// What the daemon said of one batch: accepted, rejected lines (numbered in the input), and
+/// rejected lines it did not list.
+type Answer = (u64, Vec<(u64, String)>, u64);
+
 /// Sends every line of `input` to `server` (e.g. `http://127.0.0.1:9843`).
 pub async fn send(
     server: &str,
@@ -109,78 +124,108 @@ pub async fn send(
         .expect("a plain HTTP client builds");
     let url = format!("{}/v1/events", server.trim_end_matches('/'));
     let mut report = Report::default();
-    let mut batch = String::new();
-    let mut batch_first_line = 1;
-    let mut batch_lines: u64 = 0;
-    let mut line = Vec::new();
-    loop {
-        let read = next_line(&mut input, &mut line).await?;
-        let n = usize::from(read.is_some());
-        if let Some(read) = read {
-            report.lines += 1;
-            let number = batch_first_line + batch_lines;
-            // A line that cannot be an event is reported here and an empty line sent in its
-            // place, so the daemon's indexes still map to line numbers.
-            let text = match (read, std::str::from_utf8(&line)) {
-                (Err(len), _) => {
-                    report.rejected.push((
-                        number,
-                        format!("line of {len} bytes, over {MAX_LINE_BYTES}: not sent"),
-                    ));
-                    ""
+    let mut flying: VecDeque<JoinHandle<Result<Answer, IngestError>>> = VecDeque::new();
+    let result = async {
+        let mut batch = String::new();
+        let mut batch_first_line = 1;
+        let mut batch_lines: u64 = 0;
+        let mut line = Vec::new();
+        loop {
+            let read = next_line(&mut input, &mut line).await?;
+            let n = usize::from(read.is_some());
+            if let Some(read) = read {
+                report.lines += 1;
+                let number = batch_first_line + batch_lines;
+                // A line that cannot be an event is reported here and an empty line sent in
+                // its place, so the daemon's indexes still map to line numbers.
+                let text = match (read, std::str::from_utf8(&line)) {
+                    (Err(len), _) => {
+                        report.rejected.push((
+                            number,
+                            format!("line of {len} bytes, over {MAX_LINE_BYTES}: not sent"),
+                        ));
+                        ""
+                    }
+                    (Ok(()), Err(e)) => {
+                        report
+                            .rejected
+                            .push((number, format!("line is not UTF-8 ({e}): not sent")));
+                        ""
+                    }
+                    (Ok(()), Ok(text)) => text.strip_prefix('\u{feff}').unwrap_or(text),
+                };
+                batch.push_str(text);
+                batch.push('\n');
+                batch_lines += 1;
+            }
+            let full = batch_lines >= BATCH_LINES as u64 || batch.len() >= BATCH_BYTES;
+            if (n == 0 || full) && !batch.trim().is_empty() {
+                if flying.len() >= IN_FLIGHT {
+                    let answer = flying.pop_front().expect("one is in flight");
+                    merge(&mut report, answer.await)?;
                 }
-                (Ok(()), Err(e)) => {
-                    report
-                        .rejected
-                        .push((number, format!("line is not UTF-8 ({e}): not sent")));
-                    ""
+                let body = Bytes::from(std::mem::take(&mut batch));
+                flying.push_back(tokio::spawn(post(
+                    client.clone(),
+                    url.clone(),
+                    server.to_string(),
+                    token.clone(),
+                    body,
+                    batch_first_line,
+                )));
+            }
+            if n == 0 || full {
+                batch.clear();
+                batch_first_line += batch_lines;
+                batch_lines = 0;
+            }
+            if n == 0 {
+                while let Some(answer) = flying.pop_front() {
+                    merge(&mut report, answer.await)?;
                 }
-                (Ok(()), Ok(text)) => text.strip_prefix('\u{feff}').unwrap_or(text),
-            };
-            batch.push_str(text);
-            batch.push('\n');
-            batch_lines += 1;
-        }
-        let full = batch_lines >= BATCH_LINES as u64 || batch.len() >= BATCH_BYTES;
-        if (n == 0 || full) && !batch.trim().is_empty() {
-            post(
-                &client,
-                &url,
-                server,
-                token,
-                &batch,
-                batch_first_line,
-                &mut report,
-            )
-            .await?;
-        }
-        if n == 0 || full {
-            batch.clear();
-            batch_first_line += batch_lines;
-            batch_lines = 0;
-        }
-        if n == 0 {
-            return Ok(report);
+                return Ok(());
+            }
         }
     }
+    .await;
+    for left in flying {
+        left.abort();
+    }
+    result.map(|()| {
+        report.rejected.sort_by_key(|(line, _)| *line);
+        report
+    })
+}
+
+fn merge(
+    report: &mut Report,
+    answer: Result<Result<Answer, IngestError>, tokio::task::JoinError>,
+) -> Result<(), IngestError> {
+    let (accepted, rejected, unlisted) = answer.map_err(|e| IngestError::Unreachable {
+        server: String::new(),
+        message: format!("the request's task ended: {e}"),
+    })??;
+    report.accepted += accepted;
+    report.rejected.extend(rejected);
+    report.rejected_unlisted += unlisted;
+    Ok(())
 }
 
 async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    server: &str,
-    token: &Secret,
-    batch: &str,
+    client: reqwest::Client,
+    url: String,
+    server: String,
+    token: Secret,
+    batch: Bytes,
     first_line: u64,
-    report: &mut Report,
-) -> Result<(), IngestError> {
+) -> Result<Answer, IngestError> {
     let mut delay = Duration::from_millis(250);
     for attempt in 1..=ATTEMPTS {
         let sent = client
-            .post(url)
+            .post(&url)
             .bearer_auth(token.expose())
             .header("content-type", "application/x-ndjson")
-            .body(batch.to_string())
+            .body(batch.clone())
             .send()
             .await;
         let retry = match sent {
@@ -192,33 +237,28 @@ async fn post(
                         // 400 means nothing in this batch parsed: every line comes back rejected.
                         let reply: Reply =
                             serde_json::from_str(&body).map_err(|_| IngestError::Server {
-                                server: server.into(),
+                                server: server.clone(),
                                 status,
                                 body: body.clone(),
                             })?;
-                        report.accepted += reply.accepted;
-                        report.rejected_unlisted += reply.rejected_more;
-                        report.rejected.extend(
-                            reply
-                                .rejected
-                                .into_iter()
-                                .map(|r| (first_line + r.index, r.error)),
-                        );
-                        return Ok(());
+                        let rejected = reply
+                            .rejected
+                            .into_iter()
+                            .map(|r| (first_line + r.index, r.error))
+                            .collect();
+                        return Ok((reply.accepted, rejected, reply.rejected_more));
                     }
                     401 => {
-                        return Err(IngestError::Unauthorized {
-                            server: server.into(),
-                        });
+                        return Err(IngestError::Unauthorized { server });
                     }
                     429 | 500..=599 => IngestError::Server {
-                        server: server.into(),
+                        server: server.clone(),
                         status,
                         body,
                     },
                     _ => {
                         return Err(IngestError::Server {
-                            server: server.into(),
+                            server,
                             status,
                             body,
                         });
@@ -226,7 +266,7 @@ async fn post(
                 }
             }
             Err(e) => IngestError::Unreachable {
-                server: server.into(),
+                server: server.clone(),
                 message: crate::net::cause(&e),
             },
         };
