@@ -955,22 +955,25 @@ impl Writer {
     }
 
     /// `transfer_guard_<name><suffix>{<labels…>} ` (the value follows).
-    fn start(&mut self, name: &str, suffix: &str, labels: &[&str]) {
+    fn start(&mut self, name: &str, suffix: &str, labels: &[Label]) {
         if self.skip {
             return;
         }
         if self.mode == Mode::Values {
             // Which series: a series that appears or goes, or a label that changes, changes
-            // the text as a value does.
-            // The first label (the CBO's, or a label of a fixed list) by where it lives: a
-            // block's CBOs are the same objects while the block is kept, and the fixed lists
-            // are made once. The others (a debugger code, a bucket bound) by their bytes.
-            let mut h = labels.first().map_or(0, |l| {
-                (l.as_ptr() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ l.len() as u64
-            });
-            h ^= suffix.len() as u64;
-            for part in labels.iter().skip(1) {
-                h = hash(h, part.as_bytes());
+            // the text as a value does. A CBO's label and a fixed list's by where they live
+            // (one multiply each, independent of the others), a label made for this scrape
+            // (a debugger code) by its bytes.
+            let mut h = suffix.len() as u64;
+            for (i, label) in labels.iter().enumerate() {
+                h = match label {
+                    Label::Cbo(l) | Label::Fixed(l) => {
+                        let at = (l.as_ptr() as u64 ^ (l.len() as u64) << 48)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        h ^ at.rotate_left(13 * i as u32)
+                    }
+                    Label::Text(l) => hash(h, l.as_bytes()),
+                };
             }
             self.values.push(h);
             return;
@@ -978,13 +981,13 @@ impl Writer {
         for part in [NAMESPACE, "_", name, suffix, "{"] {
             self.out.extend_from_slice(part.as_bytes());
         }
-        for part in labels {
-            self.out.extend_from_slice(part.as_bytes());
+        for label in labels {
+            self.out.extend_from_slice(label.text().as_bytes());
         }
         self.out.extend_from_slice(b"} ");
     }
 
-    fn int(&mut self, name: &str, labels: &[&str], v: u64) {
+    fn int(&mut self, name: &str, labels: &[Label], v: u64) {
         self.start(name, "", labels);
         self.u64(v);
     }
@@ -1029,14 +1032,14 @@ impl Writer {
     }
 
     /// One histogram's `_bucket`, `_sum` and `_count` lines; `labels` end with a comma.
-    fn histogram(&mut self, name: &str, labels: &[&str], h: &Histogram, les: &[String]) {
-        let mut labels_le: Vec<&str> = labels.to_vec();
-        labels_le.push("");
+    fn histogram(&mut self, name: &str, labels: &[Label], h: &Histogram, les: &'static [String]) {
+        let mut labels_le: Vec<Label> = labels.to_vec();
+        labels_le.push(Label::Fixed(""));
         let last = labels_le.len() - 1;
         let mut cumulative = 0;
         for (i, b) in h.buckets.iter().enumerate() {
             cumulative += b.load(Relaxed);
-            labels_le[last] = &les[i];
+            labels_le[last] = Label::Fixed(&les[i]);
             self.start(name, "_bucket", &labels_le);
             self.u64(cumulative);
         }
@@ -1045,6 +1048,43 @@ impl Writer {
         self.start(name, "_count", labels);
         self.u64(cumulative);
     }
+}
+
+/// A series' label, as the scrape cache tells whether it changed.
+#[derive(Clone, Copy)]
+enum Label<'a> {
+    /// A CBO's `cbo="…"`: it lives as long as the CBO's series, and a block of the cache
+    /// whose CBOs change is made again.
+    Cbo(&'a str),
+    /// A label from a list made once for the process (`fixed`).
+    Fixed(&'static str),
+    /// A label made for this scrape (a debugger's error code): compared by its bytes.
+    Text(&'a str),
+}
+
+impl Label<'_> {
+    fn text(&self) -> &str {
+        match self {
+            Label::Cbo(l) | Label::Fixed(l) | Label::Text(l) => l,
+        }
+    }
+}
+
+/// The label list `key` names, made by `make` the first time and kept for the process: a
+/// scrape compares its labels by where they live, not by their bytes (most of 940,000 series
+/// at 5,000 CBOs carry one). Each `key` names one list.
+fn fixed(key: &'static str, make: impl FnOnce() -> Vec<String>) -> &'static [String] {
+    static LISTS: std::sync::LazyLock<Mutex<HashMap<&'static str, &'static [String]>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut lists = LISTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(list) = lists.get(key) {
+        #[cfg(debug_assertions)]
+        assert_eq!(*list, &make()[..], "two label lists under the key {key}");
+        return list;
+    }
+    let list: &'static [String] = Vec::leak(make());
+    lists.insert(key, list);
+    list
 }
 
 /// `,le="…"` for each bound and `+Inf`.
@@ -1073,7 +1113,7 @@ fn per_cbo(
 ) {
     w.begin(name, kind, help);
     for c in cbos {
-        w.int(name, &[&c.label], value(c));
+        w.int(name, &[Label::Cbo(&c.label)], value(c));
     }
     w.end();
 }
@@ -1083,15 +1123,19 @@ fn per_cbo(
 fn per_cbo_and<'a>(
     w: &mut Writer,
     cbos: &'a [Arc<CboSeries>],
-    (name, kind, help): (&str, &str, &str),
+    (name, kind, help): (&'static str, &str, &str),
     (label, values): (&str, &[&str]),
     counters: impl Fn(&'a CboSeries) -> &'a [AtomicU64],
 ) {
-    let labels = labels_of(label, values.iter().copied());
+    let labels = fixed(name, || labels_of(label, values.iter().copied()));
     w.begin(name, kind, help);
     for c in cbos {
         for (l, n) in labels.iter().zip(counters(c)) {
-            w.int(name, &[&c.label, l], n.load(Relaxed));
+            w.int(
+                name,
+                &[Label::Cbo(&c.label), Label::Fixed(l)],
+                n.load(Relaxed),
+            );
         }
     }
     w.end();
@@ -1099,7 +1143,7 @@ fn per_cbo_and<'a>(
 
 /// Every family of `cbos`' series, and with `global` the series that belong to no CBO.
 fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>) {
-    // Made once: the scrape cache knows this family's first label by where it lives.
+    // Made once: the scrape cache knows these labels by where they live.
     static ACTION_LABELS: std::sync::LazyLock<Vec<(String, String)>> =
         std::sync::LazyLock::new(|| {
             let mut labels = Vec::new();
@@ -1121,7 +1165,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     );
     for c in cbos {
         for ((a, ir), n) in action_labels.iter().zip(&c.actions) {
-            w.int("actions_total", &[a, &c.label, ir], n.load(Relaxed));
+            w.int(
+                "actions_total",
+                &[Label::Fixed(a), Label::Cbo(&c.label), Label::Fixed(ir)],
+                n.load(Relaxed),
+            );
         }
     }
     w.end();
@@ -1137,7 +1185,9 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| c.agent_reports.load(Relaxed),
     );
 
-    let les = le_labels(NOTIFICATION_BUCKETS);
+    let les = fixed("agent_notification_seconds", || {
+        le_labels(NOTIFICATION_BUCKETS)
+    });
     w.begin(
         "agent_notification_seconds",
         "histogram",
@@ -1146,9 +1196,9 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos {
         w.histogram(
             "agent_notification_seconds",
-            &[&c.label],
+            &[Label::Cbo(&c.label)],
             &c.notification,
-            &les,
+            les,
         );
     }
     w.end();
@@ -1203,7 +1253,9 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| &c.ingested,
     );
 
-    let reasons = labels_of("reason", Reject::PER_CBO.map(|r| r.as_str()));
+    let reasons = fixed("events_rejected_total", || {
+        labels_of("reason", Reject::PER_CBO.map(|r| r.as_str()))
+    });
     w.begin(
         "events_rejected_total",
         "counter",
@@ -1220,13 +1272,17 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
             format!("cbo=\"{}\"", escape(&cbo)),
             format!(",reason=\"{}\"", reason.as_str()),
         );
-        w.int("events_rejected_total", &[&c, &r], n);
+        w.int(
+            "events_rejected_total",
+            &[Label::Text(&c), Label::Text(&r)],
+            n,
+        );
     }
     for c in cbos {
         for (i, l) in reasons.iter().enumerate() {
             w.int(
                 "events_rejected_total",
-                &[&c.label, l],
+                &[Label::Cbo(&c.label), Label::Fixed(l)],
                 c.rejected[i].load(Relaxed),
             );
         }
@@ -1254,14 +1310,19 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| c.open.load(Relaxed),
     );
 
-    let les = le_labels(PROBE_BUCKETS);
+    let les = fixed("probe_routing_seconds", || le_labels(PROBE_BUCKETS));
     w.begin(
         "probe_routing_seconds",
         "histogram",
         "Time TaskRouter took to route a test transfer to its queue.",
     );
     for c in cbos {
-        w.histogram("probe_routing_seconds", &[&c.label], &c.probe_routing, &les);
+        w.histogram(
+            "probe_routing_seconds",
+            &[Label::Cbo(&c.label)],
+            &c.probe_routing,
+            les,
+        );
     }
     w.end();
     per_cbo_and(
@@ -1276,16 +1337,19 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| &c.probes,
     );
 
-    let mut rule_labels = Vec::new();
-    for rule in RuleId::ALL {
-        for state in RuleState::ALL {
-            rule_labels.push(format!(
-                ",rule=\"{}\",state=\"{}\"",
-                rule.as_str(),
-                state.as_str()
-            ));
+    let rule_labels = fixed("rule_state", || {
+        let mut labels = Vec::new();
+        for rule in RuleId::ALL {
+            for state in RuleState::ALL {
+                labels.push(format!(
+                    ",rule=\"{}\",state=\"{}\"",
+                    rule.as_str(),
+                    state.as_str()
+                ));
+            }
         }
-    }
+        labels
+    });
     w.begin(
         "rule_state",
         "gauge",
@@ -1295,13 +1359,19 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         for (r, states) in rule_labels.chunks(4).enumerate() {
             let current = c.rule_state[r].load(Relaxed) as usize;
             for (s, l) in states.iter().enumerate() {
-                w.int("rule_state", &[&c.label, l], u64::from(s == current));
+                w.int(
+                    "rule_state",
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                    u64::from(s == current),
+                );
             }
         }
     }
     w.end();
 
-    let windows = labels_of("window", RATIO_WINDOWS.map(|(n, _)| n));
+    let windows = fixed("success_ratio", || {
+        labels_of("window", RATIO_WINDOWS.map(|(n, _)| n))
+    });
     w.begin(
         "success_ratio",
         "gauge",
@@ -1310,7 +1380,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos {
         for (i, l) in windows.iter().enumerate() {
             if let Some(r) = c.success_ratio[i].get() {
-                w.start("success_ratio", "", &[&c.label, l]);
+                w.start(
+                    "success_ratio",
+                    "",
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                );
                 w.f64(r);
             }
         }
@@ -1335,7 +1409,7 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     );
     for c in cbos {
         if let Some(r) = c.taskrouter_error_ratio.get() {
-            w.start("taskrouter_error_ratio", "", &[&c.label]);
+            w.start("taskrouter_error_ratio", "", &[Label::Cbo(&c.label)]);
             w.f64(r);
         }
     }
@@ -1349,13 +1423,16 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos {
         let ms = c.last_poll_ok_ms.load(Relaxed);
         if ms != i64::MIN {
-            w.start("taskrouter_last_success_timestamp_seconds", "", &[&c.label]);
+            w.start(
+                "taskrouter_last_success_timestamp_seconds",
+                "",
+                &[Label::Cbo(&c.label)],
+            );
             w.f64(ms as f64 / 1000.0);
         }
     }
     w.end();
 
-    let les = le_labels(POLL_BUCKETS);
     w.begin(
         "taskrouter_poll_duration_seconds",
         "histogram",
@@ -1364,12 +1441,18 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     // One histogram for the fleet: Twilio's API answers every CBO alike, and a CBO that is
     // throttled or failing shows in its own polls_total and last_success series.
     if let Some(m) = global.filter(|m| m.poll_seconds.count() > 0) {
-        let les: Vec<String> = les.iter().map(|l| l[1..].to_string()).collect();
+        // No label before `le`: no comma either.
+        let les = fixed("taskrouter_poll_duration_seconds", || {
+            le_labels(POLL_BUCKETS)
+                .iter()
+                .map(|l| l[1..].to_string())
+                .collect()
+        });
         w.histogram(
             "taskrouter_poll_duration_seconds",
             &[],
             &m.poll_seconds,
-            &les,
+            les,
         );
     }
     w.end();
@@ -1401,15 +1484,18 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| &c.disagreements,
     );
 
-    let mut poll_labels = Vec::new();
-    for source in POLLED_SOURCES {
-        for result in PollResult::ALL {
-            poll_labels.push(format!(
-                ",source=\"{source}\",result=\"{}\"",
-                result.as_str()
-            ));
+    let poll_labels = fixed("source_polls_total", || {
+        let mut labels = Vec::new();
+        for source in POLLED_SOURCES {
+            for result in PollResult::ALL {
+                labels.push(format!(
+                    ",source=\"{source}\",result=\"{}\"",
+                    result.as_str()
+                ));
+            }
         }
-    }
+        labels
+    });
     w.begin(
         "source_polls_total",
         "counter",
@@ -1417,7 +1503,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     );
     for c in cbos {
         for (l, n) in poll_labels.iter().zip(&c.source_polls) {
-            w.int("source_polls_total", &[&c.label, l], n.load(Relaxed));
+            w.int(
+                "source_polls_total",
+                &[Label::Cbo(&c.label), Label::Fixed(l)],
+                n.load(Relaxed),
+            );
         }
     }
     w.end();
@@ -1437,12 +1527,15 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| &c.signals,
     );
 
-    let mut push_labels = Vec::new();
-    for source in PUSH_SOURCES {
-        for result in PUSH_RESULTS {
-            push_labels.push(format!(",source=\"{source}\",result=\"{result}\""));
+    let push_labels = fixed("pushes_total", || {
+        let mut labels = Vec::new();
+        for source in PUSH_SOURCES {
+            for result in PUSH_RESULTS {
+                labels.push(format!(",source=\"{source}\",result=\"{result}\""));
+            }
         }
-    }
+        labels
+    });
     w.begin(
         "pushes_total",
         "counter",
@@ -1450,7 +1543,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     );
     for c in cbos {
         for (l, n) in push_labels.iter().zip(&c.pushes) {
-            w.int("pushes_total", &[&c.label, l], n.load(Relaxed));
+            w.int(
+                "pushes_total",
+                &[Label::Cbo(&c.label), Label::Fixed(l)],
+                n.load(Relaxed),
+            );
         }
     }
     w.end();
@@ -1476,7 +1573,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         let alerts = c.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (code, n) in alerts {
             let code = format!(",code=\"{}\"", escape(&code));
-            w.int("twilio_alerts_total", &[&c.label, &code], n);
+            w.int(
+                "twilio_alerts_total",
+                &[Label::Cbo(&c.label), Label::Text(&code)],
+                n,
+            );
         }
     }
     w.end();
@@ -1507,11 +1608,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
             |c: &CboSeries| &c.tasks[..],
         ),
     ] {
-        let kinds = labels_of("kind", kinds.iter().copied());
+        let kinds = fixed(name, || labels_of("kind", kinds.iter().copied()));
         w.begin(name, "gauge", help);
         for c in cbos.iter().filter(|c| c.statistics.load(Relaxed) == 1) {
             for (l, v) in kinds.iter().zip(values(c)) {
-                w.start(name, "", &[&c.label, l]);
+                w.start(name, "", &[Label::Cbo(&c.label), Label::Fixed(l)]);
                 w.i64(v.load(Relaxed) as i64);
             }
         }
@@ -1526,22 +1627,31 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos {
         let n = c.tasks_in_workflow.load(Relaxed);
         if n != i64::MIN {
-            w.start("taskrouter_tasks_in_workflow", "", &[&c.label]);
+            w.start("taskrouter_tasks_in_workflow", "", &[Label::Cbo(&c.label)]);
             w.i64(n);
         }
     }
     w.end();
 
-    let les = le_labels(COMPLETION_BUCKETS);
-    let types = labels_of("transfer_type", ["cold", "warm"]);
+    let les = fixed("transfer_completion_seconds", || {
+        le_labels(COMPLETION_BUCKETS)
+    });
+    let types = fixed("transfer_completion_seconds:transfer_type", || {
+        labels_of("transfer_type", ["cold", "warm"])
+    });
     w.begin(
         "transfer_completion_seconds",
         "histogram",
         "Time from initiated to completed.",
     );
     for c in cbos {
-        for (h, tt) in c.completion.iter().zip(&types) {
-            w.histogram("transfer_completion_seconds", &[&c.label, tt], h, &les);
+        for (h, tt) in c.completion.iter().zip(types) {
+            w.histogram(
+                "transfer_completion_seconds",
+                &[Label::Cbo(&c.label), Label::Fixed(tt)],
+                h,
+                les,
+            );
         }
     }
     w.end();
@@ -1578,37 +1688,48 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         |c| c.evicted.load(Relaxed),
     );
 
-    let mut slots = Vec::new();
-    for (t, tt) in TYPE_VALUES.iter().enumerate() {
-        for (g, target) in TARGET_VALUES.iter().enumerate() {
-            for outcome in Outcome::ALL {
-                slots.push((
-                    t == 2 || g == 2,
-                    format!(
+    // Slot by slot: the transfer type, the target, then the outcome, as `transfers` counts.
+    let slots = fixed("transfers_total", || {
+        let mut labels = Vec::new();
+        for tt in TYPE_VALUES {
+            for target in TARGET_VALUES {
+                for outcome in Outcome::ALL {
+                    labels.push(format!(
                         ",outcome=\"{}\",target_type=\"{target}\",transfer_type=\"{tt}\"",
                         outcome.as_str()
-                    ),
-                ));
+                    ));
+                }
             }
         }
-    }
+        labels
+    });
+    let per_type = TARGET_VALUES.len() * Outcome::ALL.len();
     w.begin(
         "transfers_total",
         "counter",
         "Transfers ended, by type, target and outcome.",
     );
     for c in cbos {
-        for (i, (unknown, l)) in slots.iter().enumerate() {
+        for (i, l) in slots.iter().enumerate() {
             let n = c.transfers[i].load(Relaxed);
-            // Transfers whose `initiated` never came have a series only once there is one.
+            // Transfers whose `initiated` never came (the last type, or the last target)
+            // have a series only once there is one.
+            let (t, g) = (i / per_type, i % per_type / Outcome::ALL.len());
+            let unknown = t == TYPE_VALUES.len() - 1 || g == TARGET_VALUES.len() - 1;
             if !unknown || n > 0 {
-                w.int("transfers_total", &[&c.label, l], n);
+                w.int(
+                    "transfers_total",
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                    n,
+                );
             }
         }
     }
     w.end();
 
-    let states = labels_of("state", crate::validation::State::ALL.map(|s| s.as_str()));
+    let states = fixed("validation_state", || {
+        labels_of("state", crate::validation::State::ALL.map(|s| s.as_str()))
+    });
     w.begin(
         "validation_state",
         "gauge",
@@ -1618,7 +1739,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         let v = c.validation.load(Relaxed) as usize;
         if v > 0 {
             for (i, l) in states.iter().enumerate() {
-                w.int("validation_state", &[&c.label, l], u64::from(i + 1 == v));
+                w.int(
+                    "validation_state",
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                    u64::from(i + 1 == v),
+                );
             }
         }
     }
@@ -1632,12 +1757,16 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos {
         match c.config.load(Relaxed) {
             0 => {}
-            v => w.int("workflow_config_ok", &[&c.label], u64::from(v == 1)),
+            v => w.int(
+                "workflow_config_ok",
+                &[Label::Cbo(&c.label)],
+                u64::from(v == 1),
+            ),
         }
     }
     w.end();
 
-    let problems = labels_of("problem", Corruption::IDS);
+    let problems = fixed("workflow_problem", || labels_of("problem", Corruption::IDS));
     w.begin(
         "workflow_problem",
         "gauge",
@@ -1646,7 +1775,11 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     for c in cbos.iter().filter(|c| c.config.load(Relaxed) != 0) {
         let bits = c.problems.load(Relaxed);
         for (i, l) in problems.iter().enumerate() {
-            w.int("workflow_problem", &[&c.label, l], u64::from(bits >> i & 1));
+            w.int(
+                "workflow_problem",
+                &[Label::Cbo(&c.label), Label::Fixed(l)],
+                u64::from(bits >> i & 1),
+            );
         }
     }
     w.end();
