@@ -1899,6 +1899,12 @@ mod tests {
                 b.get(i)
             );
         }
+        // Each family once, each series once.
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| !l.starts_with("# HELP")) {
+            let series = line.rsplit_once(' ').map_or(line, |(s, _)| s);
+            assert!(seen.insert(series.to_string()), "{why}: {line:?} twice");
+        }
     }
 
     #[test]
