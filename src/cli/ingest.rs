@@ -4,10 +4,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use tokio::task::JoinHandle;
-
 use serde::Deserialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::task::JoinHandle;
 
 use crate::config::Secret;
 
@@ -162,7 +161,7 @@ pub async fn send(
             if (n == 0 || full) && !batch.trim().is_empty() {
                 if flying.len() >= IN_FLIGHT {
                     let answer = flying.pop_front().expect("one is in flight");
-                    merge(&mut report, answer.await)?;
+                    merge(&mut report, server, answer.await)?;
                 }
                 let body = Bytes::from(std::mem::take(&mut batch));
                 flying.push_back(tokio::spawn(post(
@@ -181,7 +180,7 @@ pub async fn send(
             }
             if n == 0 {
                 while let Some(answer) = flying.pop_front() {
-                    merge(&mut report, answer.await)?;
+                    merge(&mut report, server, answer.await)?;
                 }
                 return Ok(());
             }
@@ -197,12 +196,14 @@ pub async fn send(
     })
 }
 
+/// Adds one batch's answer to the report, or says why the batch has none.
 fn merge(
     report: &mut Report,
+    server: &str,
     answer: Result<Result<Answer, IngestError>, tokio::task::JoinError>,
 ) -> Result<(), IngestError> {
     let (accepted, rejected, unlisted) = answer.map_err(|e| IngestError::Unreachable {
-        server: String::new(),
+        server: server.to_string(),
         message: format!("the request's task ended: {e}"),
     })??;
     report.accepted += accepted;
