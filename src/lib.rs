@@ -38,6 +38,22 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::config::Config;
+
+/// Runs `a` here and `b` on a thread of its own, and returns both results: the two halves of
+/// work split over the machine's two cores (a backlog's parsing, a scrape's blocks).
+pub(crate) fn join<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    std::thread::scope(|scope| {
+        let other = scope.spawn(b);
+        let here = a();
+        match other.join() {
+            Ok(there) => (here, there),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
 use crate::metrics::Metrics;
 use crate::state::Fleet;
 

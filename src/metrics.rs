@@ -650,19 +650,16 @@ impl Metrics {
         // Blocks are independent: half of them on another thread.
         let half = chunks.len() / 2;
         let (first, second) = cache.split_at_mut(half);
-        std::thread::scope(|scope| {
-            let other = scope.spawn(|| {
-                let mut z = Zip::new();
-                for (block, cached) in chunks[half..].iter().zip(second.iter_mut()) {
-                    cached.update(block, &mut z);
-                }
-            });
+        let update = |blocks: &[&[Arc<CboSeries>]], cached: &mut [CachedBlock]| {
             let mut z = Zip::new();
-            for (block, cached) in chunks[..half].iter().zip(first.iter_mut()) {
+            for (block, cached) in blocks.iter().zip(cached) {
                 cached.update(block, &mut z);
             }
-            let _ = other.join();
-        });
+        };
+        crate::join(
+            || update(&chunks[..half], first),
+            || update(&chunks[half..], second),
+        );
         let mut z = Zip::new();
         let mut out = Gzip::new(cbos.len() * 1_200 + 65_536);
         for (header, global, family) in self.global_families() {
@@ -1033,14 +1030,16 @@ impl Writer {
 
     /// One histogram's `_bucket`, `_sum` and `_count` lines; `labels` end with a comma.
     fn histogram(&mut self, name: &str, labels: &[Label], h: &Histogram, les: &'static [String]) {
-        let mut labels_le: Vec<Label> = labels.to_vec();
-        labels_le.push(Label::Fixed(""));
-        let last = labels_le.len() - 1;
+        // The series' labels and `le` after them, without an allocation per histogram.
+        let mut buf = [Label::Fixed(""); 4];
+        let last = labels.len();
+        buf[..last].copy_from_slice(labels);
+        let labels_le = &mut buf[..=last];
         let mut cumulative = 0;
         for (i, b) in h.buckets.iter().enumerate() {
             cumulative += b.load(Relaxed);
             labels_le[last] = Label::Fixed(&les[i]);
-            self.start(name, "_bucket", &labels_le);
+            self.start(name, "_bucket", labels_le);
             self.u64(cumulative);
         }
         self.start(name, "_sum", labels);

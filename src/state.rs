@@ -706,9 +706,9 @@ impl Fleet {
             return cbos.iter().for_each(|c| c.refresh_gauges(now_ms));
         }
         let (first, second) = cbos.split_at(cbos.len() / 2);
-        std::thread::scope(|scope| {
-            scope.spawn(|| second.iter().for_each(|c| c.refresh_gauges(now_ms)));
-            first.iter().for_each(|c| c.refresh_gauges(now_ms));
-        });
+        crate::join(
+            || first.iter().for_each(|c| c.refresh_gauges(now_ms)),
+            || second.iter().for_each(|c| c.refresh_gauges(now_ms)),
+        );
     }
 }

@@ -189,11 +189,8 @@ fn parse_lines(lines: &[String]) -> Parsed {
     // Parsing is most of a backlog's cost: the second half on another thread, in order.
     let mid = lines.len() / 2;
     let (first, second) = lines.split_at(mid);
-    let ((mut events, mut errors), (more_events, more_errors)) = std::thread::scope(|scope| {
-        let later = scope.spawn(|| parse(mid, second));
-        let now = parse(0, first);
-        (now, later.join().expect("parsing does not panic"))
-    });
+    let ((mut events, mut errors), (more_events, more_errors)) =
+        crate::join(|| parse(0, first), || parse(mid, second));
     events.extend(more_events);
     errors.extend(more_errors);
     (events, errors)
@@ -225,17 +222,19 @@ impl Reader {
         let pending = self.pending.take();
         let (shared, cbo, path) = (&self.shared, &self.cbo, &self.path);
         let follower = &mut self.follower;
-        let read = std::thread::scope(|scope| {
-            let taking = pending.map(|chunk| scope.spawn(move || take(shared, cbo, path, chunk)));
-            let read = follower.poll_chunk(CHUNK).map(|(lines, more)| {
-                let parsed = parse_lines(&lines);
-                (Chunk { lines, parsed }, more)
-            });
-            if let Some(t) = taking {
-                t.join().expect("taking a chunk does not panic");
-            }
-            read
-        });
+        let (read, ()) = crate::join(
+            || {
+                follower.poll_chunk(CHUNK).map(|(lines, more)| {
+                    let parsed = parse_lines(&lines);
+                    (Chunk { lines, parsed }, more)
+                })
+            },
+            || {
+                if let Some(chunk) = pending {
+                    take(shared, cbo, path, chunk);
+                }
+            },
+        );
         let (chunk, more) = match read {
             Ok(read) => {
                 self.last_error = None;
