@@ -1122,3 +1122,132 @@ pub async fn decisions(
         rss_after_open,
     })
 }
+
+/// What `bench checkpoint` measured.
+pub struct CheckpointReport {
+    pub events: usize,
+    /// Taking the events (parsed) on one thread: events/s without a journal, with one.
+    pub plain_rate: f64,
+    pub journaled_rate: f64,
+    pub journal_bytes: u64,
+    /// A checkpoint (journal fsynced, old segments pruned, `checkpoint.json` written), each run.
+    pub save_ms: Vec<f64>,
+    /// A start's restore: reading the journal and replaying it into the fleet, each run.
+    pub restore_ms: Vec<f64>,
+    pub records: u64,
+}
+
+/// The embedded default's restart state at `cbos` CBOs, each with `per_hour` transfers over the
+/// last hour (three events each): the journal's cost on the ingest path, a checkpoint's cost, and
+/// a start's restore. The restored windows are checked against the ones they were built from.
+pub fn checkpoint(cbos: usize, per_hour: usize, runs: usize) -> std::io::Result<CheckpointReport> {
+    use crate::checkpoint::Checkpoints;
+    use crate::journal::Journal;
+    let now = chrono::Utc::now().timestamp_millis();
+    let dir = fresh_state_dir();
+    let mut text = server_section_in(&dir);
+    for i in 0..cbos {
+        text += &format!("[[cbo]]\nkey = \"c{i}\"\n");
+    }
+    let config = check_str(&text, &|_| None)
+        .config
+        .expect("the bench config parses");
+    // Every CBO's transfers, spread over the hour, in the order they happen.
+    let mut events = Vec::with_capacity(cbos * per_hour * 3);
+    for c in 0..cbos {
+        for k in 0..per_hour {
+            let start =
+                now - 3_600_000 + ((k * 3_600_000 / per_hour + c * 7_919) % 3_590_000) as i64;
+            let sid = format!("CH{:016x}{:016x}", c, k);
+            let ts = |ms: i64| {
+                chrono::DateTime::from_timestamp_millis(ms)
+                    .expect("a valid instant")
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            };
+            let end = if k % 20 == 0 {
+                r#""event":"failed","error":{"code":20001}"#
+            } else {
+                r#""event":"completed","history_preserved":true"#
+            };
+            for (at, body) in [
+                (
+                    start,
+                    r#""event":"initiated","transfer_type":"cold","target_type":"queue""#,
+                ),
+                (start + 1_200, r#""event":"notified""#),
+                (start + 4_000, end),
+            ] {
+                let line = format!(
+                    r#"{{{body},"timestamp":"{}","conversation_sid":"{sid}"}}"#,
+                    ts(at)
+                );
+                events.push((at, c, parse_line(&line).expect("a bench event parses")));
+            }
+        }
+    }
+    events.sort_by_key(|(at, c, _)| (*at, *c));
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let take = |fleet: &Fleet| {
+        let states: Vec<_> = (0..cbos)
+            .map(|c| fleet.get(&format!("c{c}")).expect("configured"))
+            .collect();
+        let mut rejected = Vec::new();
+        let started = Instant::now();
+        for (at, c, e) in &events {
+            states[*c].ingest([(0, e.clone())], at + 500, &mut rejected);
+        }
+        assert!(rejected.is_empty(), "{:?}", rejected.first());
+        events.len() as f64 / started.elapsed().as_secs_f64()
+    };
+    let plain_rate = take(&Fleet::new(&config, &metrics));
+    let journal = std::sync::Arc::new(Journal::open(&dir)?);
+    let fleet = Fleet::journaled(&config, &metrics, Some(journal.clone()));
+    let journaled_rate = take(&fleet);
+    journal.flush(true);
+    let journal_bytes = std::fs::read_dir(dir.join(crate::journal::DIR))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let engine = crate::rules::Engine::new(&config, now);
+    let retain = crate::checkpoint::retained(&config);
+    let (checkpoints, _) = Checkpoints::restore(
+        &config,
+        journal.clone(),
+        &Fleet::new(&config, &metrics),
+        now,
+    );
+    let mut save_ms = Vec::new();
+    let mut restore_ms = Vec::new();
+    let mut records = 0;
+    for _ in 0..runs {
+        let started = Instant::now();
+        checkpoints.save(&engine, now, retain)?;
+        save_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let restored_fleet = Fleet::new(&config, &metrics);
+        let started = Instant::now();
+        let (_, restored) = Checkpoints::restore(&config, journal.clone(), &restored_fleet, now);
+        restore_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        records = restored.records;
+        for c in 0..cbos {
+            let key = format!("c{c}");
+            let window = std::time::Duration::from_secs(3600);
+            let was = fleet.get(&key).expect("configured").stats(now, window);
+            let is = restored_fleet
+                .get(&key)
+                .expect("configured")
+                .stats(now, window);
+            assert_eq!(was, is, "cbo {key}: the restored windows differ");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(CheckpointReport {
+        events: events.len(),
+        plain_rate,
+        journaled_rate,
+        journal_bytes,
+        save_ms,
+        restore_ms,
+        records,
+    })
+}

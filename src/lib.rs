@@ -3,6 +3,7 @@
 pub mod actions;
 pub mod api;
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod event;
 pub mod guard;
 pub mod health;
+pub mod journal;
 pub mod metrics;
 pub mod net;
 pub mod reconcile;
@@ -162,6 +164,8 @@ pub struct Shared {
     pub validations: validation::Validations,
     /// Baselines and known problems per CBO, kept across restarts.
     pub remembered: store::RememberedStore,
+    /// The journal and checkpoint a restart resumes from.
+    pub checkpoints: Arc<checkpoint::Checkpoints>,
 }
 
 impl Shared {
@@ -207,6 +211,11 @@ pub enum StartError {
     State(#[from] decisions::LogError),
     #[error("state_dir: {0}")]
     Validations(#[from] validation::ValidationError),
+    #[error("state_dir {dir}: cannot open the journal: {source}")]
+    Journal {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -344,7 +353,20 @@ impl App {
 
     pub async fn start_with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let fleet = Fleet::new(&config, &metrics);
+        let state_dir = &config.server.state_dir;
+        let journal =
+            Arc::new(
+                journal::Journal::open(state_dir).map_err(|source| StartError::Journal {
+                    dir: state_dir.clone(),
+                    source,
+                })?,
+            );
+        let fleet = Fleet::journaled(&config, &metrics, Some(journal.clone()));
+        // The windows, open transfers and joins of before the restart, before anything new.
+        let (checkpoints, restored) =
+            checkpoint::Checkpoints::restore(&config, journal, &fleet, clock.now_ms());
+        let checkpoints = Arc::new(checkpoints);
+        metrics.watch_store(checkpoints.clone());
         let addr = config.server.listen;
         let config = Arc::new(config);
         let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
@@ -361,6 +383,13 @@ impl App {
                 m.set_rule_state(rule, state);
             }
         }
+        // Conditions that held before the restart keep their `for` timers.
+        checkpoint::Checkpoints::resume_timers(&mut engine, &restored.timers, clock.now_ms());
+        for t in &restored.timers {
+            if let (Some(m), Some(rule)) = (metrics.cbo(&t.cbo), rules::RuleId::parse(&t.rule)) {
+                m.set_rule_state(rule, rules::RuleState::Pending);
+            }
+        }
         let actions = Arc::new(actions::Actions::new(
             live.clone(),
             log,
@@ -371,6 +400,7 @@ impl App {
         let validations = validation::Validations::open(
             &config.server.state_dir,
             clock.now_ms(),
+            restored.whole_since_ms,
             metrics.clone(),
         )?;
         let shared = Arc::new(Shared {
@@ -384,6 +414,7 @@ impl App {
             ready: AtomicBool::new(false),
             awaiting_first_poll: Default::default(),
             actions,
+            checkpoints,
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -447,6 +478,8 @@ impl App {
                 }
             }
         });
+
+        tasks.spawn(checkpoint_every_second(shared.clone(), stopped.clone()));
 
         // Intents written before a restart, without a result: ask Twilio what became of them.
         tasks.spawn(shared.actions.clone().settle(stopped.clone()));
@@ -585,8 +618,43 @@ impl App {
         // The next start reads the snapshot, not the history.
         let log = self.shared.actions.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.checkpoint()).await;
+        // And resumes the windows, timers and file positions of this instant.
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || save_checkpoint(&shared)).await;
         tracing::info!("transfer-guard stopped");
     }
+}
+
+/// Writes the journal out every second and a checkpoint every `checkpoint::EVERY`, on a
+/// blocking thread, until `stop`.
+async fn checkpoint_every_second(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => break,
+        }
+        n += 1;
+        let shared = shared.clone();
+        let whole = n.is_multiple_of(checkpoint::EVERY.as_secs());
+        let _ = tokio::task::spawn_blocking(move || {
+            if whole {
+                save_checkpoint(&shared)
+            } else {
+                shared.checkpoints.flush()
+            }
+        })
+        .await;
+    }
+}
+
+fn save_checkpoint(shared: &Shared) {
+    let retain = checkpoint::retained(&shared.config());
+    let _ = shared
+        .checkpoints
+        .save(&shared.engine(), shared.clock.now_ms(), retain);
 }
 
 /// Starts one group's tasks. `at_start`: `/readyz` waits for the CBO's first poll (a reload

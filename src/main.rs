@@ -252,6 +252,17 @@ enum BenchWhat {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The embedded default's restart state: the journal's cost on the ingest path, a
+    /// checkpoint's cost and a start's restore, at many CBOs each with an hour of transfers.
+    Checkpoint {
+        #[arg(long, default_value_t = 1000)]
+        cbos: usize,
+        /// Transfers per CBO over the last hour.
+        #[arg(long, default_value_t = 20)]
+        per_hour: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Single-event ingest requests per second at each fleet size (token lookup's cost).
     Tokens {
         /// Fleet sizes, compared in one run.
@@ -495,6 +506,44 @@ async fn main() -> ExitCode {
                         if health { "answered" } else { "did NOT answer" }
                     );
                 }
+                BenchWhat::Checkpoint {
+                    cbos,
+                    per_hour,
+                    runs,
+                } => match bench::checkpoint(cbos, per_hour, runs) {
+                    Ok(mut r) => {
+                        println!(
+                            "checkpoint: {cbos} CBOs, {} events over the last hour: taken at {:.0} events/s without a journal, {:.0} with one ({:.2}x); journal {:.1} MB ({:.0} bytes an event)",
+                            r.events,
+                            r.plain_rate,
+                            r.journaled_rate,
+                            r.plain_rate / r.journaled_rate,
+                            r.journal_bytes as f64 / 1e6,
+                            r.journal_bytes as f64 / r.events as f64
+                        );
+                        for (name, v) in [
+                            (
+                                "checkpoint (journal fsynced, pruned, checkpoint.json)",
+                                &mut r.save_ms,
+                            ),
+                            (
+                                "restore at start (journal read and replayed)",
+                                &mut r.restore_ms,
+                            ),
+                        ] {
+                            v.sort_by(|a, b| a.total_cmp(b));
+                            println!("  {name} ({} times): {}", v.len(), bench::spread(v, 1));
+                        }
+                        println!(
+                            "  {} records replayed; every CBO's windows equal after the restore",
+                            r.records
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("bench checkpoint: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
                 BenchWhat::Decisions {
                     entries,
                     cbos,

@@ -495,6 +495,8 @@ pub struct Metrics {
     other_rejects: Mutex<BTreeMap<(String, Reject), u64>>,
     /// The decision log's health, once the log is open.
     log_health: std::sync::OnceLock<Arc<crate::decisions::Health>>,
+    /// The journal's and checkpoint's failed writes, once they are open.
+    store: std::sync::OnceLock<Arc<crate::checkpoint::Checkpoints>>,
     /// `config_reloads_total{result}`: `applied` or `refused`.
     reloads: prometheus::IntCounterVec,
     /// `config_last_reload_successful`: 0 while the file on disk is one the daemon refused.
@@ -563,6 +565,7 @@ impl Metrics {
             cbos: RwLock::new(BTreeMap::new()),
             other_rejects: Mutex::new(other),
             log_health: std::sync::OnceLock::new(),
+            store: std::sync::OnceLock::new(),
             reloads,
             reload_ok,
             poll_seconds: Arc::new(Histogram::new(POLL_BUCKETS)),
@@ -580,6 +583,11 @@ impl Metrics {
     /// Exports `decision_log_writable` and `decision_log_errors_total` from `health`.
     pub fn watch_log(&self, health: Arc<crate::decisions::Health>) {
         let _ = self.log_health.set(health);
+    }
+
+    /// Exports `store_errors_total` from the journal and checkpoint of `store`.
+    pub fn watch_store(&self, store: Arc<crate::checkpoint::Checkpoints>) {
+        let _ = self.store.set(store);
     }
 
     /// The series of `cbo`, created (at zero) on first use.
@@ -1227,6 +1235,26 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
             "1 while the decision log can be written; 0 holds every action and makes /readyz answer 503.",
         );
         w.int("decision_log_writable", &[], u64::from(h.writable()));
+        w.end();
+    }
+
+    if let Some(store) = global.and_then(|m| m.store.get()) {
+        let (journal, checkpoint) = store.error_counts();
+        w.begin(
+            "store_errors_total",
+            "counter",
+            "Writes of the restart state that failed (a full or read-only disk), by what: the journal of what each CBO took, or the checkpoint. Guarding goes on from memory; a restart meanwhile loses what was not written.",
+        );
+        w.int(
+            "store_errors_total",
+            &[Label::Fixed("op=\"journal\"")],
+            journal,
+        );
+        w.int(
+            "store_errors_total",
+            &[Label::Fixed("op=\"checkpoint\"")],
+            checkpoint,
+        );
         w.end();
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::{Config, FUTURE_TOLERANCE};
 use crate::event::{ErrorClass, Event};
 use crate::health::TaskRouterStatus;
+use crate::journal::{self, Journal, Op, Record};
 use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject};
 use crate::reconcile::{Counted, Disagreement, JOIN_WINDOW_MS, Reconciler, Route};
 use crate::sid::ConversationSid;
@@ -129,10 +130,17 @@ pub struct CboState {
     series: Arc<CboSeries>,
     max_window_ms: i64,
     max_window: Duration,
+    /// Where what it takes is journaled (`None` while a start replays the journal).
+    journal: Option<Arc<Journal>>,
 }
 
 impl CboState {
-    fn new(key: &str, config: &Config, metrics: &Metrics) -> CboState {
+    fn new(
+        key: &str,
+        config: &Config,
+        metrics: &Metrics,
+        journal: Option<Arc<Journal>>,
+    ) -> CboState {
         let series = metrics.init_cbo(key);
         CboState {
             key: key.to_string(),
@@ -159,7 +167,87 @@ impl CboState {
             series,
             max_window_ms: config.transfers.max_window.as_millis() as i64,
             max_window: config.transfers.max_window,
+            journal,
         }
+    }
+
+    /// Journals `op`, taken at `now_ms` (called with the CBO's lock held, so its records are
+    /// in the order it took them).
+    fn journal(&self, now_ms: i64, op: impl FnOnce() -> Op) {
+        if let Some(j) = &self.journal {
+            let mut line = Vec::with_capacity(256);
+            journal::encode(
+                &Record {
+                    cbo: self.key.clone(),
+                    now: now_ms,
+                    op: op(),
+                },
+                &mut line,
+            );
+            j.append(now_ms, &line);
+        }
+    }
+
+    /// Takes the state another `CboState` of the same CBO built (a start's replay of the
+    /// journal), in place of its own.
+    pub fn adopt(&self, other: &CboState) {
+        std::mem::swap(&mut *self.lock(), &mut *other.lock());
+    }
+
+    /// Applies one journaled record, as the daemon did when it took it.
+    pub fn replay(&self, record: Record) -> Result<(), String> {
+        let now = record.now;
+        match record.op {
+            Op::Event(stored) => {
+                let event = stored.event()?;
+                self.ingest([(0, event)], now, &mut Vec::new());
+            }
+            Op::Signal {
+                source,
+                at,
+                conversation,
+            } => {
+                let source = SignalSource::ALL
+                    .into_iter()
+                    .find(|s| s.as_str() == source)
+                    .ok_or(format!("signal source `{source}`"))?;
+                let conversation = conversation
+                    .map(|c| ConversationSid::parse(&c).map_err(|e| e.to_string()))
+                    .transpose()?;
+                self.bad_request_signal(source, at, conversation, now);
+            }
+            Op::Covered { at } => self.taskrouter_covered(at),
+            Op::Cut { at } => {
+                self.cut(at, now);
+            }
+            Op::Probed { started, result } => self.probed(started, &result),
+            Op::Report {
+                conversation_sid,
+                note,
+                at,
+                at_ms,
+            } => self.report(Report {
+                conversation_sid,
+                note,
+                at,
+                at_ms,
+            }),
+            Op::Timeout { ms } => {
+                self.set_transfer_timeout(Duration::from_millis(ms), now);
+            }
+            Op::TaskrouterBadRequest => self.record_taskrouter_bad_request(now),
+            Op::Lines {
+                path,
+                ino,
+                from,
+                to,
+            } => {
+                let events = crate::sources::file::read_range(&path, ino, from, to)
+                    .map_err(|e| format!("lines {from}..{to} of {}: {e}", path.display()))?;
+                self.ingest(events.into_iter().enumerate(), now, &mut Vec::new());
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -176,7 +264,21 @@ impl CboState {
         now_ms: i64,
         rejected: &mut Vec<Rejection>,
     ) -> usize {
+        self.ingest_read(events, now_ms, rejected, None)
+    }
+
+    /// The same, for events whose source keeps them (a file source's lines): `read` says
+    /// where they can be read again, and is journaled instead of the events.
+    pub fn ingest_read(
+        &self,
+        events: impl IntoIterator<Item = (usize, Event)>,
+        now_ms: i64,
+        rejected: &mut Vec<Rejection>,
+        read: impl Into<Option<Vec<Op>>>,
+    ) -> usize {
+        let read = read.into();
         let mut accepted = 0;
+        let mut lines = Vec::new();
         let mut inner = self.lock();
         let inner = &mut *inner;
         for (index, event) in events {
@@ -201,6 +303,9 @@ impl CboState {
                 continue;
             }
             accepted += 1;
+            if self.journal.is_some() && read.is_none() {
+                journal::encode_event(&self.key, now_ms, &event, &mut lines);
+            }
             self.series.ingested(event.kind);
             let mut counted = Counted::default();
             let route = inner
@@ -223,6 +328,19 @@ impl CboState {
             }
             self.count(&counted);
             self.drain(inner, now_ms);
+        }
+        if let Some(j) = &self.journal {
+            for op in read.into_iter().flatten() {
+                journal::encode(
+                    &Record {
+                        cbo: self.key.clone(),
+                        now: now_ms,
+                        op,
+                    },
+                    &mut lines,
+                );
+            }
+            j.append(now_ms, &lines);
         }
         accepted
     }
@@ -260,6 +378,11 @@ impl CboState {
     ) -> bool {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        self.journal(now_ms, || Op::Signal {
+            source: source.as_str().to_string(),
+            at: at_ms,
+            conversation: conversation.map(|c| c.as_str().to_string()),
+        });
         let bit = 1u8 << (source as u8);
         let near = |t: i64| (t - at_ms).abs() <= JOIN_WINDOW_MS;
         let same = inner.signals.iter_mut().find(|s| {
@@ -291,7 +414,9 @@ impl CboState {
 
     /// TaskRouter's record has been read up to `at_ms` (for `taskrouter_missing`).
     pub fn taskrouter_covered(&self, at_ms: i64) {
-        self.lock().reconciler.taskrouter_covered(at_ms);
+        let mut inner = self.lock();
+        self.journal(at_ms, || Op::Covered { at: at_ms });
+        inner.reconciler.taskrouter_covered(at_ms);
     }
 
     /// Lets time pass: timeouts, orphaned terminal events, forgetting finished transfers.
@@ -369,6 +494,7 @@ impl CboState {
     pub fn cut(&self, at_ms: i64, now_ms: i64) -> i64 {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        self.journal(now_ms, || Op::Cut { at: at_ms });
         if at_ms <= inner.judged_since_ms {
             return inner.judged_since_ms;
         }
@@ -402,6 +528,10 @@ impl CboState {
             return;
         }
         let mut inner = self.lock();
+        self.journal(started_ms, || Op::Probed {
+            started: started_ms,
+            result: result.to_string(),
+        });
         if inner.probes.len() >= PROBES_KEPT {
             inner.probes.pop_front();
         }
@@ -421,6 +551,12 @@ impl CboState {
     pub fn report(&self, report: Report) {
         self.series.agent_report();
         let mut inner = self.lock();
+        self.journal(report.at_ms, || Op::Report {
+            conversation_sid: report.conversation_sid.clone(),
+            note: report.note.clone(),
+            at: report.at.clone(),
+            at_ms: report.at_ms,
+        });
         if inner.reports.len() >= REPORTS_KEPT {
             inner.reports.pop_front();
         }
@@ -443,10 +579,13 @@ impl CboState {
     }
 
     /// Sets the transfer timeout; returns the one it replaces when it changed.
-    pub fn set_transfer_timeout(&self, timeout: Duration) -> Option<Duration> {
+    pub fn set_transfer_timeout(&self, timeout: Duration, now_ms: i64) -> Option<Duration> {
         let mut inner = self.lock();
         let was = inner.tracker.timeout();
         (was != timeout).then(|| {
+            self.journal(now_ms, || Op::Timeout {
+                ms: timeout.as_millis() as u64,
+            });
             inner.tracker.set_timeout(timeout);
             was
         })
@@ -463,7 +602,9 @@ impl CboState {
     }
 
     pub fn record_taskrouter_bad_request(&self, now_ms: i64) {
-        self.lock().windows.record_taskrouter_bad_request(now_ms);
+        let mut inner = self.lock();
+        self.journal(now_ms, || Op::TaskrouterBadRequest);
+        inner.windows.record_taskrouter_bad_request(now_ms);
     }
 
     pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
@@ -634,12 +775,23 @@ fn record(windows: &mut Windows, effect: &Effect, since_ms: i64, now_ms: i64) {
 /// Every configured CBO's state, by key.
 pub struct Fleet {
     cbos: std::sync::RwLock<BTreeMap<String, Arc<CboState>>>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Fleet {
     pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Fleet {
+        Fleet::journaled(config, metrics, None)
+    }
+
+    /// A fleet whose CBOs journal what they take to `journal`.
+    pub fn journaled(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        journal: Option<Arc<Journal>>,
+    ) -> Fleet {
         let fleet = Fleet {
             cbos: Default::default(),
+            journal,
         };
         fleet.add(config, metrics);
         fleet
@@ -655,7 +807,7 @@ impl Fleet {
             if !cbos.contains_key(key) {
                 cbos.insert(
                     key.to_string(),
-                    Arc::new(CboState::new(key, config, metrics)),
+                    Arc::new(CboState::new(key, config, metrics, self.journal.clone())),
                 );
                 added.push(key.to_string());
             }

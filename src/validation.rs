@@ -270,11 +270,14 @@ pub struct Validations {
 }
 
 impl Validations {
-    /// Loads what the state directory holds; running windows resume measuring now, carrying
-    /// what they had measured.
+    /// Loads what the state directory holds. A running window that started since
+    /// `whole_since_ms` (the restored windows hold everything since then) is measured from
+    /// the windows alone, as if there had been no restart; an older one resumes measuring now,
+    /// carrying what it had measured.
     pub fn open(
         state_dir: &Path,
         now_ms: i64,
+        whole_since_ms: Option<i64>,
         metrics: Arc<Metrics>,
     ) -> Result<Validations, ValidationError> {
         let path = state_dir.join(FILE_NAME);
@@ -288,6 +291,11 @@ impl Validations {
             Err(e) => return Err(err(e.to_string())),
         };
         for v in windows.values_mut().filter(|v| v.state == State::Running) {
+            if whole_since_ms.is_some_and(|since| v.resumed_ms.unwrap_or(v.start_ms) >= since) {
+                // The windows hold what it had measured: measured again from them.
+                v.measured = Measured::default();
+                continue;
+            }
             v.carried = v.carried.plus(&v.measured);
             v.measured = Measured::default();
             v.resumed_ms = Some(now_ms);
@@ -592,7 +600,7 @@ mod tests {
     #[test]
     fn old_finished_windows_are_pruned_but_running_and_latest_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let v = Validations::open(dir.path(), 0, Arc::new(Metrics::new())).unwrap();
+        let v = Validations::open(dir.path(), 0, None, Arc::new(Metrics::new())).unwrap();
         let day = 24 * 3600 * 1000;
         let d = Duration::from_secs(60);
         // Ten days of windows on cbo a, one a day, each finished; one old running on b.
@@ -618,7 +626,7 @@ mod tests {
         assert!(windows.contains_key(&b), "a running window stays");
         drop(windows);
         // The file holds the same.
-        let reopened = Validations::open(dir.path(), now, Arc::new(Metrics::new())).unwrap();
+        let reopened = Validations::open(dir.path(), now, None, Arc::new(Metrics::new())).unwrap();
         assert_eq!(reopened.list(None).len(), 9);
     }
 }

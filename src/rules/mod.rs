@@ -389,6 +389,29 @@ impl Engine {
         out
     }
 
+    /// The rules whose condition holds now, and since when: their `for` timers, for a
+    /// checkpoint.
+    pub fn timers(&self) -> Vec<(String, RuleId, i64)> {
+        self.tracked
+            .iter()
+            .filter_map(|((cbo, rule), t)| t.holding_since_ms.map(|s| (cbo.clone(), *rule, s)))
+            .collect()
+    }
+
+    /// Resumes a rule whose condition held since `since_ms` before a restart: pending, its
+    /// `for` timer running from then. A rule that had breached is pending too, so the next
+    /// tick decides it again (its action, if it already fired, is not repeated:
+    /// once-per-deployment). Returns whether the rule exists.
+    pub fn resume_timer(&mut self, cbo: &str, rule: RuleId, since_ms: i64, now_ms: i64) -> bool {
+        let Some(t) = self.tracked.get_mut(&(cbo.to_string(), rule)) else {
+            return false;
+        };
+        t.state = RuleState::Pending;
+        t.holding_since_ms = Some(since_ms);
+        t.changed_at_ms = now_ms;
+        true
+    }
+
     pub fn params(&self, cbo: &str, rule: RuleId) -> Option<&Params> {
         self.params.get(&(cbo.to_string(), rule))
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::Shared;
+use crate::checkpoint::Position;
 use crate::config::FileSource;
 use crate::event::{self, EventError};
 use crate::metrics::Reject;
@@ -40,6 +41,10 @@ pub struct Follower {
     /// Whether the next open starts at the beginning (after a rotation, or when asked).
     from_start: bool,
     discarding: bool,
+    /// Where the first open resumes (a restart): the file read before, and how far.
+    resume: Option<Position>,
+    /// The byte ranges of complete lines read since the last `take_ranges`: (inode, from, to).
+    ranges: Vec<(u64, u64, u64)>,
 }
 
 impl Follower {
@@ -51,7 +56,32 @@ impl Follower {
             partial: Vec::new(),
             from_start: from_beginning,
             discarding: false,
+            resume: None,
+            ranges: Vec::new(),
         }
+    }
+
+    /// The byte ranges whose lines were read since the last call, as the journal keeps
+    /// them: a restart reads them again from the file rather than from copies.
+    pub fn take_ranges(&mut self) -> Vec<(u64, u64, u64)> {
+        std::mem::take(&mut self.ranges)
+    }
+
+    /// Resumes at `position` when the path still names that file and it is at least that
+    /// long; otherwise the file is another (rotated while the daemon was down) or was cut
+    /// short, and is read from its start.
+    pub fn resuming(mut self, position: Option<Position>) -> Follower {
+        self.resume = position;
+        self
+    }
+
+    /// The end of the last complete line read: where a restart resumes.
+    pub fn position(&self) -> Option<Position> {
+        let (_, ino) = self.file.as_ref()?;
+        Some(Position {
+            ino: *ino,
+            offset: self.offset - self.partial.len() as u64,
+        })
     }
 
     /// New complete lines since the last call. A missing file is not an error: it may appear.
@@ -98,6 +128,20 @@ impl Follower {
     }
 
     fn open(&mut self) -> io::Result<bool> {
+        // A restart resumes in the file it was reading, even when that was rotated away
+        // meanwhile: its tail is read, then the rotation is followed as usual.
+        if let Some(at) = self.resume.take() {
+            if let Some(found) = find_inode(&self.path, at.ino) {
+                let mut file = File::open(&found)?;
+                if file.metadata()?.len() >= at.offset {
+                    self.offset = file.seek(SeekFrom::Start(at.offset))?;
+                    self.file = Some((file, at.ino));
+                    return Ok(true);
+                }
+            }
+            tracing::info!(path = %self.path.display(), was_inode = at.ino, "the file read before the restart is gone or shorter: the file at the path is read from its start");
+            self.from_start = true;
+        }
         let mut file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -119,7 +163,9 @@ impl Follower {
 
     /// Reads up to `max` bytes; whether it stopped at `max` (more may be waiting).
     fn read_available(&mut self, lines: &mut Vec<String>, max: usize) -> io::Result<bool> {
-        let (file, _) = self.file.as_mut().expect("caller opened it");
+        let (file, ino) = self.file.as_mut().expect("caller opened it");
+        let ino = *ino;
+        let from = self.offset - self.partial.len() as u64;
         let mut buf = Vec::with_capacity(max.min(CHUNK));
         file.take(max as u64).read_to_end(&mut buf)?;
         self.offset += buf.len() as u64;
@@ -146,6 +192,10 @@ impl Follower {
                 }
             }
         }
+        let to = self.offset - self.partial.len() as u64;
+        if to > from {
+            self.ranges.push((ino, from, to));
+        }
         Ok(max != usize::MAX && buf.len() == max)
     }
 
@@ -153,6 +203,10 @@ impl Follower {
     fn finish_partial(&mut self, lines: &mut Vec<String>) {
         if !self.partial.is_empty() && !self.discarding {
             lines.push(text(&self.partial));
+            if let Some((_, ino)) = &self.file {
+                let to = self.offset;
+                self.ranges.push((*ino, to - self.partial.len() as u64, to));
+            }
         }
         self.partial.clear();
         self.discarding = false;
@@ -169,6 +223,42 @@ fn looks_like_event(line: &str) -> bool {
 const PARALLEL_FROM: usize = 1024;
 
 type Parsed = (Vec<(usize, event::Event)>, Vec<(usize, EventError)>);
+
+/// The file `ino`: at `path`, or rotated to a name beside it.
+fn find_inode(path: &Path, ino: u64) -> Option<PathBuf> {
+    if std::fs::metadata(path).is_ok_and(|m| m.ino() == ino) {
+        return Some(path.to_path_buf());
+    }
+    std::fs::read_dir(path.parent()?)
+        .ok()?
+        .flatten()
+        .find(|e| e.metadata().is_ok_and(|m| m.ino() == ino))
+        .map(|e| e.path())
+}
+
+/// The events of the lines in bytes `from..to` of the file at `path` (or of the file it was
+/// rotated to, found by its inode beside it), for a start replaying the journal.
+pub fn read_range(path: &Path, ino: u64, from: u64, to: u64) -> io::Result<Vec<event::Event>> {
+    let found = find_inode(path, ino).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "inode {ino} is no longer at {} or beside it",
+                path.display()
+            ),
+        )
+    })?;
+    let mut file = File::open(&found)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::with_capacity((to - from) as usize);
+    file.take(to - from).read_to_end(&mut buf)?;
+    let lines: Vec<String> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty() && l.len() <= MAX_LINE)
+        .map(text)
+        .collect();
+    Ok(parse_lines(&lines).0.into_iter().map(|(_, e)| e).collect())
+}
 
 /// The event lines of `lines` parsed, in order, with their indexes: the events, and the errors.
 fn parse_lines(lines: &[String]) -> Parsed {
@@ -213,6 +303,10 @@ struct Reader {
 struct Chunk {
     lines: Vec<String>,
     parsed: Parsed,
+    /// The file position after its last line.
+    end: Option<Position>,
+    /// The byte ranges its lines were read from.
+    ranges: Vec<(u64, u64, u64)>,
 }
 
 impl Reader {
@@ -225,8 +319,18 @@ impl Reader {
         let (read, ()) = crate::join(
             || {
                 follower.poll_chunk(CHUNK).map(|(lines, more)| {
+                    let end = follower.position();
+                    let ranges = follower.take_ranges();
                     let parsed = parse_lines(&lines);
-                    (Chunk { lines, parsed }, more)
+                    (
+                        Chunk {
+                            lines,
+                            parsed,
+                            end,
+                            ranges,
+                        },
+                        more,
+                    )
                 })
             },
             || {
@@ -270,6 +374,8 @@ fn take(shared: &Shared, cbo: &crate::state::CboState, path: &Path, chunk: Chunk
     let Chunk {
         lines,
         parsed: (events, errors),
+        end,
+        ranges,
     } = chunk;
     let mut rejected = Vec::new();
     for (i, err) in errors {
@@ -284,11 +390,22 @@ fn take(shared: &Shared, cbo: &crate::state::CboState, path: &Path, chunk: Chunk
             error: err.to_string(),
         });
     }
-    if !events.is_empty() {
-        cbo.ingest(events, shared.clock.now_ms(), &mut rejected);
-    }
+    // The journal keeps where the lines are, not copies of them.
+    let read: Vec<crate::journal::Op> = ranges
+        .into_iter()
+        .map(|(ino, from, to)| crate::journal::Op::Lines {
+            path: path.to_path_buf(),
+            ino,
+            from,
+            to,
+        })
+        .collect();
+    cbo.ingest_read(events, shared.clock.now_ms(), &mut rejected, read);
     for r in rejected {
         tracing::warn!(path = %path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
+    }
+    if let Some(end) = end {
+        shared.checkpoints.file_taken(path, end);
     }
 }
 
@@ -305,7 +422,8 @@ pub async fn run(shared: Arc<Shared>, source: FileSource, mut stop: watch::Recei
         shared: shared.clone(),
         cbo,
         path: source.path.clone(),
-        follower: Follower::new(&source.path, source.from_beginning),
+        follower: Follower::new(&source.path, source.from_beginning)
+            .resuming(shared.checkpoints.file_position(&source.path)),
         last_error: None,
         pending: None,
     }));

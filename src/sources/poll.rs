@@ -654,7 +654,7 @@ pub fn record(shared: &Shared, key: &str, cycle: &Cycle, now: &str) {
     } else {
         state.transfer_timeout()
     };
-    if let Some(was) = state.set_transfer_timeout(timeout) {
+    if let Some(was) = state.set_transfer_timeout(timeout, shared.clock.now_ms()) {
         let source = if cycle.transfer_timeout.is_some() {
             crate::sources::poll::TIMEOUT_VAR
         } else {
