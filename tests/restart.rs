@@ -356,3 +356,100 @@ async fn a_journal_of_a_newer_build_is_refused_by_name_and_the_daemon_starts_wit
     assert_eq!(a.stats(now, Duration::from_secs(900)).counts.completed, 1);
     app.shutdown().await;
 }
+
+/// The daemon as a process on `config`, logging JSON: the child and its address.
+async fn spawn_daemon(config: &Path) -> (tokio::process::Child, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-guard"));
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let (addr, mut lines) = listening(&mut child).await;
+    // Keep reading its log, so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{addr}"))
+}
+
+#[tokio::test]
+async fn after_kill_9_a_restarted_daemon_judges_with_the_windows_it_had() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let config = state_dir.path().join("transfer-guard.toml");
+    std::fs::write(&config, config_text_in(state_dir.path(), NO_TWILIO, "")).unwrap();
+    let (mut child, url) = spawn_daemon(&config).await;
+    let now = transfer_guard::clock::Clock::new().now_ms();
+    let mut body = Vec::new();
+    for n in 0..22u32 {
+        let id = transfer_id(&format!("k{n}"));
+        body.push(event(
+            "initiated",
+            now - 60_000 + i64::from(n) * 1000,
+            n,
+            &id,
+        ));
+        body.push(if n < 20 {
+            event("completed", now - 57_000 + i64::from(n) * 1000, n, &id)
+        } else {
+            event(
+                "failed",
+                now - 59_000 + i64::from(n) * 1000,
+                n,
+                &format!(r#"{id},"error":{{"code":20001}}"#),
+            )
+        });
+    }
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(TOKEN_A)
+        .header("content-type", "application/x-ndjson")
+        .body(body.join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    // The journal is written out every second: wait until the 44 events are on disk.
+    let on_disk = || {
+        std::fs::read_dir(state_dir.path().join("journal"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .map(|t| t.matches(r#""op":{"event""#).count())
+            .sum::<usize>()
+    };
+    for _ in 0..100 {
+        if on_disk() == 44 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(on_disk(), 44);
+    let ratio = |text: &str| metric(text, r#"transfer_guard_success_ratio{cbo="a",window="5m"}"#);
+    let before = http.get(format!("{url}/metrics")).send().await.unwrap();
+    let before = before.text().await.unwrap();
+    assert_eq!(ratio(&before), Some(20.0 / 22.0));
+
+    child.kill().await.unwrap();
+    let (_child, url) = spawn_daemon(&config).await;
+    let after = http.get(format!("{url}/metrics")).send().await.unwrap();
+    let after = after.text().await.unwrap();
+    assert_eq!(ratio(&after), Some(20.0 / 22.0), "the windows it had");
+    assert_eq!(
+        metric_sum(
+            &after,
+            "transfer_guard_events_ingested_total",
+            &[r#"cbo="a""#]
+        ),
+        0.0,
+        "the replayed events are not counted again"
+    );
+    assert_eq!(
+        metric(&after, r#"transfer_guard_store_errors_total{op="journal"}"#),
+        Some(0.0)
+    );
+}
