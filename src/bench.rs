@@ -1211,22 +1211,17 @@ pub fn checkpoint(cbos: usize, per_hour: usize, runs: usize) -> std::io::Result<
         .sum();
     let engine = crate::rules::Engine::new(&config, now);
     let retain = crate::checkpoint::retained(&config);
-    let (checkpoints, _) = Checkpoints::restore(
-        &config,
-        journal.clone(),
-        &Fleet::new(&config, &metrics),
-        now,
-    );
+    let (_, checkpoints, _) = Checkpoints::restore(&config, journal.clone(), &metrics, now);
     let mut save_ms = Vec::new();
     let mut restore_ms = Vec::new();
     let mut records = 0;
     for _ in 0..runs {
         let started = Instant::now();
-        checkpoints.save(&engine, now, retain)?;
+        checkpoints.save(engine.timers(), now, retain)?;
         save_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        let restored_fleet = Fleet::new(&config, &metrics);
         let started = Instant::now();
-        let (_, restored) = Checkpoints::restore(&config, journal.clone(), &restored_fleet, now);
+        let (restored_fleet, _, restored) =
+            Checkpoints::restore(&config, journal.clone(), &metrics, now);
         restore_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         records = restored.records;
         for c in 0..cbos {

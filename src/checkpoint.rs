@@ -87,14 +87,15 @@ pub fn retained(config: &Config) -> Duration {
 }
 
 impl Checkpoints {
-    /// Reads `state_dir`'s checkpoint and replays its journal into `fleet` (whose CBOs take
-    /// the state the journal rebuilds); the metrics count nothing twice.
+    /// Reads `state_dir`'s checkpoint and replays its journal into a fleet of `config`'s
+    /// CBOs, which it returns, counting in `metrics` and journaling to `journal` from then on
+    /// (the replay itself counts nothing twice and journals nothing again).
     pub fn restore(
         config: &Config,
         journal: Arc<Journal>,
-        fleet: &Fleet,
+        metrics: &Arc<Metrics>,
         now_ms: i64,
-    ) -> (Checkpoints, Restored) {
+    ) -> (Fleet, Checkpoints, Restored) {
         let dir = config.server.state_dir.clone();
         let mut restored = Restored::default();
         let saved = match read_saved(&dir) {
@@ -105,9 +106,10 @@ impl Checkpoints {
             }
         };
         let since_ms = now_ms - retained(config).as_millis() as i64;
-        // Replayed into CBOs of their own (their series are counted nowhere), then adopted.
-        let scratch = Fleet::new(config, &Arc::new(Metrics::new()));
-        let cbos: BTreeMap<String, (Arc<crate::state::CboState>, std::cell::Cell<i64>)> = scratch
+        // Replayed into CBOs whose series are counted nowhere and that journal nothing; their
+        // series and journal are the daemon's once the replay is done.
+        let mut fleet = Fleet::new(config, &Arc::new(Metrics::new()));
+        let cbos: BTreeMap<String, (Arc<crate::state::CboState>, std::cell::Cell<i64>)> = fleet
             .iter()
             .map(|s| (s.key.clone(), (s, std::cell::Cell::new(i64::MIN))))
             .collect();
@@ -139,12 +141,9 @@ impl Checkpoints {
                     .push(format!("a record of cbo {cbo} not applied: {e}"));
             }
         });
-        scratch.sweep(now_ms);
-        for state in scratch.iter() {
-            if let Some(live) = fleet.get(&state.key) {
-                live.adopt(&state);
-            }
-        }
+        drop(cbos);
+        fleet.sweep(now_ms);
+        fleet.attach(metrics, journal.clone());
         restored.records = read.records;
         restored.skipped.extend(read.skipped);
         restored.refused.extend(read.refused);
@@ -163,8 +162,16 @@ impl Checkpoints {
         // The journal is written out every second, the checkpoint every ten: its positions
         // are the later ones.
         files.extend(read_to);
-        for line in &restored.skipped {
+        // A rotated file compressed away leaves one such line per chunk: the first few say
+        // what, the count how many.
+        for line in restored.skipped.iter().take(10) {
             tracing::warn!("journal: {line}");
+        }
+        if restored.skipped.len() > 10 {
+            tracing::warn!(
+                more = restored.skipped.len() - 10,
+                "journal: more records or lines not replayed"
+            );
         }
         for line in &restored.refused {
             tracing::error!("restart state refused: {line}");
@@ -181,7 +188,7 @@ impl Checkpoints {
             files: Mutex::new(files),
             errors: Default::default(),
         };
-        (this, restored)
+        (fleet, this, restored)
     }
 
     /// Resumes the rules' `for` timers of `restored` in `engine`.
@@ -216,7 +223,13 @@ impl Checkpoints {
 
     /// Writes a checkpoint at `now_ms`: the journal fsynced first (a position saved is never
     /// ahead of the events journaled), old segments pruned, then `checkpoint.json`.
-    pub fn save(&self, engine: &Engine, now_ms: i64, retain: Duration) -> std::io::Result<()> {
+    /// `timers` are `Engine::timers()`, taken before (the engine is not held meanwhile).
+    pub fn save(
+        &self,
+        timers: Vec<(String, RuleId, i64)>,
+        now_ms: i64,
+        retain: Duration,
+    ) -> std::io::Result<()> {
         let files = self.lock_files().clone();
         self.journal.flush(true);
         self.journal.prune(now_ms - retain.as_millis() as i64);
@@ -224,8 +237,7 @@ impl Checkpoints {
             version: VERSION,
             written_at_ms: now_ms,
             journal_since_ms: self.journal_since_ms,
-            timers: engine
-                .timers()
+            timers: timers
                 .into_iter()
                 .map(|(cbo, rule, since_ms)| Timer {
                     cbo,

@@ -13,8 +13,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -259,6 +259,8 @@ pub fn encode_event(cbo: &str, now_ms: i64, e: &Event, out: &mut Vec<u8>) {
 struct Segment {
     start_ms: i64,
     out: BufWriter<File>,
+    /// The same file, to fsync without holding the journal (appends go on meanwhile).
+    sync: Arc<File>,
 }
 
 /// The journal being written. Appends never fail the caller: a write that fails (a full disk)
@@ -332,22 +334,25 @@ impl Journal {
         file.write_all(&out)?;
         Ok(Segment {
             start_ms,
+            sync: Arc::new(file.try_clone()?),
             out: BufWriter::with_capacity(256 * 1024, file),
         })
     }
 
     /// Writes out what is buffered; `sync`: and fsyncs it.
+    /// The fsync holds nothing: a slow disk never makes a CBO's ingest wait for it.
     pub fn flush(&self, sync: bool) {
-        let mut segment = self.segment.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = segment.as_mut() else { return };
-        let result = s.out.flush().and_then(|()| {
-            if sync {
-                s.out.get_ref().sync_data()
-            } else {
-                Ok(())
-            }
-        });
-        self.outcome(result, "cannot write the journal out", || segment.take());
+        let file = {
+            let mut segment = self.segment.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(s) = segment.as_mut() else { return };
+            let result = s.out.flush();
+            let file = s.sync.clone();
+            self.outcome(result, "cannot write the journal out", || segment.take());
+            file
+        };
+        if sync {
+            self.outcome(file.sync_data(), "cannot fsync the journal", || ());
+        }
     }
 
     fn outcome<T>(&self, result: io::Result<()>, what: &str, drop_segment: impl FnOnce() -> T) {

@@ -361,10 +361,9 @@ impl App {
                     source,
                 })?,
             );
-        let fleet = Fleet::journaled(&config, &metrics, Some(journal.clone()));
         // The windows, open transfers and joins of before the restart, before anything new.
-        let (checkpoints, restored) =
-            checkpoint::Checkpoints::restore(&config, journal, &fleet, clock.now_ms());
+        let (fleet, checkpoints, restored) =
+            checkpoint::Checkpoints::restore(&config, journal, &metrics, clock.now_ms());
         let checkpoints = Arc::new(checkpoints);
         metrics.watch_store(checkpoints.clone());
         let addr = config.server.listen;
@@ -652,9 +651,10 @@ async fn checkpoint_every_second(shared: Arc<Shared>, mut stop: watch::Receiver<
 
 fn save_checkpoint(shared: &Shared) {
     let retain = checkpoint::retained(&shared.config());
+    let timers = shared.engine().timers();
     let _ = shared
         .checkpoints
-        .save(&shared.engine(), shared.clock.now_ms(), retain);
+        .save(timers, shared.clock.now_ms(), retain);
 }
 
 /// Starts one group's tasks. `at_start`: `/readyz` waits for the CBO's first poll (a reload

@@ -188,12 +188,6 @@ impl CboState {
         }
     }
 
-    /// Takes the state another `CboState` of the same CBO built (a start's replay of the
-    /// journal), in place of its own.
-    pub fn adopt(&self, other: &CboState) {
-        std::mem::swap(&mut *self.lock(), &mut *other.lock());
-    }
-
     /// Applies one journaled record, as the daemon did when it took it.
     pub fn replay(&self, record: Record) -> Result<(), String> {
         let now = record.now;
@@ -836,6 +830,18 @@ impl Fleet {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .cloned()
+    }
+
+    /// From now on its CBOs count in `metrics` and journal to `journal` (after a start replayed
+    /// the journal into them, counted nowhere). Only while nothing else holds them.
+    pub fn attach(&mut self, metrics: &Metrics, journal: Arc<Journal>) {
+        let cbos = self.cbos.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (key, state) in cbos.iter_mut() {
+            let state = Arc::get_mut(state).expect("a fleet being restored is not shared yet");
+            state.series = metrics.init_cbo(key);
+            state.journal = Some(journal.clone());
+        }
+        self.journal = Some(journal);
     }
 
     /// Every CBO now, in key order.
