@@ -94,14 +94,7 @@ async fn busy_daemon(extra: &str) -> (App, SimTwilio) {
             )
         });
     }
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/events", app.url()))
-        .bearer_auth(TOKEN_A)
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_ndjson(&app.url(), TOKEN_A, &lines).await;
     assert_eq!(resp.status(), 202);
     app.shared
         .validations

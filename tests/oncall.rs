@@ -60,14 +60,7 @@ async fn bad_requests_disable_transfers_and_on_call_acks_and_re_enables_with_the
             &(id + r#","error":{"status":400}"#),
         ));
     }
-    let resp = http
-        .post(format!("{url}/v1/events"))
-        .bearer_auth(TOKEN_A)
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_ndjson(&url, TOKEN_A, &lines).await;
     assert_eq!(resp.status(), 202);
     until("the flag to go off", async || {
         flags(&sim)["enabled"] == false

@@ -18,37 +18,26 @@ fn transfer_id(id: &str) -> String {
     format!(r#","transfer_id":"{id}""#)
 }
 
-/// A transfer of cbo a that started 5 s ago and completed 3 s later.
-fn healthy(app: &App, n: u32) {
+/// A transfer of cbo a that started 5 s ago: completed 3 s later, or (`answered` false) failed
+/// after half a second because no agent took it (not a Bad Request).
+fn transfer(app: &App, n: u32, answered: bool) {
     let t = app.shared.clock.now_ms() - 5_000;
     let id = transfer_id(&format!("t{n}"));
-    ingest_lines(
-        app,
-        "a",
-        &[
-            event("initiated", t, n, &id),
-            event("completed", t + 3_000, n, &id),
-        ],
-    );
+    let end = if answered {
+        event("completed", t + 3_000, n, &id)
+    } else {
+        event(
+            "failed",
+            t + 500,
+            n,
+            &format!(r#"{id},"error":{{"code":20001}}"#),
+        )
+    };
+    ingest_lines(app, "a", &[event("initiated", t, n, &id), end]);
 }
 
-/// A transfer of cbo a that started 5 s ago and failed: no agent took it (not a Bad Request).
-fn unanswered(app: &App, n: u32) {
-    let t = app.shared.clock.now_ms() - 5_000;
-    let id = transfer_id(&format!("t{n}"));
-    ingest_lines(
-        app,
-        "a",
-        &[
-            event("initiated", t, n, &id),
-            event(
-                "failed",
-                t + 500,
-                n,
-                &format!(r#"{id},"error":{{"code":20001}}"#),
-            ),
-        ],
-    );
+fn healthy(app: &App, n: u32) {
+    transfer(app, n, true);
 }
 
 /// Shuts `app` down at the current instant and starts it again on the same state; the clock
@@ -188,7 +177,7 @@ async fn breach_timeline(restart_at_three: bool) -> Duration {
         }
         assert!(elapsed < 600_000, "never breached");
         n += 1;
-        unanswered(&app, n);
+        transfer(&app, n, false);
         wait(Duration::from_secs(1)).await;
         if n % 10 == 0 {
             // One in ten answered: the rate keeps falling.
@@ -399,15 +388,7 @@ async fn after_kill_9_a_restarted_daemon_judges_with_the_windows_it_had() {
         });
     }
     let http = reqwest::Client::new();
-    let resp = http
-        .post(format!("{url}/v1/events"))
-        .bearer_auth(TOKEN_A)
-        .header("content-type", "application/x-ndjson")
-        .body(body.join("\n"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
+    assert_eq!(post_ndjson(&url, TOKEN_A, &body).await.status(), 202);
     // The journal is written out every second: wait until the 44 events are on disk.
     let on_disk = || {
         std::fs::read_dir(state_dir.path().join("journal"))

@@ -297,15 +297,7 @@ async fn validate_cli(url: &str, args: &[&str], token: &str) -> (Option<i32>, St
 }
 
 async fn post(url: &str, lines: Vec<String>) {
-    let resp = reqwest::Client::new()
-        .post(format!("{url}/v1/events"))
-        .bearer_auth(TOKEN_A)
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
+    assert_eq!(post_ndjson(url, TOKEN_A, &lines).await.status(), 202);
 }
 
 /// Transfers of cbo a stamped `ahead_ms` from now (the window measures from its start).

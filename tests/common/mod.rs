@@ -157,6 +157,18 @@ pub fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// `lines` as one NDJSON body to `POST {url}/v1/events` with `token`.
+pub async fn post_ndjson(url: &str, token: &str, lines: &[String]) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(token)
+        .header("content-type", "application/x-ndjson")
+        .body(lines.join("\n"))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A conversation SID that differs by `n`.
 pub fn ch(n: u32) -> String {
     format!("CH{n:032x}")
