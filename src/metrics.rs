@@ -552,6 +552,20 @@ impl Metrics {
         )
         .expect("a valid definition");
         reload_ok.set(1);
+        // SPEC §12: the replica that fires actions and notifies Alertmanager. Without a
+        // `[store]` there is one process, and it always does.
+        let leader = prometheus::IntGauge::with_opts(
+            Opts::new(
+                "leader",
+                "1 on the replica that acts (fires actions, notifies Alertmanager), 0 on a follower; the one process of the embedded default always acts.",
+            )
+            .namespace(NAMESPACE),
+        )
+        .expect("a valid definition");
+        leader.set(1);
+        registry
+            .register(Box::new(leader))
+            .expect("registered once");
         registry
             .register(Box::new(reloads.clone()))
             .expect("registered once");

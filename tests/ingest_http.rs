@@ -476,6 +476,8 @@ async fn health_ready_and_unknown_paths_answer_json() {
         )),
         "{build}"
     );
+    // One process, without a store: it is the one that acts.
+    assert_eq!(metric(&text, "transfer_guard_leader"), Some(1.0));
     app.shutdown().await;
 }
 
