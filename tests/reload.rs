@@ -47,14 +47,8 @@ fn parsed(text: &str) -> transfer_guard::config::Config {
 }
 
 async fn post_events(app: &App, token: &str, lines: &[String]) -> u16 {
-    reqwest::Client::new()
-        .post(format!("{}/v1/events", app.url()))
-        .bearer_auth(token)
-        .header("content-type", "application/x-ndjson")
-        .body(lines.join("\n"))
-        .send()
+    post_ndjson(&app.url(), token, lines)
         .await
-        .unwrap()
         .status()
         .as_u16()
 }
@@ -283,16 +277,10 @@ async fn sighup_reloads_a_running_daemon_and_refuses_a_bad_file_without_stopping
     let base = format!("http://{addr}");
     let now = chrono::Utc::now().timestamp_millis() - 30_000;
     let post = |token: &'static str, n: u32| {
-        let url = format!("{base}/v1/events");
+        let base = base.clone();
         async move {
-            reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .header("content-type", "application/x-ndjson")
-                .body(transfer(now, n).join("\n"))
-                .send()
+            post_ndjson(&base, token, &transfer(now, n))
                 .await
-                .unwrap()
                 .status()
                 .as_u16()
         }
