@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::journal::{self, Journal};
 use crate::metrics::Metrics;
-use crate::rules::{Engine, RuleId};
+use crate::rules::RuleId;
 use crate::state::Fleet;
 
 pub const FILE_NAME: &str = "checkpoint.json";
@@ -189,17 +189,6 @@ impl Checkpoints {
             errors: Default::default(),
         };
         (fleet, this, restored)
-    }
-
-    /// Resumes the rules' `for` timers of `restored` in `engine`.
-    pub fn resume_timers(engine: &mut Engine, timers: &[Timer], now_ms: i64) -> usize {
-        timers
-            .iter()
-            .filter(|t| {
-                RuleId::parse(&t.rule)
-                    .is_some_and(|rule| engine.resume_timer(&t.cbo, rule, t.since_ms, now_ms))
-            })
-            .count()
     }
 
     /// Where the file source of `path` resumes, if it had read it before.

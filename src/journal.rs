@@ -305,7 +305,10 @@ impl Journal {
             let s = segment.as_mut().expect("opened above");
             s.out.write_all(lines)
         })();
-        self.outcome(result, "cannot write the journal", || segment.take());
+        if self.failed(result, "cannot write the journal") {
+            // Its buffer may hold half a line: the next append reopens the file on a fresh line.
+            *segment = None;
+        }
     }
 
     /// Opens the segment starting at `start_ms` for appending: a new file starts with the
@@ -347,28 +350,31 @@ impl Journal {
             let Some(s) = segment.as_mut() else { return };
             let result = s.out.flush();
             let file = s.sync.clone();
-            self.outcome(result, "cannot write the journal out", || segment.take());
+            if self.failed(result, "cannot write the journal out") {
+                *segment = None;
+            }
             file
         };
         if sync {
-            self.outcome(file.sync_data(), "cannot fsync the journal", || ());
+            self.failed(file.sync_data(), "cannot fsync the journal");
         }
     }
 
-    fn outcome<T>(&self, result: io::Result<()>, what: &str, drop_segment: impl FnOnce() -> T) {
+    /// Counts and logs a failed write; whether `result` failed.
+    fn failed(&self, result: io::Result<()>, what: &str) -> bool {
         match result {
             Ok(()) => {
                 if self.failing.swap(false, Relaxed) {
                     tracing::info!(dir = %self.dir.display(), "the journal is written again");
                 }
+                false
             }
             Err(e) => {
                 self.errors.fetch_add(1, Relaxed);
-                // Its buffer may hold half a line: start a fresh line in a reopened file.
-                drop(drop_segment());
                 if !self.failing.swap(true, Relaxed) {
                     tracing::error!(dir = %self.dir.display(), error = %e, "{what}: windows are kept in memory, a restart now would lose what was not written");
                 }
+                true
             }
         }
     }

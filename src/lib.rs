@@ -377,16 +377,16 @@ impl App {
         // What the log says: read once, for the rules and for the actions.
         let replayed = log.replayed();
         let mut engine = rules::Engine::new(&config, clock.now_ms());
-        for (cbo, rule, state) in engine.resume(replayed.rule_states()) {
+        let resumed = engine.resume(replayed.rule_states());
+        // Conditions that held before the restart keep their `for` timers.
+        let timers = restored.timers.iter();
+        let timed = engine.resume_timers(
+            timers.map(|t| (t.cbo.as_str(), t.rule.as_str(), t.since_ms)),
+            clock.now_ms(),
+        );
+        for (cbo, rule, state) in resumed.into_iter().chain(timed) {
             if let Some(m) = metrics.cbo(&cbo) {
                 m.set_rule_state(rule, state);
-            }
-        }
-        // Conditions that held before the restart keep their `for` timers.
-        checkpoint::Checkpoints::resume_timers(&mut engine, &restored.timers, clock.now_ms());
-        for t in &restored.timers {
-            if let (Some(m), Some(rule)) = (metrics.cbo(&t.cbo), rules::RuleId::parse(&t.rule)) {
-                m.set_rule_state(rule, rules::RuleState::Pending);
             }
         }
         let actions = Arc::new(actions::Actions::new(
@@ -747,23 +747,38 @@ fn notify_ready(app: &App) {
     ));
 }
 
+/// The signals `run` answers, listened for from before the daemon starts: a SIGHUP (a
+/// `systemctl reload`) that arrives while it is still starting is a reload once it serves, never
+/// the default action, which would end the process.
+#[cfg(unix)]
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Says READY to systemd, runs `app` until SIGTERM or SIGINT, reloading `path` at each SIGHUP;
 /// then stops it.
-pub async fn serve_until_stopped(mut app: App, path: &std::path::Path) {
+#[cfg(unix)]
+pub async fn serve_until_stopped(mut app: App, path: &std::path::Path, mut signals: Signals) {
     notify_ready(&app);
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .expect("installing a SIGHUP handler");
     loop {
-        #[cfg(unix)]
-        let hangup = hup.recv();
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<Option<()>>();
         tokio::select! {
-            _ = &mut stop => break,
-            _ = hangup => {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => {
                 systemd::notify("RELOADING=1");
                 // Refused or applied, it is logged and counted; the daemon goes on either way.
                 let _ = app.reload_file(path).await;

@@ -760,12 +760,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
+    // Before anything else: a signal that arrives while the daemon starts waits for it.
+    let signals = transfer_guard::Signals::install().context("installing signal handlers")?;
     let (config, problems) = Config::load(&path)?;
     for p in problems {
         tracing::warn!(problem = %p, "configuration");
     }
     let app = App::start(config).await.context("starting")?;
-    transfer_guard::serve_until_stopped(app, &path).await;
+    transfer_guard::serve_until_stopped(app, &path, signals).await;
     Ok(())
 }
 

@@ -637,6 +637,10 @@ impl Metrics {
 
     /// The text exposition of every series.
     pub fn render(&self) -> String {
+        // The registry first: a scrape that shows a reload applied shows its CBOs too (a
+        // reload counts itself once its CBOs' series are in place).
+        let mut registry = Vec::new();
+        self.registry_text(&mut registry);
         let cbos = self.cbo_list();
         let mut w = Writer::new(Mode::Text, cbos.len() * 12_000);
         render_cbos(&mut w, &cbos, None);
@@ -650,7 +654,7 @@ impl Metrics {
             out.extend_from_slice(&global);
             out.extend_from_slice(body.unwrap_or_default());
         }
-        self.registry_text(&mut out);
+        out.extend_from_slice(&registry);
         String::from_utf8(out).expect("exposition is UTF-8")
     }
 
@@ -660,11 +664,14 @@ impl Metrics {
     /// block's values costs a fraction of writing its text, and at a CBO's volume most blocks
     /// of most families (all but the pollers' counters) are unchanged between two scrapes.
     pub fn render_gzip(&self) -> Vec<u8> {
-        let cbos = self.cbo_list();
-        if cbos.len() < 4 * BLOCK {
+        if self.cbos.read().unwrap_or_else(|p| p.into_inner()).len() < 4 * BLOCK {
             // Small enough to write whole, and compressed as one it is smaller.
             return gzip(self.render().as_bytes());
         }
+        // The registry first, as in `render`.
+        let mut registry = Vec::new();
+        self.registry_text(&mut registry);
+        let cbos = self.cbo_list();
         let mut cache =
             std::mem::take(&mut *self.scrape_cache.lock().unwrap_or_else(|p| p.into_inner()));
         cache.resize_with(cbos.len().div_ceil(BLOCK), Default::default);
@@ -698,8 +705,6 @@ impl Metrics {
             out.push(&z.chunk(&head));
             kept.into_iter().for_each(|c| out.push(c));
         }
-        let mut registry = Vec::new();
-        self.registry_text(&mut registry);
         out.push(&z.chunk(&registry));
         *self.scrape_cache.lock().unwrap_or_else(|p| p.into_inner()) = cache;
         out.finish()

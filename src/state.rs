@@ -268,9 +268,8 @@ impl CboState {
         events: impl IntoIterator<Item = (usize, Event)>,
         now_ms: i64,
         rejected: &mut Vec<Rejection>,
-        read: impl Into<Option<Vec<Op>>>,
+        read: Option<Vec<Op>>,
     ) -> usize {
-        let read = read.into();
         let mut accepted = 0;
         let mut lines = Vec::new();
         let mut inner = self.lock();

@@ -398,18 +398,28 @@ impl Engine {
             .collect()
     }
 
-    /// Resumes a rule whose condition held since `since_ms` before a restart: pending, its
-    /// `for` timer running from then. A rule that had breached is pending too, so the next
-    /// tick decides it again (its action, if it already fired, is not repeated:
-    /// once-per-deployment). Returns whether the rule exists.
-    pub fn resume_timer(&mut self, cbo: &str, rule: RuleId, since_ms: i64, now_ms: i64) -> bool {
-        let Some(t) = self.tracked.get_mut(&(cbo.to_string(), rule)) else {
-            return false;
-        };
-        t.state = RuleState::Pending;
-        t.holding_since_ms = Some(since_ms);
-        t.changed_at_ms = now_ms;
-        true
+    /// Resumes each rule whose condition held before a restart (cbo, rule, since when):
+    /// pending, its `for` timer running from then. A rule that had breached is pending too, so
+    /// the next tick decides it again (its action, if it already fired, is not repeated:
+    /// once-per-deployment). Returns the rules resumed, as `resume` does.
+    pub fn resume_timers<'a>(
+        &mut self,
+        timers: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
+        now_ms: i64,
+    ) -> Vec<(String, RuleId, RuleState)> {
+        let mut out = Vec::new();
+        for (cbo, rule, since_ms) in timers {
+            let Some(rule) = RuleId::parse(rule) else {
+                continue;
+            };
+            if let Some(t) = self.tracked.get_mut(&(cbo.to_string(), rule)) {
+                t.state = RuleState::Pending;
+                t.holding_since_ms = Some(since_ms);
+                t.changed_at_ms = now_ms;
+                out.push((cbo.to_string(), rule, RuleState::Pending));
+            }
+        }
+        out
     }
 
     pub fn params(&self, cbo: &str, rule: RuleId) -> Option<&Params> {

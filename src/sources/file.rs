@@ -400,7 +400,7 @@ fn take(shared: &Shared, cbo: &crate::state::CboState, path: &Path, chunk: Chunk
             to,
         })
         .collect();
-    cbo.ingest_read(events, shared.clock.now_ms(), &mut rejected, read);
+    cbo.ingest_read(events, shared.clock.now_ms(), &mut rejected, Some(read));
     for r in rejected {
         tracing::warn!(path = %path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
     }
