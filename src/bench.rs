@@ -1211,7 +1211,8 @@ pub fn checkpoint(cbos: usize, per_hour: usize, runs: usize) -> std::io::Result<
         .sum();
     let engine = crate::rules::Engine::new(&config, now);
     let retain = crate::checkpoint::retained(&config);
-    let (_, checkpoints, _) = Checkpoints::restore(&config, journal.clone(), &metrics, now);
+    let (_, checkpoints, _) =
+        Checkpoints::restore(&config, journal.clone(), &metrics, now, Vec::new());
     let mut save_ms = Vec::new();
     let mut restore_ms = Vec::new();
     let mut records = 0;
@@ -1221,7 +1222,7 @@ pub fn checkpoint(cbos: usize, per_hour: usize, runs: usize) -> std::io::Result<
         save_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
         let (restored_fleet, _, restored) =
-            Checkpoints::restore(&config, journal.clone(), &metrics, now);
+            Checkpoints::restore(&config, journal.clone(), &metrics, now, Vec::new());
         restore_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         records = restored.records;
         for c in 0..cbos {

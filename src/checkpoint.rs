@@ -95,6 +95,7 @@ impl Checkpoints {
         journal: Arc<Journal>,
         metrics: &Arc<Metrics>,
         now_ms: i64,
+        pushed: Vec<journal::Record>,
     ) -> (Fleet, Checkpoints, Restored) {
         let dir = config.server.state_dir.clone();
         let mut restored = Restored::default();
@@ -115,16 +116,8 @@ impl Checkpoints {
             .collect();
         // Where each file source's last journaled lines end: it resumes there.
         let mut read_to: BTreeMap<PathBuf, Position> = BTreeMap::new();
-        let read = journal::read(&dir, since_ms, |record| {
-            if let journal::Op::Lines { path, ino, to, .. } = &record.op {
-                read_to.insert(
-                    path.clone(),
-                    Position {
-                        ino: *ino,
-                        offset: *to,
-                    },
-                );
-            }
+        let mut skipped = Vec::new();
+        let mut apply = |record: journal::Record| {
             let Some((state, swept_s)) = cbos.get(&record.cbo) else {
                 return;
             };
@@ -136,11 +129,29 @@ impl Checkpoints {
             }
             let cbo = record.cbo.clone();
             if let Err(e) = state.replay(record) {
-                restored
-                    .skipped
-                    .push(format!("a record of cbo {cbo} not applied: {e}"));
+                skipped.push(format!("a record of cbo {cbo} not applied: {e}"));
             }
+        };
+        // Events pushed to the store (replicas) go in among the journal's records, in the
+        // order they were taken.
+        let mut pushed = pushed.into_iter().peekable();
+        let read = journal::read(&dir, since_ms, |record| {
+            if let journal::Op::Lines { path, ino, to, .. } = &record.op {
+                read_to.insert(
+                    path.clone(),
+                    Position {
+                        ino: *ino,
+                        offset: *to,
+                    },
+                );
+            }
+            while let Some(p) = pushed.next_if(|p| p.now <= record.now) {
+                apply(p);
+            }
+            apply(record);
         });
+        pushed.for_each(&mut apply);
+        restored.skipped = skipped;
         drop(cbos);
         fleet.sweep(now_ms);
         fleet.attach(metrics, journal.clone());

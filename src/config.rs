@@ -46,6 +46,36 @@ struct FileConfig {
     sources: SourcesSection,
     #[serde(default, rename = "cbo")]
     cbos: Vec<CboSection>,
+    #[serde(default)]
+    store: StoreSection,
+}
+
+/// `[store]`: where replicas share their state (SPEC §12). Absent: the state dir, one process.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Name of the environment variable (or secret file) holding a PostgreSQL URL.
+    pub url_env: Option<String>,
+    /// How long a leader's lease lasts; it is renewed every second, and a leader that cannot
+    /// renew stops acting after half of it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url_env: None,
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The store as configured: the PostgreSQL URL (a secret: it may hold a password), the lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Store {
+    pub url: Secret,
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -684,6 +714,8 @@ pub struct Config {
     /// `[sources.twilio]`.
     pub record: TwilioSources,
     pub cbos: Vec<Cbo>,
+    /// `[store]`: `None` is the embedded default (the state dir).
+    pub store: Option<Store>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1147,6 +1179,32 @@ impl Resolver<'_> {
         })
     }
 
+    /// `[store]`: the URL must be a PostgreSQL URL (its secret is never echoed), the lease
+    /// long enough to renew several times and short enough to fail over.
+    fn store(&mut self, section: &StoreSection) -> Option<Store> {
+        let var = section.url_env.as_ref()?;
+        let at = self.key_at("store.url_env");
+        let url = self.secret(var, at, None, "store.url_env")?;
+        if let Err(e) = url.expose().parse::<postgres::Config>() {
+            let message = format!("store.url_env: {var} is not a PostgreSQL URL: {e}");
+            self.problem(at, None, message, true);
+            return None;
+        }
+        if section.lease < Duration::from_secs(2) || section.lease > Duration::from_secs(300) {
+            let message = format!(
+                "store.lease: {} is outside 2s..=5m",
+                humantime::format_duration(section.lease)
+            );
+            let at = self.key_at("store.lease");
+            self.problem(at, None, message, true);
+            return None;
+        }
+        Some(Store {
+            url,
+            lease: section.lease,
+        })
+    }
+
     fn resolve(mut self, file: FileConfig) -> Checked {
         self.secrets_dir = file.server.secrets_dir.clone();
         let admin_token = file
@@ -1435,6 +1493,7 @@ impl Resolver<'_> {
                 self.problem(at, Some(key), message.into(), true);
             }
         }
+        let store = self.store(&file.store);
         let config = Config {
             server: file.server,
             admin_token,
@@ -1447,6 +1506,7 @@ impl Resolver<'_> {
             file_sources,
             record: file.sources.twilio,
             cbos,
+            store,
         };
         Checked {
             config: Some(config),

@@ -104,6 +104,14 @@ pub enum LogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("decision log in the store: {0}")]
+    Store(String),
+    /// A leader's write, refused because the store names another leader (or none).
+    #[error("this replica does not hold the leader's lease: not written")]
+    NotLeader,
+    /// Refused by the store's constraint (once per deployment).
+    #[error("refused by the store: {0}")]
+    Refused(String),
 }
 
 /// Whether the log can be written now, for `/readyz`, the metrics and the action pipeline:
@@ -132,7 +140,7 @@ impl Health {
         self.errors.load(Ordering::Relaxed)
     }
 
-    fn set(&self, broken: Option<String>) {
+    pub(crate) fn set(&self, broken: Option<String>) {
         *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = broken;
     }
 }
@@ -245,7 +253,7 @@ struct Inner {
     since_snapshot: u64,
 }
 
-pub struct DecisionLog {
+pub struct FileLog {
     dir: PathBuf,
     path: PathBuf,
     /// For reads at an offset (`pread`), without the writer's lock.
@@ -410,12 +418,12 @@ fn read_line_at(reader: &File, off: u64, len: u64) -> Option<(Entry, u64)> {
     }
 }
 
-impl DecisionLog {
+impl FileLog {
     /// Opens (creating) `state_dir/decisions.jsonl`. A start reads the index and the snapshot
     /// and then only the entries written after them, so it does not grow with the history; a
     /// missing or disagreeing index or snapshot is built again from the log. A torn last line
     /// (a crash mid-write) is skipped with a warning; the log is never rewritten.
-    pub fn open(state_dir: &Path) -> Result<DecisionLog, LogError> {
+    pub fn open(state_dir: &Path) -> Result<FileLog, LogError> {
         let path = state_dir.join(FILE_NAME);
         let io = |source| LogError::Io {
             path: path.clone(),
@@ -500,7 +508,7 @@ impl DecisionLog {
                 "decision log opened"
             );
         }
-        let log = DecisionLog {
+        let log = FileLog {
             dir: state_dir.to_path_buf(),
             path,
             reader,
@@ -608,11 +616,13 @@ impl DecisionLog {
                         group.done.insert(t, Ok(mine));
                     }
                 }
-                Err(LogError::Io { source, .. }) => {
+                Err(e) => {
+                    let (kind, message) = match e {
+                        LogError::Io { source, .. } => (source.kind(), source.to_string()),
+                        other => (std::io::ErrorKind::Other, other.to_string()),
+                    };
                     for (t, _) in sizes {
-                        group
-                            .done
-                            .insert(t, Err((source.kind(), source.to_string())));
+                        group.done.insert(t, Err((kind, message.clone())));
                     }
                 }
             }
@@ -813,6 +823,214 @@ impl DecisionLog {
     }
 }
 
+/// Where the log lives: a file under the state dir (one process), or the store's table, which
+/// every replica reads and only the leader writes to for its decisions.
+enum Backend {
+    File(Box<FileLog>),
+    Store(Arc<crate::pg::Store>),
+}
+
+/// The decision log, whichever the backend.
+pub struct DecisionLog {
+    backend: Backend,
+    pub health: Arc<Health>,
+}
+
+/// Entries read from the store at once.
+const STORE_PAGE: usize = 10_000;
+
+impl DecisionLog {
+    /// The file log under `state_dir` (`FileLog::open`).
+    pub fn open(state_dir: &Path) -> Result<DecisionLog, LogError> {
+        let file = FileLog::open(state_dir)?;
+        Ok(DecisionLog {
+            health: file.health.clone(),
+            backend: Backend::File(Box::new(file)),
+        })
+    }
+
+    /// The log in the store's `tg_decisions`.
+    pub fn in_store(store: Arc<crate::pg::Store>) -> DecisionLog {
+        DecisionLog {
+            health: store.health.clone(),
+            backend: Backend::Store(store),
+        }
+    }
+
+    pub fn store(&self) -> Option<&Arc<crate::pg::Store>> {
+        match &self.backend {
+            Backend::File(_) => None,
+            Backend::Store(s) => Some(s),
+        }
+    }
+
+    /// Whether this process may act: always with the file log; with the store, only the
+    /// replica holding the lease, once it has read the log.
+    pub fn leading(&self) -> bool {
+        match &self.backend {
+            Backend::File(_) => true,
+            Backend::Store(s) => s.leading(),
+        }
+    }
+
+    /// What every entry so far says, folded in order (what a start resumes from).
+    pub fn replayed(&self) -> Result<crate::actions::Replayed, LogError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.replayed()),
+            Backend::Store(s) => {
+                let mut folded = crate::actions::Replayed::default();
+                let mut after = 0;
+                loop {
+                    let page = s.read(None, None, after, STORE_PAGE, false)?;
+                    for e in &page {
+                        folded.apply(e);
+                        after = e.seq;
+                    }
+                    if page.len() < STORE_PAGE {
+                        break;
+                    }
+                }
+                s.log_seq.store(after, Ordering::Release);
+                Ok(folded)
+            }
+        }
+    }
+
+    /// Entries other replicas wrote since this one last read (the store only; the file log
+    /// has no other writer).
+    pub fn others(&self) -> Result<Vec<Entry>, LogError> {
+        let Backend::Store(s) = &self.backend else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        loop {
+            let after = s.log_seq.load(Ordering::Acquire);
+            let page = s.read(None, None, after, STORE_PAGE, true)?;
+            if let Some(last) = page.last() {
+                s.log_seq.store(last.seq, Ordering::Release);
+            }
+            let done = page.len() < STORE_PAGE;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Saves the file log's fold (nothing to do for the store).
+    pub fn checkpoint(&self) {
+        if let Backend::File(f) = &self.backend {
+            f.checkpoint();
+        }
+    }
+
+    /// Appends one entry; durable (or refused) when this returns.
+    pub fn append(&self, entry: Entry) -> Result<Entry, LogError> {
+        Ok(self.append_all(vec![entry])?.remove(0))
+    }
+
+    /// Appends entries of this process's decisions: in the store, only while it leads.
+    pub fn append_all(&self, entries: Vec<Entry>) -> Result<Vec<Entry>, LogError> {
+        match &self.backend {
+            Backend::File(f) => f.append_all(entries),
+            Backend::Store(s) => s.append(entries, true),
+        }
+    }
+
+    /// Appends what on-call did through this replica (an ack, transfers back on): any replica
+    /// takes those.
+    pub fn append_oncall(&self, entry: Entry) -> Result<Entry, LogError> {
+        match &self.backend {
+            Backend::File(f) => f.append(entry),
+            Backend::Store(s) => Ok(s.append(vec![entry], false)?.remove(0)),
+        }
+    }
+
+    /// Writes with their fsync so far (the file log's group commits).
+    pub fn commits(&self) -> u64 {
+        match &self.backend {
+            Backend::File(f) => f.commits(),
+            Backend::Store(_) => 0,
+        }
+    }
+
+    /// While the log is not writable, tries again; true when it just came back.
+    pub fn probe(&self, now_ms: i64) -> bool {
+        match &self.backend {
+            Backend::File(f) => f.probe(now_ms),
+            Backend::Store(s) => {
+                if self.health.writable() || s.ping().is_err() {
+                    return false;
+                }
+                tracing::warn!("the store answers again");
+                self.health.set(None);
+                true
+            }
+        }
+    }
+
+    /// One page of entries (`FileLog::page`); from the store, a read that fails is logged and
+    /// answers nothing.
+    pub fn page(
+        &self,
+        cbo: Option<&str>,
+        since_ms: Option<i64>,
+        after: u64,
+        limit: usize,
+    ) -> (Vec<Entry>, bool) {
+        match &self.backend {
+            Backend::File(f) => f.page(cbo, since_ms, after, limit),
+            Backend::Store(s) => match s.read(cbo, since_ms, after, limit.saturating_add(1), false)
+            {
+                Ok(mut v) => {
+                    let more = v.len() > limit;
+                    v.truncate(limit);
+                    (v, more)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the decision log");
+                    (Vec::new(), false)
+                }
+            },
+        }
+    }
+
+    /// Entries of `cbo` (all when `None`) at or after `since_ms`, oldest first.
+    pub fn query(&self, cbo: Option<&str>, since_ms: Option<i64>) -> Vec<Entry> {
+        self.page(cbo, since_ms, 0, usize::MAX).0
+    }
+
+    /// The sequence number of the newest entry (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        match &self.backend {
+            Backend::File(f) => f.last_seq(),
+            Backend::Store(_) => self.entries().last().map_or(0, |e| e.seq),
+        }
+    }
+
+    /// Entries with a sequence number above `seq`.
+    pub fn after(&self, seq: u64) -> Vec<Entry> {
+        self.page(None, None, seq, usize::MAX).0
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.after(0)
+    }
+
+    /// How many entries the log holds.
+    pub fn len(&self) -> usize {
+        match &self.backend {
+            Backend::File(f) => f.len(),
+            Backend::Store(_) => self.entries().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,7 +1071,7 @@ mod tests {
     #[test]
     fn a_full_disk_refuses_the_entry_leaves_no_half_line_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
-        let log = DecisionLog::open(dir.path()).unwrap();
+        let log = FileLog::open(dir.path()).unwrap();
         log.append(Entry::new("a", Kind::State, 1_000)).unwrap();
         let size = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
         // Every write now fails with ENOSPC, as on a full disk.
@@ -1015,18 +1233,19 @@ mod tests {
         blank(dir.path(), 1);
         let log = DecisionLog::open(dir.path()).unwrap();
         let acked = |log: &DecisionLog| {
-            let mut v: Vec<String> = serde_json::to_value(log.replayed()).unwrap()["acked"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| format!("{}/{}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))
-                .collect();
+            let mut v: Vec<String> =
+                serde_json::to_value(log.replayed().unwrap()).unwrap()["acked"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| format!("{}/{}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))
+                    .collect();
             v.sort();
             v
         };
         assert_eq!(acked(&log), ["a/success_rate", "b/bad_requests"]);
-        let states: Vec<_> = log
-            .replayed()
+        let replayed = log.replayed().unwrap();
+        let states: Vec<_> = replayed
             .rule_states()
             .map(|(c, r, s)| format!("{c}/{r}/{s}"))
             .collect();
@@ -1061,7 +1280,7 @@ mod tests {
         // The switch's entry is gone from the log (the index still agrees with its last).
         blank(dir.path(), 1);
         let log = DecisionLog::open(dir.path()).unwrap();
-        let saved = serde_json::to_value(log.replayed()).unwrap();
+        let saved = serde_json::to_value(log.replayed().unwrap()).unwrap();
         let (switch, flags) = (&saved["switches"][0][0], &saved["switches"][0][1]);
         assert_eq!(
             (
@@ -1089,7 +1308,7 @@ mod tests {
         drop(log);
         std::fs::copy(a.path().join(SNAPSHOT_FILE), b.path().join(SNAPSHOT_FILE)).unwrap();
         let log = DecisionLog::open(b.path()).unwrap();
-        let saved = serde_json::to_value(log.replayed()).unwrap();
+        let saved = serde_json::to_value(log.replayed().unwrap()).unwrap();
         assert_eq!(saved["acked"], serde_json::json!([]), "{saved}");
     }
 

@@ -27,7 +27,10 @@ pub struct Memory {
 
 /// One evaluation at `now_ms`.
 pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
-    // A log writable again, or intents settled: breaches that were held are decided again.
+    // Replicas: what the others wrote, and whether this one leads.
+    shared.actions.follow();
+    // A log writable again, intents settled, or leading anew: breaches that were held are
+    // decided again.
     let recheck = shared.actions.log.probe(now_ms) | shared.actions.take_recheck();
     // This guard's own rollbacks that took effect: the new deployment is judged from then on.
     for (cbo, at_ms) in shared.actions.take_landed() {
@@ -149,6 +152,10 @@ fn log_transitions(shared: &Shared, transitions: &[Transition], now_ms: i64) {
             tracing::info!(cbo = %t.cbo, rule = t.rule.as_str(), from = t.from.as_str(), to = t.to.as_str(), "rule state changed");
         }
     }
+    // Replicas: the leader records state changes; the others evaluate the same rules.
+    if !shared.actions.leading() {
+        return;
+    }
     if let Err(e) = shared.actions.log.append_all(entries) {
         tracing::error!(error = %e, "cannot write the decision log");
     }
@@ -233,6 +240,11 @@ fn standing(shared: &Shared, fresh: &[Transition]) -> Vec<Transition> {
 fn notify(shared: &Shared, memory: &mut Memory, transitions: &[Transition], now_ms: i64) {
     use crate::actions::alertmanager::{RESEND_EVERY, alert};
     if shared.config().actions.alertmanager.is_none() {
+        return;
+    }
+    if !shared.actions.leading() {
+        // The leader notifies; one that takes over sends every breach at once.
+        memory.notified.clear();
         return;
     }
     let links = crate::actions::alertmanager::Links::of(&shared.config().server);

@@ -15,6 +15,7 @@ pub mod health;
 pub mod journal;
 pub mod metrics;
 pub mod net;
+pub mod pg;
 pub mod reconcile;
 pub mod rules;
 pub mod server;
@@ -169,6 +170,38 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What was pushed to this process (events a Twilio push brought, an agent's report, a
+    /// test transfer's result), as journal records: taken here at once; with replicas, stored
+    /// for every replica to take (this one too). Blocking. An error names why the store could
+    /// not be written: nothing was taken, and the sender should send it again.
+    pub fn share(&self, records: Vec<journal::Record>) -> Result<(), String> {
+        match self.actions.log.store() {
+            None => {
+                for record in records {
+                    if let Some(state) = self.fleet.get(&record.cbo) {
+                        let cbo = record.cbo.clone();
+                        if let Err(e) = state.replay(record) {
+                            tracing::warn!(cbo, error = %e, "a pushed record not taken");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(store) => {
+                let lines = records
+                    .iter()
+                    .map(|r| {
+                        let mut line = Vec::new();
+                        journal::encode(r, &mut line);
+                        line.pop();
+                        String::from_utf8_lossy(&line).into_owned()
+                    })
+                    .collect();
+                store.push_events(lines, self.clock.now_ms())
+            }
+        }
+    }
+
     /// The configuration in force now.
     pub fn config(&self) -> Arc<Config> {
         self.live.config()
@@ -216,6 +249,8 @@ pub enum StartError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Store(#[from] pg::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -338,6 +373,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
             o.max_connections != n.max_connections,
         ),
         ("transfers", old.transfers != new.transfers),
+        ("store", old.store != new.store),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
@@ -361,21 +397,50 @@ impl App {
                     source,
                 })?,
             );
+        // Replicas: the store, and the events pushed to it that the windows still reach.
+        let (store, pushed) = match &config.store {
+            None => (None, Vec::new()),
+            Some(cfg) => {
+                let store = pg::Store::open(cfg, Arc::default())?;
+                let since = clock.now_ms() - checkpoint::retained(&config).as_millis() as i64;
+                let backlog = store
+                    .events_since(since)
+                    .map_err(pg::StoreError::Unreachable)?;
+                store.cursor.store(backlog.cursor, Ordering::Release);
+                let pushed = backlog
+                    .rows
+                    .into_iter()
+                    .filter_map(|(id, text)| match serde_json::from_str(&text) {
+                        Ok(record) => Some(record),
+                        Err(e) => {
+                            tracing::warn!(id, error = %e, "skipping an unreadable pushed event in the store");
+                            None
+                        }
+                    })
+                    .collect();
+                metrics.watch_pg(store.clone());
+                metrics.set_leader(false);
+                (Some(store), pushed)
+            }
+        };
         // The windows, open transfers and joins of before the restart, before anything new.
         let (fleet, checkpoints, restored) =
-            checkpoint::Checkpoints::restore(&config, journal, &metrics, clock.now_ms());
+            checkpoint::Checkpoints::restore(&config, journal, &metrics, clock.now_ms(), pushed);
         let checkpoints = Arc::new(checkpoints);
         metrics.watch_store(checkpoints.clone());
         let addr = config.server.listen;
         let config = Arc::new(config);
-        let log = Arc::new(decisions::DecisionLog::open(&config.server.state_dir)?);
+        let log = Arc::new(match &store {
+            None => decisions::DecisionLog::open(&config.server.state_dir)?,
+            Some(store) => decisions::DecisionLog::in_store(store.clone()),
+        });
         metrics.watch_log(log.health.clone());
         let live = Arc::new(Live::new(
             config.clone(),
             sources::poll::clients(&config, clock),
         ));
         // What the log says: read once, for the rules and for the actions.
-        let replayed = log.replayed();
+        let replayed = log.replayed()?;
         let mut engine = rules::Engine::new(&config, clock.now_ms());
         let resumed = engine.resume(replayed.rule_states());
         // Conditions that held before the restart keep their `for` timers.
@@ -479,6 +544,9 @@ impl App {
         });
 
         tasks.spawn(checkpoint_every_second(shared.clone(), stopped.clone()));
+        if store.is_some() {
+            tasks.spawn(take_pushed_events(shared.clone(), stopped.clone()));
+        }
 
         // Intents written before a restart, without a result: ask Twilio what became of them.
         tasks.spawn(shared.actions.clone().settle(stopped.clone()));
@@ -614,6 +682,11 @@ impl App {
                 "actions still in flight at the stop: their intents are settled with Twilio at the next start"
             );
         }
+        // Another replica leads at once, without waiting for the lease to run out.
+        if let Some(store) = self.shared.actions.log.store() {
+            store.stop();
+            self.shared.metrics.set_leader(false);
+        }
         // The next start reads the snapshot, not the history.
         let log = self.shared.actions.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.checkpoint()).await;
@@ -621,6 +694,65 @@ impl App {
         let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || save_checkpoint(&shared)).await;
         tracing::info!("transfer-guard stopped");
+    }
+}
+
+/// How often a replica reads the events pushed to the store.
+const PULL_EVERY: Duration = Duration::from_millis(100);
+
+/// Replicas: takes the events pushed to the store by any replica, in the order they were
+/// stored, until `stop`; the leader also deletes those no window reaches any more.
+async fn take_pushed_events(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(PULL_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_ms = 0;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let shared = shared.clone();
+        let prune = shared.clock.now_ms() - pruned_ms >= 60_000;
+        if prune {
+            pruned_ms = shared.clock.now_ms();
+        }
+        let _ = tokio::task::spawn_blocking(move || pull_pushed(&shared, prune)).await;
+    }
+}
+
+/// One read of the store's pushed events (all of them, page by page).
+fn pull_pushed(shared: &Shared, prune: bool) {
+    let Some(store) = shared.actions.log.store() else {
+        return;
+    };
+    loop {
+        let after = store.cursor.load(Ordering::Acquire);
+        let Ok(rows) = store.events_after(after, 10_000) else {
+            return;
+        };
+        let n = rows.len();
+        for (id, text) in rows {
+            match serde_json::from_str::<journal::Record>(&text) {
+                Ok(record) => {
+                    if let Some(state) = shared.fleet.get(&record.cbo)
+                        && let Err(e) = state.take_stored(record)
+                    {
+                        tracing::warn!(id, error = %e, "a pushed event in the store not taken");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "skipping an unreadable pushed event in the store")
+                }
+            }
+            store.cursor.store(id, Ordering::Release);
+        }
+        if n < 10_000 {
+            break;
+        }
+    }
+    if prune && store.leading() {
+        let keep = checkpoint::retained(&shared.config()).as_millis() as i64;
+        store.prune_events(shared.clock.now_ms() - keep);
     }
 }
 

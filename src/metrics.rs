@@ -497,6 +497,9 @@ pub struct Metrics {
     log_health: std::sync::OnceLock<Arc<crate::decisions::Health>>,
     /// The journal's and checkpoint's failed writes, once they are open.
     store: std::sync::OnceLock<Arc<crate::checkpoint::Checkpoints>>,
+    /// The PostgreSQL store, when there is one (`store_errors_total{op="store"}`).
+    pg: std::sync::OnceLock<Arc<crate::pg::Store>>,
+    leader: prometheus::IntGauge,
     /// `config_reloads_total{result}`: `applied` or `refused`.
     reloads: prometheus::IntCounterVec,
     /// `config_last_reload_successful`: 0 while the file on disk is one the daemon refused.
@@ -564,7 +567,7 @@ impl Metrics {
         .expect("a valid definition");
         leader.set(1);
         registry
-            .register(Box::new(leader))
+            .register(Box::new(leader.clone()))
             .expect("registered once");
         registry
             .register(Box::new(reloads.clone()))
@@ -580,6 +583,8 @@ impl Metrics {
             other_rejects: Mutex::new(other),
             log_health: std::sync::OnceLock::new(),
             store: std::sync::OnceLock::new(),
+            pg: std::sync::OnceLock::new(),
+            leader,
             reloads,
             reload_ok,
             poll_seconds: Arc::new(Histogram::new(POLL_BUCKETS)),
@@ -597,6 +602,16 @@ impl Metrics {
     /// Exports `decision_log_writable` and `decision_log_errors_total` from `health`.
     pub fn watch_log(&self, health: Arc<crate::decisions::Health>) {
         let _ = self.log_health.set(health);
+    }
+
+    /// Exports `store_errors_total{op="store"}` from the PostgreSQL store.
+    pub fn watch_pg(&self, store: Arc<crate::pg::Store>) {
+        let _ = self.pg.set(store);
+    }
+
+    /// `transfer_guard_leader`: whether this replica acts now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Exports `store_errors_total` from the journal and checkpoint of `store`.
@@ -1262,7 +1277,7 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         w.begin(
             "store_errors_total",
             "counter",
-            "Writes of the restart state that failed (a full or read-only disk), by what: the journal of what each CBO took, or the checkpoint. Guarding goes on from memory; a restart meanwhile loses what was not written.",
+            "Failures of the state kept beyond this process, by op: writes of the restart state (journal of what each CBO took, checkpoint: a full or read-only disk; guarding goes on from memory) and calls to the PostgreSQL store of replicas (store; actions are held while it cannot be reached).",
         );
         w.int(
             "store_errors_total",
@@ -1274,6 +1289,13 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
             &[Label::Fixed("op=\"checkpoint\"")],
             checkpoint,
         );
+        if let Some(pg) = global.and_then(|m| m.pg.get()) {
+            w.int(
+                "store_errors_total",
+                &[Label::Fixed("op=\"store\"")],
+                pg.errors(),
+            );
+        }
         w.end();
     }
 

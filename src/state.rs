@@ -190,11 +190,18 @@ impl CboState {
 
     /// Applies one journaled record, as the daemon did when it took it.
     pub fn replay(&self, record: Record) -> Result<(), String> {
+        self.replay_as(record, true)
+    }
+
+    /// `replay`; `journaled` false for what the store of replicas keeps (pushed events, agents'
+    /// reports, test transfers): a restart reads those from the store again.
+    fn replay_as(&self, record: Record, journaled: bool) -> Result<(), String> {
         let now = record.now;
         match record.op {
             Op::Event(stored) => {
                 let event = stored.event()?;
-                self.ingest([(0, event)], now, &mut Vec::new());
+                let read = (!journaled).then(Vec::new);
+                self.ingest_read([(0, event)], now, &mut Vec::new(), read);
             }
             Op::Signal {
                 source,
@@ -214,18 +221,21 @@ impl CboState {
             Op::Cut { at } => {
                 self.cut(at, now);
             }
-            Op::Probed { started, result } => self.probed(started, &result),
+            Op::Probed { started, result } => self.probed_as(started, &result, journaled),
             Op::Report {
                 conversation_sid,
                 note,
                 at,
                 at_ms,
-            } => self.report(Report {
-                conversation_sid,
-                note,
-                at,
-                at_ms,
-            }),
+            } => self.report_as(
+                Report {
+                    conversation_sid,
+                    note,
+                    at,
+                    at_ms,
+                },
+                journaled,
+            ),
             Op::Timeout { ms } => {
                 self.set_transfer_timeout(Duration::from_millis(ms), now);
             }
@@ -261,6 +271,36 @@ impl CboState {
         self.ingest_read(events, now_ms, rejected, None)
     }
 
+    /// Why an event taken at `now_ms` is refused (too old for any window, or from the
+    /// future), if it is.
+    pub fn refuses(&self, event: &Event, now_ms: i64) -> Option<(Reject, String)> {
+        let age = now_ms - event.timestamp_ms;
+        if age >= self.max_window_ms {
+            Some((Reject::TooOld, "older than the longest window".to_string()))
+        } else if -age > FUTURE_TOLERANCE.as_millis() as i64 {
+            Some((
+                Reject::InFuture,
+                format!("{} s ahead of this daemon's clock", -age / 1000),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Counts an event refused before it reached the store (`refuses`).
+    pub fn count_refused(&self, reason: Reject) {
+        self.series.reject(reason);
+    }
+
+    /// An event pushed to the store (by whichever replica received it), taken at the time it
+    /// was received. Not journaled: a restart reads it from the store again.
+    pub fn take_stored(&self, record: Record) -> Result<(), String> {
+        match record.op {
+            Op::Event(_) | Op::Report { .. } | Op::Probed { .. } => self.replay_as(record, false),
+            _ => Err("a pushed record that is not an event, a report or a test transfer".into()),
+        }
+    }
+
     /// The same, for events whose source keeps them (a file source's lines): `read` says
     /// where they can be read again, and is journaled instead of the events.
     pub fn ingest_read(
@@ -275,18 +315,7 @@ impl CboState {
         let mut inner = self.lock();
         let inner = &mut *inner;
         for (index, event) in events {
-            let age = now_ms - event.timestamp_ms;
-            let bad = if age >= self.max_window_ms {
-                Some((Reject::TooOld, "older than the longest window".to_string()))
-            } else if -age > FUTURE_TOLERANCE.as_millis() as i64 {
-                Some((
-                    Reject::InFuture,
-                    format!("{} s ahead of this daemon's clock", -age / 1000),
-                ))
-            } else {
-                None
-            };
-            if let Some((reason, detail)) = bad {
+            if let Some((reason, detail)) = self.refuses(&event, now_ms) {
                 self.series.reject(reason);
                 rejected.push(Rejection {
                     index,
@@ -517,14 +546,20 @@ impl CboState {
 
     /// A test transfer ended with `result` (an error, which is not a transfer, is not kept).
     pub fn probed(&self, started_ms: i64, result: &str) {
+        self.probed_as(started_ms, result, true);
+    }
+
+    fn probed_as(&self, started_ms: i64, result: &str, journaled: bool) {
         if result == "error" {
             return;
         }
         let mut inner = self.lock();
-        self.journal(started_ms, || Op::Probed {
-            started: started_ms,
-            result: result.to_string(),
-        });
+        if journaled {
+            self.journal(started_ms, || Op::Probed {
+                started: started_ms,
+                result: result.to_string(),
+            });
+        }
         if inner.probes.len() >= PROBES_KEPT {
             inner.probes.pop_front();
         }
@@ -542,14 +577,20 @@ impl CboState {
 
     /// Takes an agent's report.
     pub fn report(&self, report: Report) {
+        self.report_as(report, true);
+    }
+
+    fn report_as(&self, report: Report, journaled: bool) {
         self.series.agent_report();
         let mut inner = self.lock();
-        self.journal(report.at_ms, || Op::Report {
-            conversation_sid: report.conversation_sid.clone(),
-            note: report.note.clone(),
-            at: report.at.clone(),
-            at_ms: report.at_ms,
-        });
+        if journaled {
+            self.journal(report.at_ms, || Op::Report {
+                conversation_sid: report.conversation_sid.clone(),
+                note: report.note.clone(),
+                at: report.at.clone(),
+                at_ms: report.at_ms,
+            });
+        }
         if inner.reports.len() >= REPORTS_KEPT {
             inner.reports.pop_front();
         }

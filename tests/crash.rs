@@ -6,70 +6,16 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::processes::{daemon, failures};
 use common::*;
-use tokio::process::{Child, Command};
 use transfer_guard::clock::Clock;
 use transfer_guard::decisions::{DecisionLog, Kind};
 use transfer_guard::sim::twilio::{Fault, SimTwilio};
 
 const ZS: &str = "ZS0000000000000000000000000000000a";
 const ZE: &str = "ZE0000000000000000000000000000000a";
-
-/// Starts the daemon and waits until it is ready.
-async fn daemon(config: &Path, url: &str) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_transfer-guard"));
-    cmd.args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env() {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    for _ in 0..200 {
-        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await
-            && r.status() == 200
-        {
-            return child;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the daemon never became ready");
-}
-
-/// Failing transfers of cbo a, one Bad Request every 100 ms, until dropped.
-fn failures(url: String) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        for n in 0u32.. {
-            let now = Clock::new().now_ms();
-            let tid = format!(r#","transfer_id":"crash-{n}""#);
-            let body = [
-                event("initiated", now - 600, n, &tid),
-                event(
-                    "failed",
-                    now - 100,
-                    n,
-                    &(tid + r#","error":{"status":400,"message":"TaskRouter error: Bad Request"}"#),
-                ),
-            ]
-            .join("\n");
-            let _ = client
-                .post(format!("{url}/v1/events"))
-                .bearer_auth(TOKEN_A)
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .send()
-                .await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
 
 /// One trial: the rollback in flight when the daemon dies at `kill_after`.
 async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static str, String> {
@@ -113,13 +59,13 @@ async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static 
     let config = dir.path().join("transfer-guard.toml");
     std::fs::write(&config, text).unwrap();
 
-    let mut first = daemon(&config, &url).await;
-    let feeder = failures(url.clone());
+    let mut first = daemon(&config, &url, &[]).await;
+    let feeder = failures(vec![url.clone()]);
     tokio::time::sleep(kill_after).await;
     first.start_kill().unwrap(); // SIGKILL
     let _ = first.wait().await;
     let restarted_ms = Clock::new().now_ms();
-    let mut second = daemon(&config, &url).await;
+    let mut second = daemon(&config, &url, &[]).await;
     // Long enough for a whole rollback from scratch: ready, breach, plan, intent, a late answer
     // (up to 3 s), its backoff, the check.
     tokio::time::sleep(Duration::from_secs(10)).await;

@@ -317,7 +317,7 @@ async fn a_journal_of_a_newer_build_is_refused_by_name_and_the_daemon_starts_wit
         let metrics = std::sync::Arc::new(transfer_guard::metrics::Metrics::new());
         let journal =
             std::sync::Arc::new(transfer_guard::journal::Journal::open(&state_dir).unwrap());
-        transfer_guard::checkpoint::Checkpoints::restore(&config, journal, &metrics, at)
+        transfer_guard::checkpoint::Checkpoints::restore(&config, journal, &metrics, at, Vec::new())
     };
     assert_eq!(restored.records, 0);
     let refused = restored.refused.join("\n");

@@ -494,6 +494,8 @@ pub struct Actions {
     /// Set when something that held actions back has cleared (intents settled): breaches
     /// still standing are decided again.
     recheck: std::sync::atomic::AtomicBool,
+    /// Whether this replica led at the last `follow`.
+    led: std::sync::atomic::AtomicBool,
     runtime: ActionRuntime,
 }
 
@@ -600,7 +602,57 @@ impl Actions {
             memory: Mutex::new(memory),
             http: reqwest::Client::new(),
             recheck: Default::default(),
+            led: Default::default(),
             runtime: ActionRuntime::new(),
+        }
+    }
+
+    /// Whether this process acts (fires actions, notifies): always with the file log; with
+    /// the store, only on the leader.
+    pub fn leading(&self) -> bool {
+        self.log.leading()
+    }
+
+    /// Replicas, at each tick: takes what the other replicas wrote to the decision log
+    /// (rollbacks fired, switches, acks, known builds, intents under way), then says whether
+    /// this replica leads. On becoming the leader (having read the log to its end since taking
+    /// the lease) breaches still standing are decided again and intents the last leader left
+    /// without a result are settled with Twilio.
+    pub fn follow(&self) {
+        let Some(store) = self.log.store() else {
+            return;
+        };
+        let epoch = store.epoch();
+        let entries = match self.log.others() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the decision log in the store");
+                self.metrics.set_leader(store.leading());
+                return;
+            }
+        };
+        {
+            let mut m = self.memory();
+            for e in &entries {
+                m.apply(e);
+                if e.kind == Kind::Switch
+                    && let (Some(series), Some(s)) =
+                        (self.metrics.cbo(&e.cbo), m.switches.get(&e.cbo))
+                {
+                    series.set_disabled(s.is_off());
+                }
+            }
+        }
+        store.caught_up(epoch);
+        let leading = store.leading();
+        self.metrics.set_leader(leading);
+        let before = self.led.swap(leading, std::sync::atomic::Ordering::AcqRel);
+        if leading && !before {
+            tracing::warn!(replica = %store.me, epoch, "this replica leads: standing breaches are decided again");
+            self.recheck
+                .store(true, std::sync::atomic::Ordering::Release);
+        } else if !leading && before {
+            tracing::warn!(replica = %store.me, "this replica no longer leads: it acts on nothing");
         }
     }
 
@@ -756,7 +808,8 @@ impl Actions {
     /// Learns that `sid` is good or bad (a validation window passed, `deploy_window` ran
     /// without a breach); news is written to the decision log first.
     pub fn learn(&self, cbo: &str, artifact: Artifact, sid: &str, verdict: Verdict, why: &str) {
-        if self.memory().known.knows(cbo, artifact, sid, verdict) {
+        // Followers learn it from the leader's log.
+        if !self.leading() || self.memory().known.knows(cbo, artifact, sid, verdict) {
             return;
         }
         let mut e = Entry::new(cbo, Kind::Known, self.clock.now_ms());
@@ -867,6 +920,9 @@ impl Actions {
 
     /// Records that a decision's action was held back, and why.
     pub fn suppress(self: &Arc<Self>, d: &Decision, why: String) {
+        if !self.leading() {
+            return;
+        }
         tracing::info!(cbo = %d.cbo, rule = d.rule.as_str(), action = d.kind.as_str(), why, "action suppressed");
         if let Some(cbo) = self.config().cbo(&d.cbo) {
             for name in self.names(cbo, d.kind) {
@@ -881,6 +937,10 @@ impl Actions {
     /// attempts that first read whether the last one took effect, result. Returns at once; the
     /// integrations run on their own task so one CBO never waits for another.
     pub fn decide(self: &Arc<Self>, d: Decision) {
+        // A follower decides nothing: the leader does, once.
+        if !self.leading() {
+            return;
+        }
         let Some(cbo) = self.config().cbo(&d.cbo).cloned() else {
             return;
         };
@@ -989,7 +1049,7 @@ impl Actions {
                 .config()
                 .cbo(&d.cbo)
                 .map_or(vec![Feature::Enabled], |c| c.disable_features.clone());
-            if self.set_switch(&d.cbo, &off, reason).is_err() {
+            if self.set_switch_as(&d.cbo, &off, reason, false).is_err() {
                 // Not recorded, so not done: no cooldown runs from it.
                 self.count(&d.cbo, d.kind, "switch", "failed");
                 let mut m = self.memory();
@@ -1099,9 +1159,35 @@ impl Actions {
         intent.result = None;
         intent.key = Some(key.clone());
         intent.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        let Some(intent) = self.durable(intent).await else {
-            self.count(&d.cbo, d.kind, name, "failed");
-            return Ran::NotRecorded;
+        let log = self.log.clone();
+        let written = tokio::task::spawn_blocking(move || log.append(intent)).await;
+        let intent = match written {
+            Ok(Ok(intent)) => intent,
+            // Replicas: another leader's intent for this deployment is on record, or this one
+            // lost the lease since it decided. Nothing is sent.
+            Ok(Err(e @ (LogError::Refused(_) | LogError::NotLeader))) => {
+                tracing::warn!(cbo = %d.cbo, integration = name, error = %e, "action not sent");
+                self.count(&d.cbo, d.kind, name, "suppressed");
+                if matches!(e, LogError::Refused(_))
+                    && d.kind == ActionKind::Rollback
+                    && let Some(dep) = &d.deployment
+                {
+                    self.memory()
+                        .rolled_back
+                        .insert((d.cbo.clone(), dep.clone()));
+                }
+                return Ran::NotRecorded;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write the decision log");
+                self.count(&d.cbo, d.kind, name, "failed");
+                return Ran::NotRecorded;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the decision log");
+                self.count(&d.cbo, d.kind, name, "failed");
+                return Ran::NotRecorded;
+            }
         };
         let attempts = self.config().actions.attempts.max(1);
         let attempt_of = Attempt {
@@ -1195,10 +1281,26 @@ impl Actions {
     /// effect and logs the answer; never sends it again. Until settled, the CBO's actions wait.
     pub async fn settle(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut round = 0;
+        // Replicas: a leader may die with an intent under way at any time; whoever leads next
+        // settles it, so this goes on for the daemon's life.
+        let replicas = self.log.store().is_some();
         loop {
-            let pending: Vec<Entry> = self.memory().unsettled.values().cloned().collect();
+            let pending: Vec<Entry> = if self.leading() {
+                self.memory().unsettled.values().cloned().collect()
+            } else {
+                Vec::new()
+            };
+            // With the store, the intents of the leader's own actions under way are its own.
+            let pending: Vec<Entry> = pending.into_iter().filter(|e| !self.under_way(e)).collect();
             if pending.is_empty() {
-                return;
+                if !replicas {
+                    return;
+                }
+                round = 0;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return,
+                }
             }
             round += 1;
             for intent in pending {
@@ -1216,6 +1318,17 @@ impl Actions {
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    /// Whether `intent` is one of this process's actions still being carried out (its result
+    /// is written by the action itself).
+    fn under_way(&self, intent: &Entry) -> bool {
+        let Some(kind) = intent.action.as_deref().and_then(ActionKind::parse) else {
+            return false;
+        };
+        self.memory()
+            .in_flight
+            .contains(&(intent.cbo.clone(), kind))
     }
 
     /// The result entry settling `intent`, or `None` while Twilio cannot tell yet.
@@ -1308,6 +1421,17 @@ impl Actions {
         off: &[Feature],
         reason: String,
     ) -> Result<Switch, NotRecorded> {
+        self.set_switch_as(cbo, off, reason, true)
+    }
+
+    /// `oncall`: a person's change (any replica takes it); else the leader's decision.
+    fn set_switch_as(
+        &self,
+        cbo: &str,
+        off: &[Feature],
+        reason: String,
+        oncall: bool,
+    ) -> Result<Switch, NotRecorded> {
         let now = self.clock.now_ms();
         let mut switch = self.switch(cbo).unwrap_or_else(|| Switch::on(cbo));
         switch.set(off);
@@ -1316,7 +1440,7 @@ impl Actions {
         if off.is_empty() {
             switch.previous_flags = None;
         }
-        self.log_switch(&switch)?;
+        self.log_switch(&switch, oncall)?;
         self.memory()
             .switches
             .insert(cbo.to_string(), switch.clone());
@@ -1335,21 +1459,25 @@ impl Actions {
             return Ok(());
         }
         switch.previous_flags = Some(flags);
-        self.log_switch(&switch)?;
+        self.log_switch(&switch, false)?;
         self.memory().switches.insert(cbo.to_string(), switch);
         Ok(())
     }
 
     /// A switch entry carries the whole switch, the flags to restore included, so a restart
     /// rebuilds it from the last one.
-    fn log_switch(&self, switch: &Switch) -> Result<(), NotRecorded> {
+    fn log_switch(&self, switch: &Switch, oncall: bool) -> Result<(), NotRecorded> {
         let mut e = Entry::new(&switch.cbo, Kind::Switch, self.clock.now_ms());
         e.detail = switch.reason.clone();
         e.action = Some(if switch.is_off() { "disable" } else { "enable" }.into());
         let mut evidence = serde_json::to_value(switch).expect("switch serializes");
         evidence["previous_flags"] = switch.previous_flags.clone().unwrap_or(Value::Null);
         e.evidence = evidence;
-        self.log.append(e)?;
+        if oncall {
+            self.log.append_oncall(e)?;
+        } else {
+            self.log.append(e)?;
+        }
         Ok(())
     }
 
@@ -1360,7 +1488,7 @@ impl Actions {
             let mut e = Entry::new(cbo, Kind::Ack, self.clock.now_ms());
             e.rule = Some(rule.as_str().into());
             e.detail = Some(format!("acknowledged by {by}"));
-            self.log.append(e)?;
+            self.log.append_oncall(e)?;
             self.memory()
                 .acked
                 .insert((cbo.to_string(), rule.as_str().to_string()));
@@ -1398,6 +1526,9 @@ impl Actions {
         let Some(am) = self.config().actions.alertmanager.clone() else {
             return;
         };
+        if !self.leading() {
+            return;
+        }
         if alerts.is_empty() {
             return;
         }

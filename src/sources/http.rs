@@ -269,8 +269,39 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         }
     }
     let mut accepted = 0;
-    for (state, events) in by_cbo.into_values() {
-        accepted += state.ingest(events, now_ms, &mut rejected);
+    match shared.actions.log.store().cloned() {
+        None => {
+            for (state, events) in by_cbo.into_values() {
+                accepted += state.ingest(events, now_ms, &mut rejected);
+            }
+        }
+        // Replicas: the events go to the store, and every replica (this one too) takes them
+        // from there; 202 means they are committed.
+        Some(store) => {
+            let records = to_records(by_cbo, now_ms, &mut rejected);
+            let n = records.len();
+            let stored =
+                tokio::task::spawn_blocking(move || store.push_events(records, now_ms)).await;
+            match stored {
+                Ok(Ok(())) => accepted = n,
+                Ok(Err(why)) => {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "the store cannot be written ({why}): nothing in this body was taken; send it again"
+                        ),
+                    );
+                }
+                Err(e) => {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "storing the events failed ({e}): nothing in this body was taken; send it again"
+                        ),
+                    );
+                }
+            }
+        }
     }
     rejected.sort_by_key(|r| r.index);
     let rejected_more = rejected.len().saturating_sub(REJECTIONS_LISTED);
@@ -297,6 +328,37 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
 
 /// One CBO's events of a body, with their indexes in it.
 type Batch = Vec<(usize, Event)>;
+
+/// The events each CBO would take now, as the journal records them (what the store keeps);
+/// those it refuses (too old, from the future) are rejected here, as `ingest` would.
+fn to_records(
+    by_cbo: BTreeMap<String, (Arc<CboState>, Batch)>,
+    now_ms: i64,
+    rejected: &mut Vec<Rejection>,
+) -> Vec<String> {
+    let mut records = Vec::new();
+    let mut line = Vec::new();
+    for (state, events) in by_cbo.into_values() {
+        for (index, event) in events {
+            if let Some((reason, detail)) = state.refuses(&event, now_ms) {
+                state.count_refused(reason);
+                rejected.push(Rejection {
+                    index,
+                    reason,
+                    error: format!("field `timestamp`: {detail}"),
+                });
+                continue;
+            }
+            line.clear();
+            crate::journal::encode_event(&state.key, now_ms, &event, &mut line);
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            records.push(String::from_utf8_lossy(&line).into_owned());
+        }
+    }
+    records
+}
 
 fn unknown(index: usize, why: String) -> Rejection {
     Rejection {

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::config::Probe;
 use crate::event::{Event, EventKind, TargetType, TransferError, TransferType};
+use crate::journal::{Op, Record, Stored};
 use crate::sid::{ConversationSid, QueueSid, TaskSid, WorkflowSid, WorkspaceSid};
 use crate::twilio::TwilioClient;
 use crate::twilio::taskrouter::TaskRouter;
@@ -293,11 +294,16 @@ pub async fn run(
             continue;
         }
         last = Some(tokio::time::Instant::now());
+        // Replicas: only the leader places test transfers; every replica takes their results
+        // from the store.
+        if !shared.actions.leading() {
+            continue;
+        }
         n += 1;
         let started_ms = shared.clock.now_ms();
         let conversation = conversation_for(started_ms as u64 ^ (n << 48));
         let outcome = prober.once(&conversation, &mut stop).await;
-        record(
+        let records = record(
             &shared,
             &key,
             &outcome,
@@ -306,12 +312,22 @@ pub async fn run(
             started_ms,
             n,
         );
+        let sharing = shared.clone();
+        match tokio::task::spawn_blocking(move || sharing.share(records)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(cbo = %key, error = %e, "a test transfer's result not stored")
+            }
+            Err(e) => tracing::error!(cbo = %key, error = %e, "a test transfer's result not taken"),
+        }
         if *stop.borrow() {
             break;
         }
     }
 }
 
+/// Counts and logs a test transfer; returns what the CBO takes of it (its result, and the
+/// transfer's events).
 fn record(
     shared: &Shared,
     key: &str,
@@ -320,7 +336,7 @@ fn record(
     queue: &QueueSid,
     started_ms: i64,
     n: u64,
-) {
+) -> Vec<Record> {
     let routed = match outcome {
         Outcome::Routed(took) => Some(took.as_secs_f64()),
         _ => None,
@@ -333,16 +349,24 @@ fn record(
         Outcome::Error(e) => tracing::warn!(cbo = key, error = %e, "test transfer could not run"),
         o => tracing::warn!(cbo = key, result = o.result(), "test transfer failed"),
     }
-    let Some(state) = shared.fleet.get(key) else {
-        return;
-    };
-    state.probed(started_ms, outcome.result());
     let id = format!("probe-{started_ms}-{n}");
-    let events = events(outcome, conversation, queue, started_ms, &id);
-    let mut rejected = Vec::new();
-    state.ingest(
-        events.into_iter().enumerate(),
-        shared.clock.now_ms(),
-        &mut rejected,
+    let now = shared.clock.now_ms();
+    let mut records = vec![Record {
+        cbo: key.to_string(),
+        now: started_ms,
+        op: Op::Probed {
+            started: started_ms,
+            result: outcome.result().to_string(),
+        },
+    }];
+    records.extend(
+        events(outcome, conversation, queue, started_ms, &id)
+            .iter()
+            .map(|e| Record {
+                cbo: key.to_string(),
+                now,
+                op: Op::Event(Stored::of(e)),
+            }),
     );
+    records
 }

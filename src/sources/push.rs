@@ -16,7 +16,8 @@ use crate::Shared;
 use crate::api::json_error;
 use crate::config::{Cbo, Credentials, Secret};
 use crate::event::Source;
-use crate::sources::record::take_taskrouter_events;
+use crate::journal::{Op, Record, Stored};
+use crate::sources::record::taskrouter_transfers;
 use crate::sources::twilio_record::TaskRouterEvent;
 use crate::twilio::signature::{self, SignatureError};
 
@@ -83,8 +84,15 @@ fn malformed(shared: &Shared, cbo: &str, source: &str, why: &str) -> Response {
     json_error(StatusCode::BAD_REQUEST, why)
 }
 
-/// Takes verified TaskRouter events of `config`'s workspace.
-fn take(shared: &Shared, config: &Cbo, source: Source, events: Vec<TaskRouterEvent>) -> Response {
+/// Takes verified TaskRouter events of `config`'s workspace: the transfers among them go to
+/// the CBO (with replicas, to the store for every replica); 503 when the store cannot take
+/// them, so Twilio sends them again.
+async fn take(
+    shared: &Arc<Shared>,
+    config: &Cbo,
+    source: Source,
+    events: Vec<TaskRouterEvent>,
+) -> Response {
     let key = config.key.as_str();
     if let Some(s) = shared.metrics.cbo(key) {
         s.push(source.as_str(), "accepted");
@@ -92,7 +100,31 @@ fn take(shared: &Shared, config: &Cbo, source: Source, events: Vec<TaskRouterEve
     // Without a sound workflow SID nothing tells a transfer task from another: the
     // configuration poll reports that.
     if let Ok(workflow) = &config.workflow.sid {
-        take_taskrouter_events(shared, key, workflow, events, source);
+        let now = shared.clock.now_ms();
+        let records = taskrouter_transfers(shared, key, workflow, events, source)
+            .iter()
+            .map(|e| Record {
+                cbo: key.to_string(),
+                now,
+                op: Op::Event(Stored::of(e)),
+            })
+            .collect();
+        let sharing = shared.clone();
+        match tokio::task::spawn_blocking(move || sharing.share(records)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                return json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("the store cannot be written ({why}): send it again"),
+                );
+            }
+            Err(e) => {
+                return json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("taking the events failed ({e}): send it again"),
+                );
+            }
+        }
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -118,7 +150,7 @@ pub async fn taskrouter(
         return refused(&shared, &cbo, CALLBACK, e);
     }
     match TaskRouterEvent::from_form(&params) {
-        Ok(e) => take(&shared, &config, Source::TaskRouterCallback, vec![e]),
+        Ok(e) => take(&shared, &config, Source::TaskRouterCallback, vec![e]).await,
         Err(why) => malformed(
             &shared,
             &cbo,
@@ -165,5 +197,5 @@ pub async fn event_streams(
         .iter()
         .filter_map(|v| TaskRouterEvent::from_cloud_event(v).ok())
         .collect();
-    take(&shared, &config, Source::EventStreams, events)
+    take(&shared, &config, Source::EventStreams, events).await
 }

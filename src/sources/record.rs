@@ -502,9 +502,24 @@ pub fn take_taskrouter_events(
     shared: &Shared,
     key: &str,
     workflow: &WorkflowSid,
-    mut events: Vec<TaskRouterEvent>,
+    events: Vec<TaskRouterEvent>,
     source: Source,
 ) -> usize {
+    let transfers = taskrouter_transfers(shared, key, workflow, events, source);
+    let n = transfers.len();
+    ingest(shared, key, transfers);
+    n
+}
+
+/// The transfer events among TaskRouter events of one CBO, oldest first; failed reservations
+/// are counted.
+pub fn taskrouter_transfers(
+    shared: &Shared,
+    key: &str,
+    workflow: &WorkflowSid,
+    mut events: Vec<TaskRouterEvent>,
+    source: Source,
+) -> Vec<Event> {
     events.sort_by_key(|e| e.at_ms);
     let series = shared.metrics.cbo(key);
     let mut transfers = Vec::new();
@@ -519,9 +534,7 @@ pub fn take_taskrouter_events(
             Mapped::Ignored(_) => {}
         }
     }
-    let n = transfers.len();
-    ingest(shared, key, transfers);
-    n
+    transfers
 }
 
 /// Polls one CBO's record every `poll_interval` (jittered) until `stop`.

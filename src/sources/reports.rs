@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::Shared;
 use crate::api::{Caller, caller, json_error, unauthorized};
+use crate::journal::{Op, Record};
 use crate::sid::ConversationSid;
 use crate::state::Report;
 
@@ -75,7 +76,36 @@ pub async fn report(
         at_ms: now_ms,
     };
     tracing::warn!(cbo, conversation_sid = %report.conversation_sid, note = report.note.as_deref().unwrap_or(""), "an agent reported a failing transfer");
-    state.report(report.clone());
+    drop(state);
+    // With replicas, to the store: every replica weighs it.
+    let record = Record {
+        cbo: cbo.clone(),
+        now: now_ms,
+        op: Op::Report {
+            conversation_sid: report.conversation_sid.clone(),
+            note: report.note.clone(),
+            at: report.at.clone(),
+            at_ms: report.at_ms,
+        },
+    };
+    let sharing = shared.clone();
+    match tokio::task::spawn_blocking(move || sharing.share(vec![record])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the store cannot be written ({why}): the report was not taken; send it again"
+                ),
+            );
+        }
+        Err(e) => {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("taking the report failed ({e}): send it again"),
+            );
+        }
+    }
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "cbo": cbo, "report": report })),

@@ -1,6 +1,7 @@
 //! Shared helpers: a two-CBO configuration on a loopback port, events, metric lookups.
 #![allow(dead_code)]
 
+pub mod processes;
 pub mod story;
 
 use std::collections::HashMap;

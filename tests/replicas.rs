@@ -1,0 +1,478 @@
+//! Replicas on a real PostgreSQL (SPEC §12): one leader, one rollback per deployment, a kill -9
+//! of the leader mid-breach handed over without a second rollback, the database going away
+//! and coming back. Real processes, the real clock, the simulated Twilio.
+//!
+//! The database is `TRANSFER_GUARD_TEST_DATABASE_URL` (`. .ci/postgres` starts a private
+//! cluster and sets it); each test makes a database of its own.
+//! `TRANSFER_GUARD_FAILOVER_TRIALS` sets the kill -9 trials (2 by default; `benches/failover.sh`
+//! runs 20).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::processes::{daemon, failures};
+use common::*;
+use tokio::process::Child;
+use transfer_guard::clock::Clock;
+use transfer_guard::sim::twilio::{Fault, SimTwilio};
+
+const ZS: &str = "ZS0000000000000000000000000000000a";
+const ZE: &str = "ZE0000000000000000000000000000000a";
+/// Short, so a handover is quick to see: renewed every second, acted on for half of it.
+const LEASE: Duration = Duration::from_secs(4);
+
+/// A database of its own on the test cluster, or `None` (said, or a panic in CI) without one.
+fn database(test: &str) -> Option<String> {
+    let Ok(admin) = std::env::var("TRANSFER_GUARD_TEST_DATABASE_URL") else {
+        let message = format!(
+            "{test}: TRANSFER_GUARD_TEST_DATABASE_URL is not set; `. .ci/postgres` starts a private PostgreSQL (.ci/run does)"
+        );
+        if std::env::var("TRANSFER_GUARD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED {message}");
+        return None;
+    };
+    let name = format!("tg_{:016x}", fastrand::u64(..));
+    // The blocking client on a thread of its own: not inside the test's runtime.
+    let create = format!("CREATE DATABASE {name}");
+    let url = admin.clone();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        client.batch_execute(&create).unwrap();
+    })
+    .join()
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    Some(format!("{base}/{name}"))
+}
+
+/// The simulated Twilio of the crash test: cbo a on a serverless service with a good build
+/// three hours old and a new one a minute old.
+fn twilio(sim: &SimTwilio) -> String {
+    for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
+        sim.add_account(ac, "twilio-secret");
+        sim.add_workflow(ac, ws, ww);
+    }
+    sim.add_service(AC_A, ZS, ZE, WW_A);
+    sim.age_history(AC_A, Duration::from_secs(3 * 3600));
+    sim.deploy(AC_A, ZS, ZE, None);
+    sim.age_history(AC_A, Duration::from_secs(60));
+    sim.deployments(AC_A, ZS, ZE)[0].build_sid.clone()
+}
+
+/// One replica's configuration: its own port and state dir, the shared store in `TG_DB`.
+fn replica_config(dir: &Path, name: &str, twilio: &str, port: u16) -> PathBuf {
+    let text = config_text_in(&dir.join(name), twilio, "")
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+            1,
+        )
+        .replacen(
+            "[twilio]\n",
+            "[twilio]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\n",
+            1,
+        )
+        .replacen("[server]\n", "[actions]\ndry_run = false\n\n[server]\n", 1)
+        .replacen(
+            &format!("workflow_sid = \"{WW_A}\"\n"),
+            &format!(
+                "workflow_sid = \"{WW_A}\"\nserverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\nrollback = [\"serverless\"]\n\n[cbo.rules.bad_requests]\nminutes = 1\nwindow = \"1m\"\n"
+            ),
+            1,
+        )
+        + &format!(
+            "\n[store]\nurl_env = \"TG_DB\"\nlease = \"{}\"\n",
+            humantime::format_duration(LEASE)
+        );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Replica {
+    url: String,
+    child: Child,
+}
+
+async fn replica(dir: &Path, name: &str, twilio: &str, db: &str) -> Replica {
+    let port = free_port();
+    let config = replica_config(dir, name, twilio, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let child = daemon(&config, &url, &[("TG_DB", db)]).await;
+    Replica { url, child }
+}
+
+async fn scrape(url: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    r.text().await.ok()
+}
+
+async fn leads(url: &str) -> Option<bool> {
+    scrape(url)
+        .await
+        .and_then(|m| metric(&m, "transfer_guard_leader"))
+        .map(|v| v == 1.0)
+}
+
+/// Waits until `ok` holds, or `within` passes: how long it took.
+async fn until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    mut ok: impl FnMut() -> F,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if ok().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn decisions(url: &str) -> Vec<serde_json::Value> {
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/v1/decisions?cbo=a&limit=1000"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["decisions"]
+        .as_array()
+        .or_else(|| body.as_array())
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn fired_rollbacks(entries: &[serde_json::Value]) -> usize {
+    entries
+        .iter()
+        .filter(|e| {
+            e["kind"] == "action"
+                && e["action"] == "rollback"
+                && e["integration"] == "serverless"
+                && e["result"] == "fired"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_one_breach_fire_one_rollback_and_both_read_it() {
+    let Some(db) = database("two_replicas_and_one_breach_fire_one_rollback_and_both_read_it")
+    else {
+        return;
+    };
+    let sim = SimTwilio::start(Clock::new()).await;
+    let good = twilio(&sim);
+    let before = sim.deployments(AC_A, ZS, ZE).len();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = replica(dir.path(), "a", &sim.url(), &db).await;
+    let mut b = replica(dir.path(), "b", &sim.url(), &db).await;
+    // Exactly one leads.
+    let one = until(Duration::from_secs(10), || async {
+        let (la, lb) = (leads(&a.url).await, leads(&b.url).await);
+        matches!(
+            (la, lb),
+            (Some(true), Some(false)) | (Some(false), Some(true))
+        )
+    })
+    .await;
+    assert!(one.is_some(), "never exactly one leader");
+    // Failures pushed to both; every replica takes every event from the store.
+    let feeder = failures(vec![a.url.clone(), b.url.clone()]);
+    let landed = until(Duration::from_secs(20), || async {
+        sim.deployments(AC_A, ZS, ZE).len() > before
+    })
+    .await;
+    assert!(landed.is_some(), "no rollback within 20 s");
+    // The breach stands on both for a while longer: still one rollback.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    feeder.abort();
+    let after = sim.deployments(AC_A, ZS, ZE);
+    assert_eq!(after.len() - before, 1, "rollbacks: {:?}", &after[before..]);
+    assert_eq!(after.last().unwrap().build_sid, good);
+    // Both judged with the same events: each saw Bad Requests it was not sent.
+    for r in [&a, &b] {
+        let m = scrape(&r.url).await.unwrap();
+        let ingested = metric_sum(&m, "transfer_guard_events_ingested_total", &["cbo=\"a\""]);
+        assert!(ingested >= 40.0, "{}: {ingested} events", r.url);
+    }
+    // The decision is readable on both, the same.
+    let (da, db_) = (decisions(&a.url).await, decisions(&b.url).await);
+    assert_eq!(fired_rollbacks(&da), 1, "{da:#?}");
+    assert_eq!(fired_rollbacks(&db_), 1);
+    let seqs = |d: &[serde_json::Value]| d.iter().map(|e| e["seq"].clone()).collect::<Vec<_>>();
+    assert_eq!(seqs(&da), seqs(&db_));
+    for r in [&mut a, &mut b] {
+        r.child.start_kill().unwrap();
+        let _ = r.child.wait().await;
+    }
+}
+
+/// One trial: the leader killed mid-breach (`kill_after` after the failures start), Twilio
+/// applying the rollback and answering late. The follower must take over within twice the
+/// lease and never roll back a second time. Returns how long the handover took.
+async fn failover(
+    db: &str,
+    kill_after: Duration,
+    answer_after: Duration,
+) -> Result<Duration, String> {
+    let sim = SimTwilio::start(Clock::new()).await;
+    let good = twilio(&sim);
+    let before = sim.deployments(AC_A, ZS, ZE).len();
+    sim.inject_on(
+        "POST",
+        "/Deployments",
+        Fault::ApplyThenDelay(answer_after),
+        Some(1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = replica(dir.path(), "first", &sim.url(), db).await;
+    if until(Duration::from_secs(10), || async {
+        leads(&first.url).await == Some(true)
+    })
+    .await
+    .is_none()
+    {
+        return Err("the first replica never led".into());
+    }
+    let mut second = replica(dir.path(), "second", &sim.url(), db).await;
+    let feeder = failures(vec![second.url.clone()]);
+    tokio::time::sleep(kill_after).await;
+    first.child.start_kill().unwrap(); // SIGKILL
+    let _ = first.child.wait().await;
+    let handover = until(LEASE * 3, || async {
+        leads(&second.url).await == Some(true)
+    })
+    .await;
+    // Long enough for a whole rollback from scratch after the handover.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    feeder.abort();
+    let entries = decisions(&second.url).await;
+    second.child.start_kill().unwrap();
+    let _ = second.child.wait().await;
+    let after = sim.deployments(AC_A, ZS, ZE);
+    let created = after.len() - before;
+    let intents: Vec<_> = entries.iter().filter(|e| e["kind"] == "intent").collect();
+    let unsettled = intents
+        .iter()
+        .filter(|i| {
+            !entries.iter().any(|r| {
+                r["kind"] == "action"
+                    && r["key"] == i["key"]
+                    && matches!(r["result"].as_str(), Some("fired" | "failed"))
+            })
+        })
+        .count();
+    let live = after.last().map(|d| d.build_sid.clone());
+    let Some(handover) = handover else {
+        return Err(format!(
+            "killed after {kill_after:?}: the second replica did not lead within {:?}",
+            LEASE * 3
+        ));
+    };
+    if created != 1 || unsettled != 0 || live.as_deref() != Some(good.as_str()) {
+        return Err(format!(
+            "killed after {kill_after:?}, Twilio answering after {answer_after:?}: {created} deployments created, {unsettled} intents without a result, live build {live:?} (good {good})"
+        ));
+    }
+    if handover > LEASE * 2 {
+        return Err(format!(
+            "handover took {handover:?}, more than twice the lease ({LEASE:?})"
+        ));
+    }
+    Ok(handover)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_mid_breach_hands_over_without_a_second_rollback() {
+    let Some(db) = database("kill_9_of_the_leader_mid_breach_hands_over_without_a_second_rollback")
+    else {
+        return;
+    };
+    let trials: usize = std::env::var("TRANSFER_GUARD_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut handovers = Vec::new();
+    let mut failed = Vec::new();
+    for _ in 0..trials {
+        // Each trial on a database of its own: a fresh lease and log.
+        let db = if handovers.is_empty() && failed.is_empty() {
+            db.clone()
+        } else {
+            database("failover").unwrap()
+        };
+        // Before the breach, around the intent, while Twilio holds its answer, after.
+        let kill_after = Duration::from_millis(fastrand::u64(0..4_000));
+        let answer_after = Duration::from_millis(fastrand::u64(1_200..3_000));
+        match failover(&db, kill_after, answer_after).await {
+            Ok(d) => handovers.push(d),
+            Err(e) => failed.push(e),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {trials} trials:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    handovers.sort();
+    println!(
+        "{trials} handovers after kill -9 (lease {LEASE:?}): 0 second rollbacks; median {:?}, max {:?}",
+        handovers[handovers.len() / 2],
+        handovers.last().unwrap()
+    );
+}
+
+/// A TCP proxy to the database that can be cut: every connection closed, new ones refused.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(to: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let flag = down.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if flag.load(Ordering::Acquire) {
+                    continue; // dropped: refused
+                }
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let cut = async {
+                        while !flag.load(Ordering::Acquire) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = copy => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, down }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_going_away_stops_actions_and_pages_and_its_return_resumes_them() {
+    let Some(db) =
+        database("the_database_going_away_stops_actions_and_pages_and_its_return_resumes_them")
+    else {
+        return;
+    };
+    let cfg: postgres::Config = db.parse().unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("{other:?}"),
+    };
+    let pg_port = cfg.get_ports()[0];
+    let proxy = Proxy::start(format!("{host}:{pg_port}").parse().unwrap()).await;
+    let proxied = db.replacen(&format!(":{pg_port}/"), &format!(":{}/", proxy.port), 1);
+    let sim = SimTwilio::start(Clock::new()).await;
+    let good = twilio(&sim);
+    let before = sim.deployments(AC_A, ZS, ZE).len();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = replica(dir.path(), "a", &sim.url(), &proxied).await;
+    let mut b = replica(dir.path(), "b", &sim.url(), &proxied).await;
+    let led = until(Duration::from_secs(10), || async {
+        leads(&a.url).await == Some(true) || leads(&b.url).await == Some(true)
+    })
+    .await;
+    assert!(led.is_some(), "nobody led");
+
+    proxy.down.store(true, Ordering::Release);
+    // Within half the lease and a tick, nobody acts, and each replica says why.
+    let stopped = until(LEASE, || async {
+        leads(&a.url).await == Some(false) && leads(&b.url).await == Some(false)
+    })
+    .await;
+    assert!(
+        stopped.is_some(),
+        "a replica still leads with the database away"
+    );
+    for r in [&a, &b] {
+        let ready = reqwest::get(format!("{}/readyz", r.url)).await.unwrap();
+        assert_eq!(ready.status(), 503, "{}", r.url);
+        let m = scrape(&r.url).await.unwrap();
+        assert_eq!(
+            metric(&m, "transfer_guard_decision_log_writable{}"),
+            Some(0.0)
+        );
+        assert!(
+            metric(&m, "transfer_guard_store_errors_total{op=\"store\"}").unwrap_or(0.0) > 0.0,
+            "{}",
+            r.url
+        );
+    }
+    // Failures sent meanwhile are refused, not lost silently: the sender is told to send again.
+    let now = Clock::new().now_ms();
+    let refused = post_ndjson(
+        &a.url,
+        TOKEN_A,
+        &[event(
+            "failed",
+            now - 100,
+            9_999,
+            r#","error":{"status":400,"message":"TaskRouter error: Bad Request"}"#,
+        )],
+    )
+    .await;
+    assert_eq!(refused.status(), 503);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("send it again"), "{why}");
+    assert_eq!(
+        sim.deployments(AC_A, ZS, ZE).len(),
+        before,
+        "an action while away"
+    );
+
+    // Back: a leader again, and the breach that follows is acted on.
+    proxy.down.store(false, Ordering::Release);
+    let back = until(LEASE * 3, || async {
+        leads(&a.url).await == Some(true) || leads(&b.url).await == Some(true)
+    })
+    .await;
+    assert!(back.is_some(), "nobody led after the database came back");
+    let feeder = failures(vec![a.url.clone(), b.url.clone()]);
+    let landed = until(Duration::from_secs(20), || async {
+        sim.deployments(AC_A, ZS, ZE).len() > before
+    })
+    .await;
+    feeder.abort();
+    assert!(landed.is_some(), "no rollback after the database came back");
+    assert_eq!(
+        sim.deployments(AC_A, ZS, ZE).last().unwrap().build_sid,
+        good
+    );
+    for r in [&mut a, &mut b] {
+        r.child.start_kill().unwrap();
+        let _ = r.child.wait().await;
+    }
+}
