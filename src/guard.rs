@@ -192,6 +192,11 @@ pub fn deployed(shared: &Shared, cbo: &str, deployment: &str, at_ms: i64) {
         return;
     };
     let now_ms = shared.clock.now_ms();
+    // Replicas: every one judges the deployment on its own traffic; the leader opens (and
+    // ends) its validation window, which the others read from the store.
+    if !shared.actions.leading() {
+        return;
+    }
     shared.validations.supersede(cbo, deployment, now_ms);
     if !shared.validations.exists_for(cbo, deployment) {
         let v = &shared.config().validation;
@@ -288,6 +293,13 @@ const TRIGGERS: [RuleId; 5] = [
 ];
 
 fn validate(shared: &Shared, statuses: &[(String, crate::health::TaskRouterStatus)], now_ms: i64) {
+    // Replicas: the leader judges the windows; the others read its verdicts (and every
+    // replica sees windows started through another).
+    let leading = shared.actions.leading();
+    shared.validations.refresh(leading, now_ms);
+    if !leading {
+        return;
+    }
     let stats = |cbo: &str, since: i64| {
         shared
             .fleet

@@ -466,6 +466,7 @@ impl App {
             clock.now_ms(),
             restored.whole_since_ms,
             metrics.clone(),
+            store.clone(),
         )?;
         let shared = Arc::new(Shared {
             remembered: store::RememberedStore::open(&config.server.state_dir),

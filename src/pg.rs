@@ -24,12 +24,13 @@ use crate::config;
 use crate::decisions::{Entry, Health, LogError};
 
 /// The schema this build writes. A database of a newer one is refused by name.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// How often the lease is renewed (every tick).
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// Each migration, in order; `tg_schema` says which ran.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE tg_lease (
     id integer PRIMARY KEY CHECK (id = 1),
     holder text NOT NULL,
@@ -58,7 +59,16 @@ CREATE TABLE tg_events (
     record text NOT NULL
 );
 CREATE INDEX tg_events_by_time ON tg_events (received_ms);
-"#];
+"#,
+    r#"
+CREATE TABLE tg_validations (
+    id text PRIMARY KEY,
+    cbo text NOT NULL,
+    start_ms bigint NOT NULL,
+    body text NOT NULL
+);
+"#,
+];
 
 /// Advisory locks: migrations, and appends to each ordered table (ids are then taken in
 /// commit order, so a reader's cursor never passes a row that commits later).
@@ -559,6 +569,46 @@ impl Store {
         });
         if let Err(CallError::Unique(why) | CallError::Failed(why)) = answer {
             self.failed("events", &why);
+        }
+    }
+
+    /// Writes validation windows (id, cbo, start, the window as JSON), each replacing the one
+    /// of its id.
+    pub fn save_validations(&self, rows: Vec<(String, String, i64, String)>) -> Result<(), String> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let answer = self.log.call(move |c| {
+            let mut tx = c.transaction()?;
+            let stmt = tx.prepare(
+                "INSERT INTO tg_validations (id, cbo, start_ms, body) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET cbo = EXCLUDED.cbo, start_ms = EXCLUDED.start_ms, body = EXCLUDED.body",
+            )?;
+            for (id, cbo, start_ms, body) in &rows {
+                tx.execute(&stmt, &[id, cbo, start_ms, body])?;
+            }
+            tx.commit()
+        });
+        answer.map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
+            self.failed("validations", &why);
+            why
+        })
+    }
+
+    /// Every validation window started since `since_ms`, as JSON.
+    pub fn load_validations(&self, since_ms: i64) -> Result<Vec<String>, String> {
+        let answer = self.log.call(move |c| {
+            c.query(
+                "SELECT body FROM tg_validations WHERE start_ms >= $1 ORDER BY start_ms",
+                &[&since_ms],
+            )
+        });
+        match answer {
+            Ok(rows) => Ok(rows.into_iter().map(|r| r.get(0)).collect()),
+            Err(CallError::Unique(why) | CallError::Failed(why)) => {
+                self.failed("validations", &why);
+                Err(why)
+            }
         }
     }
 

@@ -267,6 +267,9 @@ pub struct Validations {
     path: PathBuf,
     windows: Mutex<BTreeMap<String, Validation>>,
     metrics: Arc<Metrics>,
+    /// Replicas: the windows live in the store (`tg_validations`); the leader judges them,
+    /// and every replica reads them.
+    store: Option<Arc<crate::pg::Store>>,
 }
 
 impl Validations {
@@ -279,16 +282,28 @@ impl Validations {
         now_ms: i64,
         whole_since_ms: Option<i64>,
         metrics: Arc<Metrics>,
+        store: Option<Arc<crate::pg::Store>>,
     ) -> Result<Validations, ValidationError> {
         let path = state_dir.join(FILE_NAME);
         let err = |message: String| ValidationError::Store {
             path: path.clone(),
             message,
         };
-        let mut windows: BTreeMap<String, Validation> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(err(e.to_string())),
+        let mut windows: BTreeMap<String, Validation> = match &store {
+            Some(store) => {
+                let rows = store
+                    .load_validations(now_ms - KEEP_FOR_MS)
+                    .map_err(|e| err(format!("the store: {e}")))?;
+                rows.iter()
+                    .filter_map(|r| serde_json::from_str::<Validation>(r).ok())
+                    .map(|v| (v.id.clone(), v))
+                    .collect()
+            }
+            None => match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+                Err(e) => return Err(err(e.to_string())),
+            },
         };
         for v in windows.values_mut().filter(|v| v.state == State::Running) {
             if whole_since_ms.is_some_and(|since| v.resumed_ms.unwrap_or(v.start_ms) >= since) {
@@ -305,6 +320,7 @@ impl Validations {
             path,
             windows: Mutex::new(windows),
             metrics,
+            store,
         };
         let windows = this.lock();
         for cbo in cbos {
@@ -332,8 +348,29 @@ impl Validations {
         self.windows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the whole set atomically (temporary file, fsync, rename).
-    fn save(&self, windows: &BTreeMap<String, Validation>) -> Result<(), ValidationError> {
+    /// Keeps the windows `changed` (ids): the whole set written atomically to the file
+    /// (temporary file, fsync, rename); with replicas, those windows written to the store.
+    fn save(
+        &self,
+        windows: &BTreeMap<String, Validation>,
+        changed: &[String],
+    ) -> Result<(), ValidationError> {
+        if let Some(store) = &self.store {
+            let rows = changed
+                .iter()
+                .filter_map(|id| windows.get(id))
+                .map(|v| {
+                    let body = serde_json::to_string(v).expect("a window serializes");
+                    (v.id.clone(), v.cbo.clone(), v.start_ms, body)
+                })
+                .collect();
+            return store
+                .save_validations(rows)
+                .map_err(|message| ValidationError::Store {
+                    path: PathBuf::from("the store's tg_validations"),
+                    message,
+                });
+        }
         let bytes = serde_json::to_vec_pretty(windows).expect("validations serialize");
         crate::store::write_atomic(&self.path, &bytes).map_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "cannot save validation windows");
@@ -384,13 +421,41 @@ impl Validations {
         };
         windows.insert(id.clone(), v.clone());
         // A window that cannot be kept across a restart is not started.
-        if let Err(e) = self.save(&windows) {
+        if let Err(e) = self.save(&windows, std::slice::from_ref(&id)) {
             windows.remove(&id);
             return Err(e);
         }
         self.publish(&windows, cbo);
         tracing::info!(cbo, deployment, id = %v.id, end = %v.end, started_by, "validation window started");
         Ok(v)
+    }
+
+    /// Replicas, at each tick: takes the windows in the store. Windows started elsewhere are
+    /// added; a follower takes the leader's verdicts, the leader keeps its own (it writes them).
+    pub fn refresh(&self, leading: bool, now_ms: i64) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let Ok(rows) = store.load_validations(now_ms - KEEP_FOR_MS) else {
+            return;
+        };
+        let mut windows = self.lock();
+        let mut cbos = std::collections::BTreeSet::new();
+        for v in rows
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Validation>(r).ok())
+        {
+            if leading && windows.contains_key(&v.id) {
+                continue;
+            }
+            if windows.get(&v.id) != Some(&v) {
+                cbos.insert(v.cbo.clone());
+                windows.insert(v.id.clone(), v);
+            }
+        }
+        for cbo in cbos {
+            self.publish(&windows, &cbo);
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Validation> {
@@ -424,7 +489,7 @@ impl Validations {
 
     fn end_running(&self, cbo: &str, which: impl Fn(&Validation) -> bool, why: &str, now_ms: i64) {
         let mut windows = self.lock();
-        let mut ended = false;
+        let mut ended = Vec::new();
         for v in windows
             .values_mut()
             .filter(|v| v.cbo == cbo && v.state == State::Running && which(v))
@@ -433,12 +498,12 @@ impl Validations {
             v.reason = Some(why.to_string());
             v.end_ms = now_ms;
             v.end = rfc3339(now_ms);
-            ended = true;
+            ended.push(v.id.clone());
             tracing::warn!(id = %v.id, cbo, deployment = %v.deployment, why, "validation window ended");
         }
-        if ended {
+        if !ended.is_empty() {
             self.publish(&windows, cbo);
-            let _ = self.save(&windows);
+            let _ = self.save(&windows, &ended);
         }
     }
 
@@ -449,15 +514,15 @@ impl Validations {
             return;
         }
         let mut windows = self.lock();
-        let mut changed = false;
+        let mut changed = Vec::new();
         for (id, f) in failing {
             if let Some(v) = windows.get_mut(&id) {
                 v.failing = f;
-                changed = true;
+                changed.push(id);
             }
         }
-        if changed {
-            let _ = self.save(&windows);
+        if !changed.is_empty() {
+            let _ = self.save(&windows, &changed);
         }
     }
 
@@ -554,9 +619,15 @@ impl Validations {
             self.publish(&windows, &v.cbo);
         }
         // Persist on endings, and every ten seconds while a window runs, so a restart loses little.
-        let running = windows.values().any(|v| v.state == State::Running);
-        if !ended.is_empty() || (running && (now_ms / 1000) % 10 == 0) {
-            let _ = self.save(&windows);
+        let running: Vec<String> = windows
+            .values()
+            .filter(|v| v.state == State::Running)
+            .map(|v| v.id.clone())
+            .collect();
+        if !ended.is_empty() || (!running.is_empty() && (now_ms / 1000) % 10 == 0) {
+            let mut changed: Vec<String> = ended.iter().map(|v| v.id.clone()).collect();
+            changed.extend(running);
+            let _ = self.save(&windows, &changed);
         }
         ended
     }
@@ -600,7 +671,7 @@ mod tests {
     #[test]
     fn old_finished_windows_are_pruned_but_running_and_latest_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let v = Validations::open(dir.path(), 0, None, Arc::new(Metrics::new())).unwrap();
+        let v = Validations::open(dir.path(), 0, None, Arc::new(Metrics::new()), None).unwrap();
         let day = 24 * 3600 * 1000;
         let d = Duration::from_secs(60);
         // Ten days of windows on cbo a, one a day, each finished; one old running on b.
@@ -626,7 +697,8 @@ mod tests {
         assert!(windows.contains_key(&b), "a running window stays");
         drop(windows);
         // The file holds the same.
-        let reopened = Validations::open(dir.path(), now, None, Arc::new(Metrics::new())).unwrap();
+        let reopened =
+            Validations::open(dir.path(), now, None, Arc::new(Metrics::new()), None).unwrap();
         assert_eq!(reopened.list(None).len(), 9);
     }
 }

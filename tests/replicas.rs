@@ -191,6 +191,19 @@ async fn two_replicas_and_one_breach_fire_one_rollback_and_both_read_it() {
     })
     .await;
     assert!(one.is_some(), "never exactly one leader");
+    // A pipeline opens a validation window through one replica (whichever the load balancer
+    // picks)...
+    let window: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/validations", b.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"cbo": "a", "deployment": "release-42", "duration": "10m"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = window["id"].as_str().unwrap().to_string();
     // Failures pushed to both; every replica takes every event from the store.
     let feeder = failures(vec![a.url.clone(), b.url.clone()]);
     let landed = until(Duration::from_secs(20), || async {
@@ -216,6 +229,20 @@ async fn two_replicas_and_one_breach_fire_one_rollback_and_both_read_it() {
     assert_eq!(fired_rollbacks(&db_), 1);
     let seqs = |d: &[serde_json::Value]| d.iter().map(|e| e["seq"].clone()).collect::<Vec<_>>();
     assert_eq!(seqs(&da), seqs(&db_));
+    // ...and polls it through the other: the same window, failed by the rollback trigger.
+    for r in [&a, &b] {
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/v1/validations/{id}", r.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "failed", "{}: {v:#}", r.url);
+        assert_eq!(v["deployment"], "release-42");
+    }
     for r in [&mut a, &mut b] {
         r.child.start_kill().unwrap();
         let _ = r.child.wait().await;
@@ -475,4 +502,115 @@ async fn the_database_going_away_stops_actions_and_pages_and_its_return_resumes_
         r.child.start_kill().unwrap();
         let _ = r.child.wait().await;
     }
+}
+
+/// The store of `db` as one replica opens it, with a short lease.
+fn open_store(db: &str) -> Arc<transfer_guard::pg::Store> {
+    let cfg = transfer_guard::config::Store {
+        url: transfer_guard::config::Secret::new(db.to_string()),
+        lease: LEASE,
+    };
+    transfer_guard::pg::Store::open(&cfg, Arc::default()).unwrap()
+}
+
+fn rollback_intent(deployment: &str) -> transfer_guard::decisions::Entry {
+    use transfer_guard::decisions::{Entry, Kind};
+    let mut e = Entry::new("a", Kind::Intent, Clock::new().now_ms());
+    e.action = Some("rollback".into());
+    e.integration = Some("serverless".into());
+    e.deployment = Some(deployment.into());
+    e.key = Some(format!("a-rollback-serverless-{}", fastrand::u64(..)));
+    e
+}
+
+/// Blocking work on a thread of its own (the store's calls block).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_was_taken_writes_nothing_and_a_deployment_is_rolled_back_once() {
+    use transfer_guard::decisions::LogError;
+    let Some(db) = database(
+        "a_leader_whose_lease_was_taken_writes_nothing_and_a_deployment_is_rolled_back_once",
+    ) else {
+        return;
+    };
+    let store = open_store(&db);
+    let s = store.clone();
+    let led = until(Duration::from_secs(5), || {
+        let s = s.clone();
+        async move {
+            // The tick marks the log read; here nothing else wrote to it.
+            s.caught_up(s.epoch());
+            s.leading()
+        }
+    })
+    .await;
+    assert!(led.is_some(), "the only replica never led");
+    // Once per deployment, even for a leader: the second intent is refused by the database.
+    let s = store.clone();
+    let (first, second) = blocking(move || {
+        (
+            s.append(vec![rollback_intent("release-1")], true),
+            s.append(vec![rollback_intent("release-1")], true),
+        )
+    })
+    .await;
+    assert!(first.is_ok(), "{first:?}");
+    assert!(
+        matches!(&second, Err(LogError::Refused(why)) if why.contains("once per deployment")),
+        "{second:?}"
+    );
+    // Another replica takes the lease while this one still believes it leads (a pause, a
+    // clock that ran slow): its writes are refused in the database.
+    let url = db.clone();
+    blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.execute(
+            "UPDATE tg_lease SET holder = 'another-replica', epoch = epoch + 1, expires_at = now() + interval '1 minute'",
+            &[],
+        )
+        .unwrap();
+    })
+    .await;
+    let s = store.clone();
+    let deposed = blocking(move || s.append(vec![rollback_intent("release-2")], true)).await;
+    assert!(matches!(deposed, Err(LogError::NotLeader)), "{deposed:?}");
+    // And within a renewal it knows it no longer leads.
+    let s = store.clone();
+    let follows = until(Duration::from_secs(3), || {
+        let s = s.clone();
+        async move { !s.leading() }
+    })
+    .await;
+    assert!(follows.is_some(), "still leading after its lease was taken");
+    store.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_by_a_newer_build_is_refused_by_name() {
+    let Some(db) = database("a_store_written_by_a_newer_build_is_refused_by_name") else {
+        return;
+    };
+    drop(open_store(&db));
+    let url = db.clone();
+    blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.execute("INSERT INTO tg_schema (version) VALUES (99)", &[])
+            .unwrap();
+    })
+    .await;
+    let cfg = transfer_guard::config::Store {
+        url: transfer_guard::config::Secret::new(db.clone()),
+        lease: LEASE,
+    };
+    let refused = transfer_guard::pg::Store::open(&cfg, Arc::default())
+        .err()
+        .expect("a newer schema was taken");
+    let why = refused.to_string();
+    assert!(
+        why.contains("version 99") && why.contains(&transfer_guard::pg::SCHEMA_VERSION.to_string()),
+        "{why}"
+    );
 }
