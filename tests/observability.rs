@@ -35,7 +35,7 @@ async fn promtool_checks_and_unit_tests_the_alert_rules() {
         .arg(Path::new(ROOT).join("alerts/transfer-guard.rules.yml")))
     .await;
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 26 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 27 rules found"), "{out}");
     let tests: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("alerts/tests"))
         .unwrap()
         .map(|e| e.unwrap().path())
