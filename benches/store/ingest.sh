@@ -3,13 +3,13 @@
 # lines, two in flight) into one replica of two sharing a PostgreSQL, against the same into a
 # daemon without a store; then how long the other replica takes to have every event.
 #   usage: benches/store/ingest.sh [EVENTS] [RUNS]
-# Starts its own private cluster (.ci/postgres) unless TRANSFER_GUARD_TEST_DATABASE_URL is set.
+# Starts its own private cluster (.ci/postgres, fsync on) unless TRANSFER_GUARD_TEST_DATABASE_URL is set.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 events=${1:-200000}
 runs=${2:-3}
 if [ -z "${TRANSFER_GUARD_TEST_DATABASE_URL:-}" ]; then
-  . .ci/postgres
+  TG_PG_FSYNC=on . .ci/postgres
 fi
 cargo build --release -q
 bin=$PWD/target/release/transfer-guard
