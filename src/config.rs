@@ -1190,9 +1190,10 @@ impl Resolver<'_> {
             self.problem(at, None, message, true);
             return None;
         }
-        if section.lease < Duration::from_secs(2) || section.lease > Duration::from_secs(300) {
+        // Acted on for half of it, renewed every second: under 3 s a renewal would be late.
+        if section.lease < Duration::from_secs(3) || section.lease > Duration::from_secs(300) {
             let message = format!(
-                "store.lease: {} is outside 2s..=5m",
+                "store.lease: {} is outside 3s..=5m",
                 humantime::format_duration(section.lease)
             );
             let at = self.key_at("store.lease");
@@ -1580,6 +1581,45 @@ mod tests {
         let p = &checked.problems[0];
         assert_eq!(p.line, Some(3), "{p}");
         assert!(p.message.contains("listen_port"), "{p}");
+    }
+
+    #[test]
+    fn a_store_url_that_is_not_postgresql_or_a_lease_out_of_range_is_refused_without_the_secret() {
+        let text = "[store]\nurl_env = \"DB\"\n";
+        let ok = check_str(
+            text,
+            &env(&[("DB", "postgres://guard:pw@db.internal/tg?sslmode=require")]),
+        );
+        assert!(ok.problems.is_empty(), "{:?}", ok.problems);
+        let store = ok.config.unwrap().store.unwrap();
+        assert_eq!(store.lease, Duration::from_secs(10));
+
+        let bad = check_str(
+            text,
+            &env(&[("DB", "postgres://guard:hunter2@db/tg?sslmode=bogus")]),
+        );
+        let p = bad.problems.iter().find(|p| p.fatal).unwrap();
+        assert!(p.message.contains("DB is not a PostgreSQL URL"), "{p}");
+        assert!(
+            !p.to_string().contains("hunter2"),
+            "the password is echoed: {p}"
+        );
+
+        let unset = check_str(text, &env(&[]));
+        assert!(
+            unset
+                .problems
+                .iter()
+                .any(|p| p.fatal && p.message.contains("DB"))
+        );
+
+        let short = "[store]\nurl_env = \"DB\"\nlease = \"1s\"\n";
+        let p = &check_str(short, &env(&[("DB", "postgres://db/tg")])).problems[0];
+        assert!(
+            p.message.contains("store.lease: 1s is outside 3s..=5m"),
+            "{p}"
+        );
+        assert_eq!(p.line, Some(3), "{p}");
     }
 
     #[test]

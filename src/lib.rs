@@ -684,9 +684,9 @@ impl App {
             );
         }
         // Another replica leads at once, without waiting for the lease to run out.
-        if let Some(store) = self.shared.actions.log.store() {
-            store.stop();
+        if let Some(store) = self.shared.actions.log.store().cloned() {
             self.shared.metrics.set_leader(false);
+            let _ = tokio::task::spawn_blocking(move || store.stop()).await;
         }
         // The next start reads the snapshot, not the history.
         let log = self.shared.actions.log.clone();

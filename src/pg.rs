@@ -324,11 +324,9 @@ impl Store {
             }
         }
         *self.lease.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // A renewal may have run after `stop` gave the lease up: give it up again.
         if let Some(c) = client.as_mut() {
-            let _ = c.execute(
-                "UPDATE tg_lease SET expires_at = now() WHERE id = 1 AND holder = $1",
-                &[&self.me],
-            );
+            let _ = release(c, &self.me);
         }
     }
 
@@ -345,10 +343,20 @@ impl Store {
             .set(Some(format!("the store cannot be reached ({what}): {why}")));
     }
 
-    /// Stops renewing and gives the lease up (a clean stop).
+    /// Stops acting and renewing, and gives the lease up so another replica leads within a
+    /// second (a clean stop). Blocking.
     pub fn stop(&self) {
         *self.lease.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.stop.store(true, Ordering::Release);
+        let me = self.me.clone();
+        if let Err(CallError::Unique(why) | CallError::Failed(why)) =
+            self.log.call(move |c| release(c, &me))
+        {
+            tracing::warn!(
+                error = why,
+                "cannot give the lease up: another replica leads once it runs out"
+            );
+        }
     }
 
     /// Whether this replica leads now: its lease is current and it has read what the leader
@@ -665,6 +673,15 @@ impl Row {
             entry: serde_json::to_string(e).expect("an entry serializes"),
         }
     }
+}
+
+/// Ends this replica's lease now, if it holds it.
+fn release(c: &mut Client, me: &str) -> Result<(), postgres::Error> {
+    c.execute(
+        "UPDATE tg_lease SET expires_at = now() WHERE id = 1 AND holder = $1",
+        &[&me],
+    )
+    .map(|_| ())
 }
 
 /// Takes or renews the lease: `Some(epoch)` when this replica holds it now.

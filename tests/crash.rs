@@ -8,26 +8,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{daemon, failures};
+use common::processes::{ZE, ZS, daemon, failures, rollback_config, serverless_history};
 use common::*;
 use transfer_guard::clock::Clock;
 use transfer_guard::decisions::{DecisionLog, Kind};
 use transfer_guard::sim::twilio::{Fault, SimTwilio};
 
-const ZS: &str = "ZS0000000000000000000000000000000a";
-const ZE: &str = "ZE0000000000000000000000000000000a";
-
 /// One trial: the rollback in flight when the daemon dies at `kill_after`.
 async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static str, String> {
     let sim = SimTwilio::start(Clock::new()).await;
-    for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
-        sim.add_account(ac, "twilio-secret");
-        sim.add_workflow(ac, ws, ww);
-    }
-    sim.add_service(AC_A, ZS, ZE, WW_A);
-    sim.age_history(AC_A, Duration::from_secs(3 * 3600));
-    sim.deploy(AC_A, ZS, ZE, None);
-    sim.age_history(AC_A, Duration::from_secs(60));
+    serverless_history(&sim);
     let history = sim.deployments(AC_A, ZS, ZE);
     let good = history[0].build_sid.clone();
     // Twilio applies the rollback, then answers after the client gave up (1 s).
@@ -41,21 +31,7 @@ async fn trial(kill_after: Duration, answer_after: Duration) -> Result<&'static 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let text = config_text_in(&dir.path().join("state"), &sim.url(), "")
-        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
-        .replacen(
-            "[twilio]\n",
-            "[twilio]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\n",
-            1,
-        )
-        .replacen("[server]\n", "[actions]\ndry_run = false\n\n[server]\n", 1)
-        .replacen(
-            &format!("workflow_sid = \"{WW_A}\"\n"),
-            &format!(
-                "workflow_sid = \"{WW_A}\"\nserverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\nrollback = [\"serverless\"]\n\n[cbo.rules.bad_requests]\nminutes = 1\nwindow = \"1m\"\n"
-            ),
-            1,
-        );
+    let text = rollback_config(&dir.path().join("state"), &sim.url(), port);
     let config = dir.path().join("transfer-guard.toml");
     std::fs::write(&config, text).unwrap();
 

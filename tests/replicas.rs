@@ -14,14 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::processes::{daemon, failures};
+use common::processes::{ZE, ZS, daemon, failures, rollback_config, serverless_history};
 use common::*;
 use tokio::process::Child;
 use transfer_guard::clock::Clock;
 use transfer_guard::sim::twilio::{Fault, SimTwilio};
 
-const ZS: &str = "ZS0000000000000000000000000000000a";
-const ZE: &str = "ZE0000000000000000000000000000000a";
 /// Short, so a handover is quick to see: renewed every second, acted on for half of it.
 const LEASE: Duration = Duration::from_secs(4);
 
@@ -51,41 +49,9 @@ fn database(test: &str) -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
-/// The simulated Twilio of the crash test: cbo a on a serverless service with a good build
-/// three hours old and a new one a minute old.
-fn twilio(sim: &SimTwilio) -> String {
-    for (ac, ws, ww) in [(AC_A, WS_A, WW_A), (AC_B, WS_B, WW_B)] {
-        sim.add_account(ac, "twilio-secret");
-        sim.add_workflow(ac, ws, ww);
-    }
-    sim.add_service(AC_A, ZS, ZE, WW_A);
-    sim.age_history(AC_A, Duration::from_secs(3 * 3600));
-    sim.deploy(AC_A, ZS, ZE, None);
-    sim.age_history(AC_A, Duration::from_secs(60));
-    sim.deployments(AC_A, ZS, ZE)[0].build_sid.clone()
-}
-
 /// One replica's configuration: its own port and state dir, the shared store in `TG_DB`.
 fn replica_config(dir: &Path, name: &str, twilio: &str, port: u16) -> PathBuf {
-    let text = config_text_in(&dir.join(name), twilio, "")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-            1,
-        )
-        .replacen(
-            "[twilio]\n",
-            "[twilio]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\n",
-            1,
-        )
-        .replacen("[server]\n", "[actions]\ndry_run = false\n\n[server]\n", 1)
-        .replacen(
-            &format!("workflow_sid = \"{WW_A}\"\n"),
-            &format!(
-                "workflow_sid = \"{WW_A}\"\nserverless_service_sid = \"{ZS}\"\nserverless_environment_sid = \"{ZE}\"\nrollback = [\"serverless\"]\n\n[cbo.rules.bad_requests]\nminutes = 1\nwindow = \"1m\"\n"
-            ),
-            1,
-        )
+    let text = rollback_config(&dir.join(name), twilio, port)
         + &format!(
             "\n[store]\nurl_env = \"TG_DB\"\nlease = \"{}\"\n",
             humantime::format_duration(LEASE)
@@ -106,6 +72,34 @@ async fn replica(dir: &Path, name: &str, twilio: &str, db: &str) -> Replica {
     let url = format!("http://127.0.0.1:{port}");
     let child = daemon(&config, &url, &[("TG_DB", db)]).await;
     Replica { url, child }
+}
+
+/// Two replicas on the store `db`, before any traffic, and the simulated Twilio they poll
+/// (`serverless_history`: its good build, and how many deployments it has).
+struct Pair {
+    sim: SimTwilio,
+    good: String,
+    before: usize,
+    _dir: tempfile::TempDir,
+    a: Replica,
+    b: Replica,
+}
+
+async fn pair(db: &str) -> Pair {
+    let sim = SimTwilio::start(Clock::new()).await;
+    let good = serverless_history(&sim);
+    let before = sim.deployments(AC_A, ZS, ZE).len();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), "a", &sim.url(), db).await;
+    let b = replica(dir.path(), "b", &sim.url(), db).await;
+    Pair {
+        sim,
+        good,
+        before,
+        _dir: dir,
+        a,
+        b,
+    }
 }
 
 async fn scrape(url: &str) -> Option<String> {
@@ -140,16 +134,21 @@ async fn until<F: std::future::Future<Output = bool>>(
     None
 }
 
-async fn decisions(url: &str) -> Vec<serde_json::Value> {
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!("{url}/v1/decisions?cbo=a&limit=1000"))
+/// `GET {url}{path}` with the admin token, as JSON.
+async fn admin_get(url: &str, path: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{url}{path}"))
         .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn decisions(url: &str) -> Vec<serde_json::Value> {
+    let body = admin_get(url, "/v1/decisions?cbo=a&limit=1000").await;
     body["decisions"]
         .as_array()
         .or_else(|| body.as_array())
@@ -175,12 +174,14 @@ async fn two_replicas_and_one_breach_fire_one_rollback_and_both_read_it() {
     else {
         return;
     };
-    let sim = SimTwilio::start(Clock::new()).await;
-    let good = twilio(&sim);
-    let before = sim.deployments(AC_A, ZS, ZE).len();
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = replica(dir.path(), "a", &sim.url(), &db).await;
-    let mut b = replica(dir.path(), "b", &sim.url(), &db).await;
+    let Pair {
+        sim,
+        good,
+        before,
+        _dir,
+        mut a,
+        mut b,
+    } = pair(&db).await;
     // Exactly one leads.
     let one = until(Duration::from_secs(10), || async {
         let (la, lb) = (leads(&a.url).await, leads(&b.url).await);
@@ -231,15 +232,7 @@ async fn two_replicas_and_one_breach_fire_one_rollback_and_both_read_it() {
     assert_eq!(seqs(&da), seqs(&db_));
     // ...and polls it through the other: the same window, failed by the rollback trigger.
     for r in [&a, &b] {
-        let v: serde_json::Value = reqwest::Client::new()
-            .get(format!("{}/v1/validations/{id}", r.url))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = admin_get(&r.url, &format!("/v1/validations/{id}")).await;
         assert_eq!(v["state"], "failed", "{}: {v:#}", r.url);
         assert_eq!(v["deployment"], "release-42");
     }
@@ -258,7 +251,7 @@ async fn failover(
     answer_after: Duration,
 ) -> Result<Duration, String> {
     let sim = SimTwilio::start(Clock::new()).await;
-    let good = twilio(&sim);
+    let good = serverless_history(&sim);
     let before = sim.deployments(AC_A, ZS, ZE).len();
     sim.inject_on(
         "POST",
@@ -422,12 +415,14 @@ async fn the_database_going_away_stops_actions_and_pages_and_its_return_resumes_
     let pg_port = cfg.get_ports()[0];
     let proxy = Proxy::start(format!("{host}:{pg_port}").parse().unwrap()).await;
     let proxied = db.replacen(&format!(":{pg_port}/"), &format!(":{}/", proxy.port), 1);
-    let sim = SimTwilio::start(Clock::new()).await;
-    let good = twilio(&sim);
-    let before = sim.deployments(AC_A, ZS, ZE).len();
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = replica(dir.path(), "a", &sim.url(), &proxied).await;
-    let mut b = replica(dir.path(), "b", &sim.url(), &proxied).await;
+    let Pair {
+        sim,
+        good,
+        before,
+        _dir,
+        mut a,
+        mut b,
+    } = pair(&proxied).await;
     let led = until(Duration::from_secs(10), || async {
         leads(&a.url).await == Some(true) || leads(&b.url).await == Some(true)
     })
@@ -613,4 +608,37 @@ async fn a_store_written_by_a_newer_build_is_refused_by_name() {
         why.contains("version 99") && why.contains(&transfer_guard::pg::SCHEMA_VERSION.to_string()),
         "{why}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_gives_the_lease_up_at_once() {
+    let Some(db) = database("a_leader_stopped_cleanly_gives_the_lease_up_at_once") else {
+        return;
+    };
+    let Pair { mut a, mut b, .. } = pair(&db).await;
+    let one = until(Duration::from_secs(10), || async {
+        leads(&a.url).await == Some(true) || leads(&b.url).await == Some(true)
+    })
+    .await;
+    assert!(one.is_some(), "nobody led");
+    let (leader, follower) = if leads(&a.url).await == Some(true) {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    // SIGTERM: a clean stop.
+    let pid = leader.child.id().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = leader.child.wait().await;
+    let stopped = Instant::now();
+    let took = until(LEASE, || async { leads(&follower.url).await == Some(true) })
+        .await
+        .map(|_| stopped.elapsed());
+    // Without the lease given up, the follower would wait for it to run out (the whole lease).
+    assert!(
+        took.is_some_and(|t| t < LEASE / 2),
+        "the follower led after {took:?}"
+    );
+    follower.child.start_kill().unwrap();
+    let _ = follower.child.wait().await;
 }

@@ -625,8 +625,8 @@ impl Actions {
         let epoch = store.epoch();
         let entries = match self.log.others() {
             Ok(entries) => entries,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the decision log in the store");
+            // Counted and logged once per spell by the store; /readyz says why.
+            Err(_) => {
                 self.metrics.set_leader(store.leading());
                 return;
             }
@@ -1160,12 +1160,14 @@ impl Actions {
         intent.key = Some(key.clone());
         intent.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
         let log = self.log.clone();
-        let written = tokio::task::spawn_blocking(move || log.append(intent)).await;
+        let written = tokio::task::spawn_blocking(move || log.append(intent))
+            .await
+            .unwrap_or_else(|e| Err(LogError::Store(format!("the write's task ended: {e}"))));
         let intent = match written {
-            Ok(Ok(intent)) => intent,
+            Ok(intent) => intent,
             // Replicas: another leader's intent for this deployment is on record, or this one
             // lost the lease since it decided. Nothing is sent.
-            Ok(Err(e @ (LogError::Refused(_) | LogError::NotLeader))) => {
+            Err(e @ (LogError::Refused(_) | LogError::NotLeader)) => {
                 tracing::warn!(cbo = %d.cbo, integration = name, error = %e, "action not sent");
                 self.count(&d.cbo, d.kind, name, "suppressed");
                 if matches!(e, LogError::Refused(_))
@@ -1176,11 +1178,6 @@ impl Actions {
                         .rolled_back
                         .insert((d.cbo.clone(), dep.clone()));
                 }
-                return Ran::NotRecorded;
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot write the decision log");
-                self.count(&d.cbo, d.kind, name, "failed");
                 return Ran::NotRecorded;
             }
             Err(e) => {
@@ -1290,8 +1287,6 @@ impl Actions {
             } else {
                 Vec::new()
             };
-            // With the store, the intents of the leader's own actions under way are its own.
-            let pending: Vec<Entry> = pending.into_iter().filter(|e| !self.under_way(e)).collect();
             if pending.is_empty() {
                 if !replicas {
                     return;
@@ -1318,17 +1313,6 @@ impl Actions {
                 _ = stop.changed() => return,
             }
         }
-    }
-
-    /// Whether `intent` is one of this process's actions still being carried out (its result
-    /// is written by the action itself).
-    fn under_way(&self, intent: &Entry) -> bool {
-        let Some(kind) = intent.action.as_deref().and_then(ActionKind::parse) else {
-            return false;
-        };
-        self.memory()
-            .in_flight
-            .contains(&(intent.cbo.clone(), kind))
     }
 
     /// The result entry settling `intent`, or `None` while Twilio cannot tell yet.
