@@ -469,7 +469,7 @@ impl App {
             store.clone(),
         )?;
         let shared = Arc::new(Shared {
-            remembered: store::RememberedStore::open(&config.server.state_dir),
+            remembered: store::RememberedStore::open(&config.server.state_dir, store.clone()),
             validations,
             engine: std::sync::Mutex::new(engine),
             live,

@@ -24,12 +24,12 @@ use crate::config;
 use crate::decisions::{Entry, Health, LogError};
 
 /// The schema this build writes. A database of a newer one is refused by name.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// How often the lease is renewed (every tick).
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// Each migration, in order; `tg_schema` says which ran.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE tg_lease (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -65,6 +65,12 @@ CREATE TABLE tg_validations (
     id text PRIMARY KEY,
     cbo text NOT NULL,
     start_ms bigint NOT NULL,
+    body text NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE tg_baselines (
+    cbo text PRIMARY KEY,
     body text NOT NULL
 );
 "#,
@@ -618,6 +624,36 @@ impl Store {
                 Err(why)
             }
         }
+    }
+
+    /// Every CBO's remembered baseline (what polling last saw), as JSON.
+    pub fn load_baselines(&self) -> Result<Vec<(String, String)>, String> {
+        match self
+            .log
+            .call(|c| c.query("SELECT cbo, body FROM tg_baselines", &[]))
+        {
+            Ok(rows) => Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()),
+            Err(CallError::Unique(why) | CallError::Failed(why)) => {
+                self.failed("baselines", &why);
+                Err(why)
+            }
+        }
+    }
+
+    /// Replaces one CBO's remembered baseline.
+    pub fn save_baseline(&self, cbo: String, body: String) -> Result<(), String> {
+        let answer = self.log.call(move |c| {
+            c.execute(
+                "INSERT INTO tg_baselines (cbo, body) VALUES ($1, $2) ON CONFLICT (cbo) DO UPDATE SET body = EXCLUDED.body",
+                &[&cbo, &body],
+            )
+        });
+        answer
+            .map(|_| ())
+            .map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
+                self.failed("baselines", &why);
+                why
+            })
     }
 
     /// Whether the database answers (for the probe of a broken store).

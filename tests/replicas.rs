@@ -642,3 +642,30 @@ async fn a_leader_stopped_cleanly_gives_the_lease_up_at_once() {
     follower.child.start_kill().unwrap();
     let _ = follower.child.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_starts_knows_the_problems_another_already_saw() {
+    use transfer_guard::sources::poll::Remembered;
+    use transfer_guard::store::RememberedStore;
+    let Some(db) = database("a_replica_that_starts_knows_the_problems_another_already_saw") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Remembered {
+        baseline: None,
+        known_problems: ["workflow_sid_mismatch".to_string()].into(),
+    };
+    let (first, second) = (open_store(&db), open_store(&db));
+    let (d, s) = (dir.path().to_path_buf(), seen.clone());
+    let got = blocking(move || {
+        RememberedStore::open(&d.join("one"), Some(first.clone())).save("a", &s);
+        first.stop();
+        // Another replica, its own (empty) state dir.
+        let other = RememberedStore::open(&d.join("two"), Some(second.clone()));
+        second.stop();
+        other.get("a")
+    })
+    .await;
+    assert_eq!(got, Some(seen));
+    assert!(!dir.path().join("one").join("baselines.json").exists());
+}
