@@ -303,6 +303,8 @@ impl Store {
             }
             if let Some(c) = client.as_mut() {
                 match renew(c, &self.me, self.lease_len) {
+                    // Stopped meanwhile: not leading again (the lease is given up below).
+                    Ok(Some(_)) if self.stop.load(Ordering::Acquire) => break,
                     Ok(Some(epoch)) => {
                         *self.lease.until.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(sent + self.lease_len / 2);
