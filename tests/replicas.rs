@@ -365,6 +365,19 @@ struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy to the database of the URL `db`, and the URL that goes through it.
+    async fn before(db: &str) -> (Proxy, String) {
+        let cfg: postgres::Config = db.parse().unwrap();
+        let host = match &cfg.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("{other:?}"),
+        };
+        let pg_port = cfg.get_ports()[0];
+        let proxy = Proxy::start(format!("{host}:{pg_port}").parse().unwrap()).await;
+        let proxied = db.replacen(&format!(":{pg_port}/"), &format!(":{}/", proxy.port), 1);
+        (proxy, proxied)
+    }
+
     async fn start(to: std::net::SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -407,14 +420,7 @@ async fn the_database_going_away_stops_actions_and_pages_and_its_return_resumes_
     else {
         return;
     };
-    let cfg: postgres::Config = db.parse().unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("{other:?}"),
-    };
-    let pg_port = cfg.get_ports()[0];
-    let proxy = Proxy::start(format!("{host}:{pg_port}").parse().unwrap()).await;
-    let proxied = db.replacen(&format!(":{pg_port}/"), &format!(":{}/", proxy.port), 1);
+    let (proxy, proxied) = Proxy::before(&db).await;
     let Pair {
         sim,
         good,
@@ -668,4 +674,68 @@ async fn a_replica_that_starts_knows_the_problems_another_already_saw() {
     .await;
     assert_eq!(got, Some(seen));
     assert!(!dir.path().join("one").join("baselines.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_store_did_not_take_is_settled_with_twilio_when_it_answers_again() {
+    let Some(db) =
+        database("a_result_the_store_did_not_take_is_settled_with_twilio_when_it_answers_again")
+    else {
+        return;
+    };
+    let (proxy, proxied) = Proxy::before(&db).await;
+    let sim = SimTwilio::start(Clock::new()).await;
+    let good = serverless_history(&sim);
+    let before = sim.deployments(AC_A, ZS, ZE).len();
+    // Twilio takes 4 s to answer the rollback (applied at once): the store goes away meanwhile.
+    sim.inject_on(
+        "POST",
+        "/Deployments",
+        Fault::Delay(Duration::from_secs(4)),
+        Some(1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = replica_config(dir.path(), "only", &sim.url(), port);
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "request_timeout = \"1s\"",
+        "request_timeout = \"10s\"",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut only = daemon(&config, &url, &[("TG_DB", &proxied)]).await;
+    let feeder = failures(vec![url.clone()]);
+    let intent = until(Duration::from_secs(20), || async {
+        decisions(&url).await.iter().any(|e| e["kind"] == "intent")
+    })
+    .await;
+    assert!(intent.is_some(), "no rollback intent");
+    proxy.down.store(true, Ordering::Release);
+    feeder.abort();
+    // Twilio answers while the store is away: the result cannot be written.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.down.store(false, Ordering::Release);
+    // Back: this replica leads again and settles its own intent by asking Twilio.
+    let settled = until(Duration::from_secs(20), || async {
+        decisions(&url).await.iter().any(|e| {
+            e["kind"] == "action"
+                && e["integration"] == "serverless"
+                && e["result"] == "fired"
+                && e["detail"].as_str().unwrap_or("").contains("took effect")
+        })
+    })
+    .await;
+    let entries = decisions(&url).await;
+    assert!(settled.is_some(), "never settled: {entries:#?}");
+    let after = sim.deployments(AC_A, ZS, ZE);
+    assert_eq!(
+        after.len() - before,
+        1,
+        "sent again: {:?}",
+        &after[before..]
+    );
+    assert_eq!(after.last().unwrap().build_sid, good);
+    only.start_kill().unwrap();
+    let _ = only.wait().await;
 }

@@ -974,7 +974,7 @@ impl Actions {
                 Some("acknowledged by on-call until the rule recovers".to_string())
             } else if let Some(e) = m.unsettled.values().find(|e| e.cbo == d.cbo) {
                 Some(format!(
-                    "an intent written before the restart ({}) is still being settled with Twilio",
+                    "an intent without a result ({}) is still being settled with Twilio",
                     e.key.as_deref().unwrap_or("")
                 ))
             } else if d.kind == ActionKind::Rollback
@@ -1204,7 +1204,7 @@ impl Actions {
                             "{detail} (took effect, though attempt {} answered: {last_error})",
                             attempt - 1
                         );
-                        return self.done(d, name, &plan, &key, attempt - 1, done).await;
+                        return self.done(d, name, &plan, &intent, attempt - 1, done).await;
                     }
                     Ok(Effect::NotApplied | Effect::Unknown) => {}
                     Err(e) => {
@@ -1219,7 +1219,7 @@ impl Actions {
                 }
             }
             match integration.run(attempt_of).await {
-                Ok(done) => return self.done(d, name, &plan, &key, attempt, done).await,
+                Ok(done) => return self.done(d, name, &plan, &intent, attempt, done).await,
                 Err(error) => {
                     tracing::warn!(cbo = %d.cbo, integration = name, attempt, error, "action attempt failed");
                     if attempt < attempts {
@@ -1238,8 +1238,21 @@ impl Actions {
         e.attempt = Some(attempts);
         e.key = Some(key);
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        self.durable(e).await;
+        if self.durable(e).await.is_none() {
+            self.unrecorded(&intent);
+        }
         Ran::Failed
+    }
+
+    /// An action's result could not be written (a full disk, the store away): its intent is
+    /// settled with Twilio like one found at a start, once the log can be written, and the
+    /// CBO's actions wait until then.
+    fn unrecorded(&self, intent: &Entry) {
+        let Some(key) = intent.key.clone() else {
+            return;
+        };
+        tracing::warn!(cbo = %intent.cbo, key, "an action's result was not recorded: it is settled with Twilio once the log can be written");
+        self.memory().unsettled.insert(key, intent.clone());
     }
 
     /// An integration's action took effect: the result joins its intent by key, and carries
@@ -1249,7 +1262,7 @@ impl Actions {
         d: &Decision,
         name: &str,
         plan: &Plan,
-        key: &str,
+        intent: &Entry,
         attempt: u32,
         done: String,
     ) -> Ran {
@@ -1257,9 +1270,11 @@ impl Actions {
         self.count(&d.cbo, d.kind, name, "fired");
         let mut e = self.entry(d, name, "fired", done);
         e.attempt = Some(attempt);
-        e.key = Some(key.to_string());
+        e.key = intent.key.clone();
         e.evidence = serde_json::json!({ "plan": plan, "breach": d.evidence });
-        self.durable(e).await;
+        if self.durable(e).await.is_none() {
+            self.unrecorded(intent);
+        }
         let mut m = self.memory();
         m.took_effect(&d.cbo, plan);
         if plan.artifact.is_some() {
@@ -1274,13 +1289,13 @@ impl Actions {
         std::mem::take(&mut self.memory().landed)
     }
 
-    /// Settles every intent read back at start without a result: asks Twilio whether it took
-    /// effect and logs the answer; never sends it again. Until settled, the CBO's actions wait.
+    /// Settles every intent without a result (read back at start, left by a leader that died,
+    /// or whose result could not be written): asks Twilio whether it took effect and logs the
+    /// answer; never sends it again. Until settled, the CBO's actions wait.
     pub async fn settle(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut round = 0;
-        // Replicas: a leader may die with an intent under way at any time; whoever leads next
-        // settles it, so this goes on for the daemon's life.
-        let replicas = self.log.store().is_some();
+        // An intent may need settling at any time (a result that could not be written; with
+        // replicas, a leader that died mid-action): this goes on for the daemon's life.
         loop {
             let pending: Vec<Entry> = if self.leading() {
                 self.memory().unsettled.values().cloned().collect()
@@ -1288,9 +1303,6 @@ impl Actions {
                 Vec::new()
             };
             if pending.is_empty() {
-                if !replicas {
-                    return;
-                }
                 round = 0;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
