@@ -170,6 +170,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `share` on a blocking thread, for request handlers and async tasks: an error names why
+    /// nothing was taken.
+    pub async fn share_off_worker(
+        self: &Arc<Self>,
+        records: Vec<journal::Record>,
+    ) -> Result<(), String> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.share(records))
+            .await
+            .unwrap_or_else(|e| Err(format!("the task taking it ended: {e}")))
+    }
+
     /// What was pushed to this process (events a Twilio push brought, an agent's report, a
     /// test transfer's result), as journal records: taken here at once; with replicas, stored
     /// for every replica to take (this one too). Blocking. An error names why the store could

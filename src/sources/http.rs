@@ -280,27 +280,18 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         Some(store) => {
             let records = to_records(by_cbo, now_ms, &mut rejected);
             let n = records.len();
-            let stored =
-                tokio::task::spawn_blocking(move || store.push_events(records, now_ms)).await;
-            match stored {
-                Ok(Ok(())) => accepted = n,
-                Ok(Err(why)) => {
-                    return json_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!(
-                            "the store cannot be written ({why}): nothing in this body was taken; send it again"
-                        ),
-                    );
-                }
-                Err(e) => {
-                    return json_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!(
-                            "storing the events failed ({e}): nothing in this body was taken; send it again"
-                        ),
-                    );
-                }
+            let stored = tokio::task::spawn_blocking(move || store.push_events(records, now_ms))
+                .await
+                .unwrap_or_else(|e| Err(format!("the task storing them ended: {e}")));
+            if let Err(why) = stored {
+                return json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "the store cannot be written ({why}): nothing in this body was taken; send it again"
+                    ),
+                );
             }
+            accepted = n;
         }
     }
     rejected.sort_by_key(|r| r.index);

@@ -312,13 +312,8 @@ pub async fn run(
             started_ms,
             n,
         );
-        let sharing = shared.clone();
-        match tokio::task::spawn_blocking(move || sharing.share(records)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(cbo = %key, error = %e, "a test transfer's result not stored")
-            }
-            Err(e) => tracing::error!(cbo = %key, error = %e, "a test transfer's result not taken"),
+        if let Err(e) = shared.share_off_worker(records).await {
+            tracing::error!(cbo = %key, error = %e, "a test transfer's result not taken");
         }
         if *stop.borrow() {
             break;

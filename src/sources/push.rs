@@ -109,21 +109,11 @@ async fn take(
                 op: Op::Event(Stored::of(e)),
             })
             .collect();
-        let sharing = shared.clone();
-        match tokio::task::spawn_blocking(move || sharing.share(records)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(why)) => {
-                return json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("the store cannot be written ({why}): send it again"),
-                );
-            }
-            Err(e) => {
-                return json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("taking the events failed ({e}): send it again"),
-                );
-            }
+        if let Err(why) = shared.share_off_worker(records).await {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the store cannot be written ({why}): send it again"),
+            );
         }
     }
     StatusCode::NO_CONTENT.into_response()

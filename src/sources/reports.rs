@@ -88,23 +88,13 @@ pub async fn report(
             at_ms: report.at_ms,
         },
     };
-    let sharing = shared.clone();
-    match tokio::task::spawn_blocking(move || sharing.share(vec![record])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => {
-            return json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "the store cannot be written ({why}): the report was not taken; send it again"
-                ),
-            );
-        }
-        Err(e) => {
-            return json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("taking the report failed ({e}): send it again"),
-            );
-        }
+    if let Err(why) = shared.share_off_worker(vec![record]).await {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the store cannot be written ({why}): the report was not taken; send it again"
+            ),
+        );
     }
     (
         StatusCode::ACCEPTED,
