@@ -15,7 +15,11 @@ cargo build --release -q
 bin=$PWD/target/release/transfer-guard
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+  if declare -F tg_pg_stop >/dev/null; then tg_pg_stop; fi
+}
 trap cleanup EXIT
 "$bin" bench lines --events "$events" --per-file "$events" --dir "$work/log" >/dev/null
 file=$(ls "$work"/log/*)
