@@ -476,36 +476,46 @@ impl Store {
         let limit = limit.min(i64::MAX as usize) as i64;
         let after = after as i64;
         let since = since_ms.unwrap_or(i64::MIN);
-        let answer = self.log.call(move |c| {
-            c.query(
-                "SELECT seq, entry FROM tg_decisions WHERE seq > $1 AND ($2::text IS NULL OR cbo = $2) \
-                 AND at_ms >= $3 AND (NOT $4 OR replica <> $5) ORDER BY seq LIMIT $6",
-                &[&after, &cbo, &since, &others, &me, &limit],
-            )
-        });
-        match answer {
-            Ok(rows) => Ok(rows
-                .into_iter()
-                .filter_map(|r| {
-                    let seq: i64 = r.get(0);
-                    let text: String = r.get(1);
-                    match serde_json::from_str::<Entry>(&text) {
-                        Ok(mut e) => {
-                            e.seq = seq as u64;
-                            Some(e)
-                        }
-                        Err(e) => {
-                            tracing::warn!(seq, error = %e, "skipping an unreadable decision in the store");
-                            None
-                        }
+        let rows = self
+            .counted(&self.log, "decision log", move |c| {
+                c.query(
+                    "SELECT seq, entry FROM tg_decisions WHERE seq > $1 AND ($2::text IS NULL OR cbo = $2) \
+                     AND at_ms >= $3 AND (NOT $4 OR replica <> $5) ORDER BY seq LIMIT $6",
+                    &[&after, &cbo, &since, &others, &me, &limit],
+                )
+            })
+            .map_err(LogError::Store)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let seq: i64 = r.get(0);
+                let text: String = r.get(1);
+                match serde_json::from_str::<Entry>(&text) {
+                    Ok(mut e) => {
+                        e.seq = seq as u64;
+                        Some(e)
                     }
-                })
-                .collect()),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => {
-                self.failed("decision log", &why);
-                Err(LogError::Store(why))
-            }
-        }
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "skipping an unreadable decision in the store");
+                        None
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// `f` on `conn`; a failure counted, logged once per spell and named as `what`'s.
+    fn counted<T: Send + 'static>(
+        &self,
+        conn: &Conn,
+        what: &str,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, String> {
+        conn.call(f)
+            .map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
+                self.failed(what, &why);
+                why
+            })
     }
 
     /// Stores pushed events (journal records, one a line) for every replica to take; `Ok` once
@@ -515,7 +525,7 @@ impl Store {
             return Ok(());
         }
         let me = self.me.clone();
-        let answer = self.events.call(move |c| {
+        self.counted(&self.events, "events", move |c| {
             let mut tx = c.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_EVENTS])?;
             tx.execute(
@@ -523,34 +533,24 @@ impl Store {
                 &[&received_ms, &me, &records],
             )?;
             tx.commit()
-        });
-        answer.map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
-            self.failed("events", &why);
-            why
         })
     }
 
     /// Pushed events after id `after`, oldest first, at most `limit`.
     pub fn events_after(&self, after: i64, limit: i64) -> Result<Vec<(i64, String)>, String> {
-        let answer = self.events.call(move |c| {
+        let rows = self.counted(&self.events, "events", move |c| {
             c.query(
                 "SELECT id, record FROM tg_events WHERE id > $1 ORDER BY id LIMIT $2",
                 &[&after, &limit],
             )
-        });
-        match answer {
-            Ok(rows) => Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => {
-                self.failed("events", &why);
-                Err(why)
-            }
-        }
+        })?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Pushed events received at or after `since_ms` (a start's windows), and the cursor to
     /// follow from.
     pub fn events_since(&self, since_ms: i64) -> Result<Backlog, String> {
-        let answer = self.events.call(move |c| {
+        self.counted(&self.events, "events", move |c| {
             let mut tx = c
                 .build_transaction()
                 .isolation_level(postgres::IsolationLevel::RepeatableRead)
@@ -568,24 +568,17 @@ impl Store {
                 rows: rows.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
                 cursor,
             })
-        });
-        answer.map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
-            self.failed("events", &why);
-            why
         })
     }
 
     /// Deletes pushed events received before `before_ms` (no window reaches them).
     pub fn prune_events(&self, before_ms: i64) {
-        let answer = self.events.call(move |c| {
+        let _ = self.counted(&self.events, "events", move |c| {
             c.execute(
                 "DELETE FROM tg_events WHERE received_ms < $1",
                 &[&before_ms],
             )
         });
-        if let Err(CallError::Unique(why) | CallError::Failed(why)) = answer {
-            self.failed("events", &why);
-        }
     }
 
     /// Writes validation windows (id, cbo, start, the window as JSON), each replacing the one
@@ -594,7 +587,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let answer = self.log.call(move |c| {
+        self.counted(&self.log, "validations", move |c| {
             let mut tx = c.transaction()?;
             let stmt = tx.prepare(
                 "INSERT INTO tg_validations (id, cbo, start_ms, body) VALUES ($1, $2, $3, $4) \
@@ -604,83 +597,44 @@ impl Store {
                 tx.execute(&stmt, &[id, cbo, start_ms, body])?;
             }
             tx.commit()
-        });
-        answer.map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
-            self.failed("validations", &why);
-            why
         })
     }
 
     /// Every validation window started since `since_ms`, as JSON.
     pub fn load_validations(&self, since_ms: i64) -> Result<Vec<String>, String> {
-        let answer = self.log.call(move |c| {
+        let rows = self.counted(&self.log, "validations", move |c| {
             c.query(
                 "SELECT body FROM tg_validations WHERE start_ms >= $1 ORDER BY start_ms",
                 &[&since_ms],
             )
-        });
-        match answer {
-            Ok(rows) => Ok(rows.into_iter().map(|r| r.get(0)).collect()),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => {
-                self.failed("validations", &why);
-                Err(why)
-            }
-        }
+        })?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// Every CBO's remembered baseline (what polling last saw), as JSON.
     pub fn load_baselines(&self) -> Result<Vec<(String, String)>, String> {
-        match self
-            .log
-            .call(|c| c.query("SELECT cbo, body FROM tg_baselines", &[]))
-        {
-            Ok(rows) => Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => {
-                self.failed("baselines", &why);
-                Err(why)
-            }
-        }
+        let rows = self.counted(&self.log, "baselines", |c| {
+            c.query("SELECT cbo, body FROM tg_baselines", &[])
+        })?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Replaces one CBO's remembered baseline.
     pub fn save_baseline(&self, cbo: String, body: String) -> Result<(), String> {
-        let answer = self.log.call(move |c| {
+        self.counted(&self.log, "baselines", move |c| {
             c.execute(
                 "INSERT INTO tg_baselines (cbo, body) VALUES ($1, $2) ON CONFLICT (cbo) DO UPDATE SET body = EXCLUDED.body",
                 &[&cbo, &body],
             )
-        });
-        answer
             .map(|_| ())
-            .map_err(|(CallError::Unique(why) | CallError::Failed(why))| {
-                self.failed("baselines", &why);
-                why
-            })
+        })
     }
 
     /// Whether the database answers (for the probe of a broken store).
     pub fn ping(&self) -> Result<(), String> {
-        match self.log.call(|c| c.simple_query("SELECT 1").map(|_| ())) {
-            Ok(()) => Ok(()),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => {
-                self.failed("decision log", &why);
-                Err(why)
-            }
-        }
-    }
-
-    /// The leader's lease as the database has it: (holder, epoch, seconds left).
-    pub fn holder(&self) -> Result<Option<(String, i64, f64)>, String> {
-        let answer = self.log.call(|c| {
-            c.query_opt(
-                "SELECT holder, epoch, extract(epoch FROM expires_at - now())::float8 FROM tg_lease WHERE id = 1",
-                &[],
-            )
-        });
-        match answer {
-            Ok(row) => Ok(row.map(|r| (r.get(0), r.get(1), r.get(2)))),
-            Err(CallError::Unique(why) | CallError::Failed(why)) => Err(why),
-        }
+        self.counted(&self.log, "decision log", |c| {
+            c.simple_query("SELECT 1").map(|_| ())
+        })
     }
 }
 
