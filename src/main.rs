@@ -378,6 +378,7 @@ async fn main() -> ExitCode {
         } => ingest(&server, &token_env, &input).await,
         Command::Bench { what } => {
             use transfer_guard::bench;
+            let _cleanup = bench::StateDirs;
             match what {
                 BenchWhat::Pipeline { events, runs } => {
                     let (rate, len) = bench::pipeline(events, runs);

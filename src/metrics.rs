@@ -1,7 +1,10 @@
 //! Every exported Prometheus metric, named once (SPEC §8): per-CBO series in fixed arrays, written straight to the text format.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicI64, AtomicU8, AtomicU16, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -139,8 +142,10 @@ impl MaybeGauge {
     fn absent() -> MaybeGauge {
         MaybeGauge(AtomicU64::new(f64::NAN.to_bits()))
     }
-    fn set(&self, v: Option<f64>) {
-        self.0.store(v.unwrap_or(f64::NAN).to_bits(), Relaxed);
+    /// Sets the value; true when it is another than before.
+    fn set(&self, v: Option<f64>) -> bool {
+        let bits = v.unwrap_or(f64::NAN).to_bits();
+        self.0.swap(bits, Relaxed) != bits
     }
     fn get(&self) -> Option<f64> {
         Some(f64::from_bits(self.0.load(Relaxed))).filter(|v| !v.is_nan())
@@ -224,7 +229,21 @@ pub struct CboSeries {
     reservation_failures: [AtomicU64; 2],
     /// `twilio_alerts_total` by error code (at most `ALERT_CODES_KEPT` codes, then `other`).
     alerts: Mutex<BTreeMap<String, u64>>,
+    /// Moves after every change of a series but the pollers' (`touch`): the scrape cache
+    /// does not read again a block whose CBOs' `changed` and `polled` did not move.
+    changed: AtomicU64,
+    /// The same for the pollers' families (`POLL_FAMILIES`), which change at every poll.
+    polled: AtomicU64,
 }
+
+/// The families `CboSeries::polled` covers (and only those change with a poll).
+const POLL_FAMILIES: [&str; 5] = [
+    "taskrouter_polls_total",
+    "taskrouter_polls_total:failed",
+    "taskrouter_last_success_timestamp_seconds",
+    "source_polls_total",
+    "source_polls_total:failed",
+];
 
 /// The sources transfer-guard polls itself (SPEC §2b), in `source_polls_total`'s order.
 pub const POLLED_SOURCES: [&str; 3] = ["taskrouter_events", "serverless_logs", "twilio_alerts"];
@@ -281,7 +300,26 @@ impl CboSeries {
             pushes: zeros(),
             reservation_failures: zeros(),
             alerts: Mutex::new(BTreeMap::new()),
+            changed: AtomicU64::new(0),
+            polled: AtomicU64::new(0),
         }
+    }
+
+    /// Says that a series other than the pollers' changed, after it did (`changed`).
+    fn touch(&self) {
+        self.changed.fetch_add(1, Release);
+    }
+
+    /// `touch` when `moved`.
+    fn touch_if(&self, moved: bool) {
+        if moved {
+            self.touch();
+        }
+    }
+
+    /// Says that a pollers' series changed (`polled`).
+    fn touch_polled(&self) {
+        self.polled.fetch_add(1, Release);
     }
 
     /// A source reported a transfer for the first time.
@@ -291,22 +329,26 @@ impl CboSeries {
             .position(|s| *s == source)
         {
             self.seen[i].fetch_add(1, Relaxed);
+            self.touch();
         }
     }
 
     pub fn disagreement(&self, kind: crate::reconcile::Disagreement, n: u32) {
         self.disagreements[kind as usize].fetch_add(u64::from(n), Relaxed);
+        self.touch();
     }
 
     /// One poll of `source` (one of `POLLED_SOURCES`).
     pub fn source_poll(&self, source: &str, result: PollResult) {
         if let Some(i) = POLLED_SOURCES.iter().position(|s| *s == source) {
             self.source_polls[i * PollResult::ALL.len() + result as usize].fetch_add(1, Relaxed);
+            self.touch_polled();
         }
     }
 
     pub fn bad_request_signal(&self, source: crate::state::SignalSource) {
         self.signals[source as usize].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     /// One push to a receiver (one of `PUSH_SOURCES`) with its result (one of `PUSH_RESULTS`).
@@ -315,12 +357,14 @@ impl CboSeries {
         let r = PUSH_RESULTS.iter().position(|x| *x == result);
         if let (Some(s), Some(r)) = (s, r) {
             self.pushes[s * PUSH_RESULTS.len() + r].fetch_add(1, Relaxed);
+            self.touch();
         }
     }
 
     /// A reservation rejected (`false`: timed out): a failed attempt, not an outcome.
     pub fn reservation_failure(&self, rejected: bool) {
         self.reservation_failures[usize::from(!rejected)].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     /// One error-level debugger alert with its error code.
@@ -332,6 +376,8 @@ impl CboSeries {
             "other"
         };
         *alerts.entry(code.to_string()).or_default() += 1;
+        drop(alerts);
+        self.touch();
     }
 
     /// Counts a rejection of one of the `Reject::PER_CBO` reasons; false for the others.
@@ -339,20 +385,24 @@ impl CboSeries {
         let slot = Reject::PER_CBO.iter().position(|r| *r == reason);
         if let Some(i) = slot {
             self.rejected[i].fetch_add(1, Relaxed);
+            self.touch();
         }
         slot.is_some()
     }
 
     pub fn ingested(&self, kind: EventKind) {
         self.ingested[kind as usize].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn duplicate(&self) {
         self.duplicate.fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn evicted(&self) {
         self.evicted.fetch_add(1, Relaxed);
+        self.touch();
     }
 
     /// One test transfer's result (one of `PROBE_RESULTS`), and its routing time when routed.
@@ -363,68 +413,82 @@ impl CboSeries {
         if let Some(secs) = routing_secs {
             self.probe_routing.observe(secs);
         }
+        self.touch();
     }
 
     pub fn agent_report(&self) {
         self.agent_reports.fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn history_lost(&self) {
         self.history_lost.fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn transfer(&self, tt: Option<TransferType>, target: Option<TargetType>, o: Outcome) {
         self.transfers[transfer_slot(tt, target, o)].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn error(&self, class: ErrorClass) {
         self.errors[class as usize].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     pub fn completion(&self, tt: TransferType, secs: f64) {
         self.completion[tt as usize].observe(secs);
+        self.touch();
     }
 
     pub fn notification(&self, secs: f64) {
         self.notification.observe(secs);
+        self.touch();
     }
 
     pub fn set_success_ratio(&self, window: usize, ratio: Option<f64>) {
-        self.success_ratio[window].set(ratio);
+        self.touch_if(self.success_ratio[window].set(ratio));
     }
 
     pub fn set_open(&self, n: usize) {
-        self.open.store(n as u64, Relaxed);
+        self.touch_if(self.open.swap(n as u64, Relaxed) != n as u64);
     }
 
     pub fn poll(&self, result: PollResult, seconds: f64) {
         self.polls[result as usize].fetch_add(1, Relaxed);
         self.poll_seconds.observe(seconds);
+        self.touch_polled();
     }
 
     pub fn set_last_success(&self, at_ms: i64) {
-        self.last_poll_ok_ms.store(at_ms, Relaxed);
+        if self.last_poll_ok_ms.swap(at_ms, Relaxed) != at_ms {
+            self.touch_polled();
+        }
     }
 
     pub fn taskrouter_bad_request(&self) {
         self.taskrouter_bad_requests.fetch_add(1, Relaxed);
+        self.touch();
     }
 
     /// The workflow's cumulative statistics: tasks and reservations by kind (in the order of
     /// `TASK_KINDS` and `RESERVATION_KINDS`) and the error ratio.
     pub fn set_statistics(&self, tasks: [i64; 4], reservations: [i64; 3], ratio: Option<f64>) {
+        let mut moved = false;
         for (slot, n) in self.tasks.iter().zip(tasks) {
-            slot.store(n as u64, Relaxed);
+            moved |= slot.swap(n as u64, Relaxed) != n as u64;
         }
         for (slot, n) in self.reservations.iter().zip(reservations) {
-            slot.store(n as u64, Relaxed);
+            moved |= slot.swap(n as u64, Relaxed) != n as u64;
         }
-        self.taskrouter_error_ratio.set(ratio);
-        self.statistics.store(1, Relaxed);
+        moved |= self.taskrouter_error_ratio.set(ratio);
+        moved |= self.statistics.swap(1, Relaxed) != 1;
+        self.touch_if(moved);
     }
 
     pub fn set_tasks_in_workflow(&self, n: i64) {
-        self.tasks_in_workflow.store(n.max(i64::MIN + 1), Relaxed);
+        let n = n.max(i64::MIN + 1);
+        self.touch_if(self.tasks_in_workflow.swap(n, Relaxed) != n);
     }
 
     /// The configuration check: sound or not, and which `Corruption::IDS` are present.
@@ -434,16 +498,19 @@ impl CboSeries {
             .enumerate()
             .filter(|(_, id)| present(id))
             .fold(0u16, |b, (i, _)| b | 1 << i);
-        self.problems.store(bits, Relaxed);
-        self.config.store(if ok { 1 } else { 2 }, Relaxed);
+        let state = if ok { 1 } else { 2 };
+        let moved = self.problems.swap(bits, Relaxed) != bits;
+        self.touch_if(self.config.swap(state, Relaxed) != state || moved);
     }
 
     pub fn set_config_mismatch(&self, mismatch: bool) {
-        self.config_mismatch.store(u8::from(mismatch), Relaxed);
+        let v = u8::from(mismatch);
+        self.touch_if(self.config_mismatch.swap(v, Relaxed) != v);
     }
 
     pub fn set_rule_state(&self, rule: RuleId, state: RuleState) {
-        self.rule_state[rule as usize].store(state as u8, Relaxed);
+        let v = state as u8;
+        self.touch_if(self.rule_state[rule as usize].swap(v, Relaxed) != v);
     }
 
     /// Counts one `actions_total{action,integration,result}`; false for a combination that
@@ -455,6 +522,7 @@ impl CboSeries {
         let slot = ACTION_RESULTS.iter().position(|r| *r == result);
         if let (Some(s), Some(r)) = (series, slot) {
             self.actions[s * ACTION_RESULTS.len() + r].fetch_add(1, Relaxed);
+            self.touch();
             return true;
         }
         debug_assert!(
@@ -465,11 +533,13 @@ impl CboSeries {
     }
 
     pub fn set_disabled(&self, disabled: bool) {
-        self.disabled.store(u8::from(disabled), Relaxed);
+        let v = u8::from(disabled);
+        self.touch_if(self.disabled.swap(v, Relaxed) != v);
     }
 
     pub fn set_validation(&self, state: crate::validation::State) {
-        self.validation.store(1 + state as u8, Relaxed);
+        let v = 1 + state as u8;
+        self.touch_if(self.validation.swap(v, Relaxed) != v);
     }
 }
 
@@ -762,6 +832,8 @@ pub const BLOCK: usize = 25;
 #[derive(Default)]
 struct CachedBlock {
     ids: Vec<u64>,
+    /// Each CBO's `changed` and `polled` when the block was last read.
+    moved: Vec<(u64, u64)>,
     values: HashMap<String, Vec<u64>>,
     chunks: HashMap<String, Chunk>,
 }
@@ -769,6 +841,8 @@ struct CachedBlock {
 impl CachedBlock {
     /// Brings the block up to date: families whose values changed are written and deflated
     /// again, the others kept.
+    /// A block whose CBOs' series did not change since (`CboSeries::touch`) is not read at
+    /// all; one where only polls happened has only the pollers' families read.
     fn update(&mut self, block: &[Arc<CboSeries>], z: &mut Zip) {
         let ids: Vec<u64> = block.iter().map(|c| c.id).collect();
         if ids != self.ids {
@@ -777,10 +851,32 @@ impl CachedBlock {
                 ..Default::default()
             };
         }
+        // Read before the values: a change that lands meanwhile moves them again.
+        let moved: Vec<(u64, u64)> = block
+            .iter()
+            .map(|c| (c.changed.load(Acquire), c.polled.load(Acquire)))
+            .collect();
+        let fresh = self.moved.len() != moved.len();
+        let rest = fresh || moved.iter().zip(&self.moved).any(|(a, b)| a.0 != b.0);
+        let polls = fresh || moved.iter().zip(&self.moved).any(|(a, b)| a.1 != b.1);
+        self.moved = moved;
         let mut v = Writer::new(Mode::Values, 0);
+        if !rest {
+            // Debug builds read every family anyway and check that a method that changed a
+            // series said so (`touch`): a stale scrape is a test failure, not a silent one.
+            #[cfg(debug_assertions)]
+            self.check_untouched(block, polls);
+            if !polls {
+                return;
+            }
+            v.wanted = Some(POLL_FAMILIES.iter().map(|f| f.to_string()).collect());
+        }
         render_cbos(&mut v, block, None);
         let mut changed = std::collections::HashSet::new();
         for s in &v.sections {
+            if v.wanted.as_ref().is_some_and(|w| !w.contains(&s.name)) {
+                continue;
+            }
             let now = &v.values[s.values.clone()];
             if self.values.get(&s.name).is_none_or(|was| was[..] != *now) {
                 changed.insert(s.name.clone());
@@ -798,6 +894,28 @@ impl CachedBlock {
                 self.chunks
                     .insert(s.name.clone(), z.chunk(&w.out[s.body.clone()]));
             }
+        }
+    }
+}
+
+#[cfg(debug_assertions)]
+impl CachedBlock {
+    /// Panics when a family outside `POLL_FAMILIES` (or, unless `polls`, any family) shows
+    /// other values than the cache holds although no CBO of the block said it changed.
+    fn check_untouched(&self, block: &[Arc<CboSeries>], polls: bool) {
+        let mut v = Writer::new(Mode::Values, 0);
+        render_cbos(&mut v, block, None);
+        for s in &v.sections {
+            if polls && POLL_FAMILIES.contains(&s.name.as_str()) {
+                continue;
+            }
+            let now = &v.values[s.values.clone()];
+            let was = self.values.get(&s.name).map_or(&[][..], |v| &v[..]);
+            assert!(
+                was == now,
+                "{} changed but no CboSeries method said so (touch or touch_polled)",
+                s.name
+            );
         }
     }
 }
@@ -971,6 +1089,20 @@ impl Writer {
             name: name.to_string(),
             header: start..end,
             body: end..end,
+            values: values..values,
+        });
+    }
+
+    /// A second part of the family begun last (`begin`), closed by `end`: written right after
+    /// the first, without a header; `part` names it in the scrape cache (`<name>:<part>`).
+    fn more(&mut self, name: &str, part: &str) {
+        let name = format!("{name}:{part}");
+        self.skip = self.wanted.as_ref().is_some_and(|w| !w.contains(&name));
+        let (at, values) = (self.out.len(), self.values.len());
+        self.sections.push(Section {
+            name,
+            header: at..at,
+            body: at..at,
             values: values..values,
         });
     }
@@ -1177,6 +1309,49 @@ fn per_cbo_and<'a>(
                 &[Label::Cbo(&c.label), Label::Fixed(l)],
                 n.load(Relaxed),
             );
+        }
+    }
+    w.end();
+}
+
+/// A pollers' counter family, by CBO and `labels` (which end with `result`, in the order of
+/// `PollResult::ALL`, as `counters` do). Every CBO is polled in every scrape interval, so its
+/// `ok` series change each time while the failures' seldom do: the `ok` series of every CBO
+/// come first and the others after them, as a second part of the family (`Writer::more`), so
+/// that the scrape cache writes and compresses again only the first part (a fifth of the
+/// text) after an interval. Series of one family may come in any order.
+fn polls_family<'a>(
+    w: &mut Writer,
+    cbos: &'a [Arc<CboSeries>],
+    (name, help): (&'static str, &str),
+    labels: &'static [String],
+    counters: impl Fn(&'a CboSeries) -> &'a [AtomicU64],
+) {
+    let results = PollResult::ALL.len();
+    let ok = PollResult::Ok as usize;
+    w.begin(name, "counter", help);
+    for c in cbos {
+        for (i, (l, n)) in labels.iter().zip(counters(c)).enumerate() {
+            if i % results == ok {
+                w.int(
+                    name,
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                    n.load(Relaxed),
+                );
+            }
+        }
+    }
+    w.end();
+    w.more(name, "failed");
+    for c in cbos {
+        for (i, (l, n)) in labels.iter().zip(counters(c)).enumerate() {
+            if i % results != ok {
+                w.int(
+                    name,
+                    &[Label::Cbo(&c.label), Label::Fixed(l)],
+                    n.load(Relaxed),
+                );
+            }
         }
     }
     w.end();
@@ -1564,21 +1739,16 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
         }
         labels
     });
-    w.begin(
-        "source_polls_total",
-        "counter",
-        "Polls of Twilio's record (taskrouter_events, serverless_logs, twilio_alerts), by result.",
+    polls_family(
+        w,
+        cbos,
+        (
+            "source_polls_total",
+            "Polls of Twilio's record (taskrouter_events, serverless_logs, twilio_alerts), by result.",
+        ),
+        poll_labels,
+        |c| &c.source_polls,
     );
-    for c in cbos {
-        for (l, n) in poll_labels.iter().zip(&c.source_polls) {
-            w.int(
-                "source_polls_total",
-                &[Label::Cbo(&c.label), Label::Fixed(l)],
-                n.load(Relaxed),
-            );
-        }
-    }
-    w.end();
 
     per_cbo_and(
         w,
@@ -1650,15 +1820,16 @@ fn render_cbos(w: &mut Writer, cbos: &[Arc<CboSeries>], global: Option<&Metrics>
     }
     w.end();
 
-    per_cbo_and(
+    polls_family(
         w,
         cbos,
         (
             "taskrouter_polls_total",
-            "counter",
             "TaskRouter poll cycles, by result (ok, or the class of the first failure).",
         ),
-        ("result", &PollResult::ALL.map(|r| r.as_str())),
+        fixed("taskrouter_polls_total", || {
+            labels_of("result", PollResult::ALL.map(|r| r.as_str()))
+        }),
         |c| &c.polls,
     );
 
@@ -1967,11 +2138,130 @@ mod tests {
                 b.get(i)
             );
         }
-        // Each family once, each series once.
+        // Each family once, each series once, and a family's series together after its
+        // header (a family in two parts is still one run of lines).
         let mut seen = std::collections::HashSet::new();
+        let (mut families, mut current) = (std::collections::HashSet::new(), String::new());
         for line in text.lines().filter(|l| !l.starts_with("# HELP")) {
+            if let Some(typed) = line.strip_prefix("# TYPE ") {
+                current = typed.split(' ').next().unwrap().to_string();
+                assert!(families.insert(current.clone()), "{why}: {current} twice");
+                continue;
+            }
             let series = line.rsplit_once(' ').map_or(line, |(s, _)| s);
             assert!(seen.insert(series.to_string()), "{why}: {line:?} twice");
+            let name = series.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(*f)))
+                .unwrap_or(name);
+            assert_eq!(family, current, "{why}: {line:?} outside its family");
+        }
+    }
+
+    /// Every method that changes a CBO's series, one at a time, each followed by a scrape:
+    /// the cache skips a block only when its CBOs said nothing changed (`touch`), so a method
+    /// that forgets to say so shows a stale series here (and panics in `check_untouched`).
+    #[test]
+    fn every_change_of_a_cbos_series_reaches_the_cached_scrape() {
+        use crate::rules::{RuleId, RuleState};
+        let m = Metrics::new();
+        let keys: Vec<String> = (0..4 * BLOCK).map(|i| format!("c{i:03}")).collect();
+        for k in &keys {
+            m.init_cbo(k);
+        }
+        same(&m, "the first");
+        let c = m.cbo(&keys[77]).unwrap();
+        type Change<'a> = (&'a str, Box<dyn Fn() + 'a>);
+        let changes: Vec<Change> = vec![
+            (
+                "seen",
+                Box::new(|| c.seen(crate::event::Source::EventStreams)),
+            ),
+            (
+                "disagreement",
+                Box::new(|| c.disagreement(crate::reconcile::Disagreement::ALL[1], 2)),
+            ),
+            (
+                "source_poll",
+                Box::new(|| c.source_poll("twilio_alerts", PollResult::RateLimited)),
+            ),
+            (
+                "bad_request_signal",
+                Box::new(|| c.bad_request_signal(crate::state::SignalSource::TwilioAlerts)),
+            ),
+            ("push", Box::new(|| c.push("event_streams", "malformed"))),
+            (
+                "reservation_failure",
+                Box::new(|| c.reservation_failure(false)),
+            ),
+            ("twilio_alert", Box::new(|| c.twilio_alert("45001"))),
+            ("reject", Box::new(|| assert!(c.reject(Reject::TooOld)))),
+            ("ingested", Box::new(|| c.ingested(EventKind::Failed))),
+            ("duplicate", Box::new(|| c.duplicate())),
+            ("evicted", Box::new(|| c.evicted())),
+            ("probe", Box::new(|| c.probe("routed", Some(2.5)))),
+            ("agent_report", Box::new(|| c.agent_report())),
+            ("history_lost", Box::new(|| c.history_lost())),
+            (
+                "transfer",
+                Box::new(|| c.transfer(Some(TransferType::Warm), None, Outcome::TimedOut)),
+            ),
+            ("error", Box::new(|| c.error(ErrorClass::AgentUnavailable))),
+            (
+                "completion",
+                Box::new(|| c.completion(TransferType::Warm, 12.0)),
+            ),
+            ("notification", Box::new(|| c.notification(0.7))),
+            (
+                "set_success_ratio",
+                Box::new(|| c.set_success_ratio(1, Some(0.5))),
+            ),
+            ("set_open", Box::new(|| c.set_open(3))),
+            ("poll", Box::new(|| c.poll(PollResult::ServerError, 1.0))),
+            (
+                "set_last_success",
+                Box::new(|| c.set_last_success(1_800_000_000_000)),
+            ),
+            (
+                "taskrouter_bad_request",
+                Box::new(|| c.taskrouter_bad_request()),
+            ),
+            (
+                "set_statistics",
+                Box::new(|| c.set_statistics([5, 4, 1, 0], [4, 1, 0], Some(0.1))),
+            ),
+            (
+                "set_tasks_in_workflow",
+                Box::new(|| c.set_tasks_in_workflow(2)),
+            ),
+            (
+                "set_config",
+                Box::new(|| c.set_config(false, |id| id == Corruption::IDS[3])),
+            ),
+            (
+                "set_config_mismatch",
+                Box::new(|| c.set_config_mismatch(true)),
+            ),
+            (
+                "set_rule_state",
+                Box::new(|| c.set_rule_state(RuleId::ALL[2], RuleState::Breached)),
+            ),
+            (
+                "action",
+                Box::new(|| assert!(c.action("disable", "switch", "fired"))),
+            ),
+            ("set_disabled", Box::new(|| c.set_disabled(true))),
+            (
+                "set_validation",
+                Box::new(|| c.set_validation(crate::validation::State::Failed)),
+            ),
+        ];
+        for (what, change) in &changes {
+            let before = m.render();
+            change();
+            assert_ne!(m.render(), before, "{what} changed no series");
+            same(&m, what);
         }
     }
 
@@ -1995,6 +2285,18 @@ mod tests {
         c(62).twilio_alert("20001");
         c(150).set_rule_state(RuleId::SuccessRate, RuleState::Breached);
         same(&m, "changes");
+        // Polls: the `ok` part of the pollers' families alone, then a failure in the other.
+        for i in 0..keys.len() {
+            c(i).poll(PollResult::Ok, 0.2);
+            c(i).source_poll("serverless_logs", PollResult::Ok);
+        }
+        same(&m, "every CBO polled");
+        c(31).poll(PollResult::RateLimited, 0.2);
+        c(131).source_poll("twilio_alerts", PollResult::Timeout);
+        same(&m, "a failed poll");
+        assert!(m.render().contains(
+            r#"transfer_guard_source_polls_total{cbo="c131",source="twilio_alerts",result="timeout"} 1"#
+        ));
         // A series that goes, and another label of the same family.
         c(61).set_success_ratio(0, None);
         c(62).twilio_alert("20404");

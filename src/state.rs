@@ -655,8 +655,9 @@ impl CboState {
 
     /// Sets the `success_ratio` gauges from the windows; a window without transfers has no series.
     pub fn refresh_gauges(&self, now_ms: i64) {
+        let inner = self.lock();
         for (i, (_, window)) in RATIO_WINDOWS.iter().enumerate() {
-            let ratio = self.stats(now_ms, *window).success_rate;
+            let ratio = inner.windows.success_rate(now_ms, *window);
             self.series.set_success_ratio(i, ratio);
         }
     }

@@ -451,6 +451,22 @@ impl Windows {
         tier.stats_from((tier.counts.epoch(now_ms) - n + 1) * width)
     }
 
+    /// `stats(now_ms, window).success_rate` without the latencies: the scrape's
+    /// `success_ratio` gauges of every CBO need only the counts.
+    pub fn success_rate(&self, now_ms: i64, window: Duration) -> Option<f64> {
+        let tier = match &self.coarse {
+            Some(coarse) if window > FINE_SPAN => coarse,
+            _ => &self.fine,
+        };
+        let width = tier.counts.width_ms;
+        let n = ceil_div(window.as_millis() as i64, width).clamp(1, tier.counts.span);
+        let mut counts = Counts::default();
+        for (_, c) in tier.counts.since(tier.counts.epoch(now_ms) - n + 1) {
+            counts.add(c);
+        }
+        counts.success_rate()
+    }
+
     /// Sums everything from the bucket holding `since_ms` on (a validation window's start).
     pub fn stats_since(&self, now_ms: i64, since_ms: i64) -> WindowStats {
         let tier = match &self.coarse {
@@ -482,6 +498,33 @@ mod tests {
         let s = w.stats(T0, Duration::from_secs(300));
         assert_eq!(s.success_rate, Some(0.95));
         assert_eq!(s.counts.decided(), 100);
+    }
+
+    #[test]
+    fn the_scrapes_success_rate_is_the_windows_stats_at_every_length_and_moment() {
+        let mut w = Windows::new(Duration::from_secs(3600));
+        let outcomes = [Outcome::Completed, Outcome::Failed, Outcome::TimedOut];
+        for i in 0..400i64 {
+            let at = T0 + i * 7_919;
+            w.record_outcome(at, at, outcomes[(i * i % 7 % 3) as usize], None);
+        }
+        let mut seen = 0;
+        for minutes in [1, 5, 15, 20, 30, 60] {
+            let window = Duration::from_secs(minutes * 60);
+            for now in (0..80).map(|k| T0 + k * 61_000) {
+                let rate = w.success_rate(now, window);
+                assert_eq!(
+                    rate,
+                    w.stats(now, window).success_rate,
+                    "{minutes} min at {now}"
+                );
+                seen += usize::from(rate.is_some_and(|r| r > 0.0 && r < 1.0));
+            }
+        }
+        assert!(
+            seen > 100,
+            "the windows held mixed outcomes only {seen} times"
+        );
     }
 
     #[test]
