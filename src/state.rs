@@ -655,9 +655,11 @@ impl CboState {
 
     /// Sets the `success_ratio` gauges from the windows; a window without transfers has no series.
     pub fn refresh_gauges(&self, now_ms: i64) {
-        let inner = self.lock();
-        for (i, (_, window)) in RATIO_WINDOWS.iter().enumerate() {
-            let ratio = inner.windows.success_rate(now_ms, *window);
+        let ratios = self
+            .lock()
+            .windows
+            .success_rates(now_ms, RATIO_WINDOWS.map(|(_, w)| w));
+        for (i, ratio) in ratios.into_iter().enumerate() {
             self.series.set_success_ratio(i, ratio);
         }
     }

@@ -451,20 +451,40 @@ impl Windows {
         tier.stats_from((tier.counts.epoch(now_ms) - n + 1) * width)
     }
 
-    /// `stats(now_ms, window).success_rate` without the latencies: the scrape's
-    /// `success_ratio` gauges of every CBO need only the counts.
-    pub fn success_rate(&self, now_ms: i64, window: Duration) -> Option<f64> {
-        let tier = match &self.coarse {
-            Some(coarse) if window > FINE_SPAN => coarse,
-            _ => &self.fine,
-        };
-        let width = tier.counts.width_ms;
-        let n = ceil_div(window.as_millis() as i64, width).clamp(1, tier.counts.span);
-        let mut counts = Counts::default();
-        for (_, c) in tier.counts.since(tier.counts.epoch(now_ms) - n + 1) {
-            counts.add(c);
+    /// `stats(now_ms, w).success_rate` for each of `windows`, without the latencies and in
+    /// one pass over each ring: the scrape's `success_ratio` gauges of every CBO need only
+    /// the counts.
+    pub fn success_rates<const N: usize>(
+        &self,
+        now_ms: i64,
+        windows: [Duration; N],
+    ) -> [Option<f64>; N] {
+        let mut counts: [Counts; N] = std::array::from_fn(|_| Counts::default());
+        for (coarse, tier) in
+            std::iter::once((false, &self.fine)).chain(self.coarse.as_ref().map(|c| (true, c)))
+        {
+            // The first epoch of each window this tier serves (as `stats` picks the tier).
+            let first: [Option<i64>; N] = std::array::from_fn(|i| {
+                let serves = self.coarse.is_some() && windows[i] > FINE_SPAN;
+                (serves == coarse).then(|| {
+                    let width = tier.counts.width_ms;
+                    let n =
+                        ceil_div(windows[i].as_millis() as i64, width).clamp(1, tier.counts.span);
+                    tier.counts.epoch(now_ms) - n + 1
+                })
+            });
+            let Some(oldest) = first.iter().flatten().min() else {
+                continue;
+            };
+            for (epoch, c) in tier.counts.since(*oldest) {
+                for (sum, from) in counts.iter_mut().zip(&first) {
+                    if from.is_some_and(|f| epoch >= f) {
+                        sum.add(c);
+                    }
+                }
+            }
         }
-        counts.success_rate()
+        counts.map(|c| c.success_rate())
     }
 
     /// Sums everything from the bucket holding `since_ms` on (a validation window's start).
@@ -512,7 +532,8 @@ mod tests {
         for minutes in [1, 5, 15, 20, 30, 60] {
             let window = Duration::from_secs(minutes * 60);
             for now in (0..80).map(|k| T0 + k * 61_000) {
-                let rate = w.success_rate(now, window);
+                let [rate, fine] = w.success_rates(now, [window, Duration::from_secs(300)]);
+                assert_eq!(fine, w.stats(now, Duration::from_secs(300)).success_rate);
                 assert_eq!(
                     rate,
                     w.stats(now, window).success_rate,
