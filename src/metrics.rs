@@ -774,8 +774,11 @@ impl Metrics {
             || update(&chunks[..half], first),
             || update(&chunks[half..], second),
         );
+        // Each family's header and its kept chunks, in order; then put together in two
+        // halves of about the same size on two threads (5 MB of copying and a CRC combine
+        // per chunk at 5,000 CBOs), the second half appended to the first.
         let mut z = Zip::new();
-        let mut out = Gzip::new(cbos.len() * 1_200 + 65_536);
+        let mut parts: Vec<(Chunk, Vec<&Chunk>)> = Vec::new();
         for (header, global, family) in self.global_families() {
             let kept: Vec<&Chunk> = cache
                 .iter()
@@ -787,10 +790,32 @@ impl Metrics {
             }
             let mut head = header;
             head.extend_from_slice(&global);
-            out.push(&z.chunk(&head));
-            kept.into_iter().for_each(|c| out.push(c));
+            parts.push((z.chunk(&head), kept));
         }
-        out.push(&z.chunk(&registry));
+        parts.push((z.chunk(&registry), Vec::new()));
+        let size = |p: &(Chunk, Vec<&Chunk>)| {
+            p.0.deflated.len() + p.1.iter().map(|c| c.deflated.len()).sum::<usize>()
+        };
+        let total: usize = parts.iter().map(size).sum();
+        let mut half = 0;
+        let mut first_bytes = 0;
+        while half < parts.len() && first_bytes < total / 2 {
+            first_bytes += size(&parts[half]);
+            half += 1;
+        }
+        let join = |parts: &[(Chunk, Vec<&Chunk>)], mut out: Gzip| {
+            for (head, kept) in parts {
+                out.push(head);
+                kept.iter().for_each(|c| out.push(c));
+            }
+            out
+        };
+        let (mut out, second) = crate::join(
+            || join(&parts[..half], Gzip::new(first_bytes + 64)),
+            || join(&parts[half..], Gzip::headless(total - first_bytes)),
+        );
+        out.append(second);
+        drop(parts);
         *self.scrape_cache.lock().unwrap_or_else(|p| p.into_inner()) = cache;
         out.finish()
     }
@@ -1002,9 +1027,23 @@ impl Gzip {
         }
     }
 
+    /// The middle of a member, without the header: `append`ed to one that has it.
+    fn headless(capacity: usize) -> Gzip {
+        Gzip {
+            out: Vec::with_capacity(capacity),
+            crc: flate2::Crc::new(),
+        }
+    }
+
     fn push(&mut self, chunk: &Chunk) {
         self.out.extend_from_slice(&chunk.deflated);
         self.crc.combine(&chunk.crc);
+    }
+
+    /// `next`'s chunks after these.
+    fn append(&mut self, next: Gzip) {
+        self.out.extend_from_slice(&next.out);
+        self.crc.combine(&next.crc);
     }
 
     fn finish(mut self) -> Vec<u8> {
