@@ -811,7 +811,7 @@ impl Metrics {
             out
         };
         let (mut out, second) = crate::join(
-            || join(&parts[..half], Gzip::new(first_bytes + 64)),
+            || join(&parts[..half], Gzip::new(total + 64)),
             || join(&parts[half..], Gzip::headless(total - first_bytes)),
         );
         out.append(second);
