@@ -1382,32 +1382,25 @@ fn polls_family<'a>(
 ) {
     let results = PollResult::ALL.len();
     let ok = PollResult::Ok as usize;
-    w.begin(name, "counter", help);
-    for c in cbos {
-        for (i, (l, n)) in labels.iter().zip(counters(c)).enumerate() {
-            if i % results == ok {
-                w.int(
-                    name,
-                    &[Label::Cbo(&c.label), Label::Fixed(l)],
-                    n.load(Relaxed),
-                );
+    for oks in [true, false] {
+        if oks {
+            w.begin(name, "counter", help);
+        } else {
+            w.more(name, "failed");
+        }
+        for c in cbos {
+            for (i, (l, n)) in labels.iter().zip(counters(c)).enumerate() {
+                if (i % results == ok) == oks {
+                    w.int(
+                        name,
+                        &[Label::Cbo(&c.label), Label::Fixed(l)],
+                        n.load(Relaxed),
+                    );
+                }
             }
         }
+        w.end();
     }
-    w.end();
-    w.more(name, "failed");
-    for c in cbos {
-        for (i, (l, n)) in labels.iter().zip(counters(c)).enumerate() {
-            if i % results != ok {
-                w.int(
-                    name,
-                    &[Label::Cbo(&c.label), Label::Fixed(l)],
-                    n.load(Relaxed),
-                );
-            }
-        }
-    }
-    w.end();
 }
 
 /// Every family of `cbos`' series, and with `global` the series that belong to no CBO.

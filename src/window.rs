@@ -442,13 +442,19 @@ impl Windows {
     /// events stamped up to a minute in the future), from the fine rings when the window fits
     /// in them.
     pub fn stats(&self, now_ms: i64, window: Duration) -> WindowStats {
+        let (tier, first) = self.window(now_ms, window);
+        tier.stats_from(first * tier.counts.width_ms)
+    }
+
+    /// The tier that serves `window` at `now_ms`, and the epoch of its first count bucket.
+    fn window(&self, now_ms: i64, window: Duration) -> (&Tier, i64) {
         let tier = match &self.coarse {
             Some(coarse) if window > FINE_SPAN => coarse,
             _ => &self.fine,
         };
         let width = tier.counts.width_ms;
         let n = ceil_div(window.as_millis() as i64, width).clamp(1, tier.counts.span);
-        tier.stats_from((tier.counts.epoch(now_ms) - n + 1) * width)
+        (tier, tier.counts.epoch(now_ms) - n + 1)
     }
 
     /// `stats(now_ms, w).success_rate` for each of `windows`, without the latencies and in
@@ -459,20 +465,11 @@ impl Windows {
         now_ms: i64,
         windows: [Duration; N],
     ) -> [Option<f64>; N] {
+        let served = windows.map(|w| self.window(now_ms, w));
         let mut counts: [Counts; N] = std::array::from_fn(|_| Counts::default());
-        for (coarse, tier) in
-            std::iter::once((false, &self.fine)).chain(self.coarse.as_ref().map(|c| (true, c)))
-        {
-            // The first epoch of each window this tier serves (as `stats` picks the tier).
-            let first: [Option<i64>; N] = std::array::from_fn(|i| {
-                let serves = self.coarse.is_some() && windows[i] > FINE_SPAN;
-                (serves == coarse).then(|| {
-                    let width = tier.counts.width_ms;
-                    let n =
-                        ceil_div(windows[i].as_millis() as i64, width).clamp(1, tier.counts.span);
-                    tier.counts.epoch(now_ms) - n + 1
-                })
-            });
+        for tier in std::iter::once(&self.fine).chain(&self.coarse) {
+            // The first epoch of each window this tier serves.
+            let first = served.map(|(t, first)| std::ptr::eq(t, tier).then_some(first));
             let Some(oldest) = first.iter().flatten().min() else {
                 continue;
             };
