@@ -288,26 +288,18 @@ impl Journal {
 
     /// Appends encoded lines (`encode`) taken at `now_ms`.
     pub fn append(&self, now_ms: i64, lines: &[u8]) {
-        if lines.is_empty() {
-            return;
+        if !lines.is_empty() {
+            self.hold().append(now_ms, lines);
         }
-        let mut segment = self.segment.lock().unwrap_or_else(|p| p.into_inner());
-        let start_ms = now_ms.div_euclid(SEGMENT_MS) * SEGMENT_MS;
-        let result = (|| {
-            // Appends come a little out of order across CBOs: a segment is only ever left for
-            // a later one.
-            if segment.as_ref().is_none_or(|s| s.start_ms < start_ms) {
-                if let Some(mut old) = segment.take() {
-                    old.out.flush()?;
-                }
-                *segment = Some(self.create(start_ms)?);
-            }
-            let s = segment.as_mut().expect("opened above");
-            s.out.write_all(lines)
-        })();
-        if self.failed(result, "cannot write the journal") {
-            // Its buffer may hold half a line: the next append reopens the file on a fresh line.
-            *segment = None;
+    }
+
+    /// The right to append next. Taken while the caller still holds what orders its records
+    /// (a CBO's lock), and used after letting that go: the records keep their order, and the
+    /// write does not keep the CBO waiting.
+    pub fn hold(&self) -> Appender<'_> {
+        Appender {
+            journal: self,
+            segment: self.segment.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 
@@ -387,6 +379,38 @@ impl Journal {
             {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove an old journal segment");
             }
+        }
+    }
+}
+
+/// The journal held for one append (`Journal::hold`).
+pub struct Appender<'a> {
+    journal: &'a Journal,
+    segment: std::sync::MutexGuard<'a, Option<Segment>>,
+}
+
+impl Appender<'_> {
+    /// Appends encoded lines (`encode`) taken at `now_ms`.
+    pub fn append(mut self, now_ms: i64, lines: &[u8]) {
+        if lines.is_empty() {
+            return;
+        }
+        let start_ms = now_ms.div_euclid(SEGMENT_MS) * SEGMENT_MS;
+        let result = (|| {
+            // Appends come a little out of order across CBOs: a segment is only ever left for
+            // a later one.
+            if self.segment.as_ref().is_none_or(|s| s.start_ms < start_ms) {
+                if let Some(mut old) = self.segment.take() {
+                    old.out.flush()?;
+                }
+                *self.segment = Some(self.journal.create(start_ms)?);
+            }
+            let s = self.segment.as_mut().expect("opened above");
+            s.out.write_all(lines)
+        })();
+        if self.journal.failed(result, "cannot write the journal") {
+            // Its buffer may hold half a line: the next append reopens the file on a fresh line.
+            *self.segment = None;
         }
     }
 }

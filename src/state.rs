@@ -310,10 +310,11 @@ impl CboState {
         rejected: &mut Vec<Rejection>,
         read: Option<Vec<Op>>,
     ) -> usize {
-        let mut accepted = 0;
+        // Refusals and the journal's lines need no lock: the lock is held only to apply.
+        let journaled = self.journal.is_some() && read.is_none();
         let mut lines = Vec::new();
-        let mut inner = self.lock();
-        let inner = &mut *inner;
+        let events = events.into_iter();
+        let mut taken = Vec::with_capacity(events.size_hint().0);
         for (index, event) in events {
             if let Some((reason, detail)) = self.refuses(&event, now_ms) {
                 self.series.reject(reason);
@@ -324,10 +325,27 @@ impl CboState {
                 });
                 continue;
             }
-            accepted += 1;
-            if self.journal.is_some() && read.is_none() {
+            if journaled {
                 journal::encode_event(&self.key, now_ms, &event, &mut lines);
             }
+            taken.push(event);
+        }
+        let accepted = taken.len();
+        if self.journal.is_some() {
+            for op in read.into_iter().flatten() {
+                journal::encode(
+                    &Record {
+                        cbo: self.key.clone(),
+                        now: now_ms,
+                        op,
+                    },
+                    &mut lines,
+                );
+            }
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for event in taken {
             self.series.ingested(event.kind);
             let mut counted = Counted::default();
             let route = inner
@@ -351,18 +369,16 @@ impl CboState {
             self.count(&counted);
             self.drain(inner, now_ms);
         }
-        if let Some(j) = &self.journal {
-            for op in read.into_iter().flatten() {
-                journal::encode(
-                    &Record {
-                        cbo: self.key.clone(),
-                        now: now_ms,
-                        op,
-                    },
-                    &mut lines,
-                );
-            }
-            j.append(now_ms, &lines);
+        // Written in the order the events were applied, but not under the CBO's lock: the
+        // next batch is applied while this one's lines go out.
+        let appender = self
+            .journal
+            .as_ref()
+            .filter(|_| !lines.is_empty())
+            .map(|j| j.hold());
+        drop(guard);
+        if let Some(appender) = appender {
+            appender.append(now_ms, &lines);
         }
         accepted
     }

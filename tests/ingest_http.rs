@@ -543,6 +543,58 @@ async fn a_body_of_bad_lines_answers_the_first_hundred_and_a_count() {
     app.shutdown().await;
 }
 
+/// A body over 64 KiB is parsed and taken on a blocking thread: the same answer, line for
+/// line, as a small one gets, with the admin token's events split between the CBOs they name.
+#[tokio::test]
+async fn a_large_admin_body_is_taken_line_for_line_for_each_cbo_it_names() {
+    let app = start().await;
+    let t = now() - 60_000;
+    let mut lines = Vec::new();
+    for i in 0..1_500u32 {
+        let cbo = if i % 3 == 0 { "b" } else { "a" };
+        lines.push(event("initiated", t, i + 1, &format!(r#","cbo":"{cbo}""#)));
+    }
+    lines[10] = "not an event".to_string();
+    lines[700] = event("initiated", now() - 3 * 3_600_000, 9_999, r#","cbo":"a""#);
+    lines[1_499] = event("initiated", t, 10_000, r#","cbo":"zzz""#);
+    let size: usize = lines.iter().map(|l| l.len() + 1).sum();
+    assert!(size > 64 * 1024, "the body is {size} bytes");
+    let (status, body) = ndjson(&app, ADMIN, &lines).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 1_497, "{body}");
+    let rejected: Vec<(u64, &str)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["error"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        rejected.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [10, 700, 1_499],
+        "{body}"
+    );
+    assert!(
+        rejected[1].1.contains("older than the longest window"),
+        "{body}"
+    );
+    assert!(
+        rejected[2].1.contains("\"zzz\" is not a configured CBO"),
+        "{body}"
+    );
+    let text = metrics(&app).await;
+    let ingested = |cbo: &str| {
+        metric_sum(
+            &text,
+            "transfer_guard_events_ingested_total",
+            &[&format!(r#"cbo="{cbo}""#)],
+        )
+    };
+    // Indexes 0, 3, …, 1497 name "b" (500 of them); the rest of the 1,497 taken are "a"'s.
+    assert_eq!(ingested("b"), 500.0);
+    assert_eq!(ingested("a"), 997.0);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn decisions_come_in_pages_that_follow_a_cursor() {
     use transfer_guard::decisions::{Entry, Kind};

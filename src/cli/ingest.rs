@@ -60,7 +60,7 @@ async fn next_line(
             break;
         }
         any = true;
-        let (part, done) = match chunk.iter().position(|b| *b == b'\n') {
+        let (part, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (&chunk[..i], Some(i + 1)),
             None => (chunk, None),
         };
@@ -102,10 +102,10 @@ struct RejectedLine {
     error: String,
 }
 
-/// Batches in flight at once: the daemon parses one while it takes the other, and the next
+/// Batches in flight at once: the daemon parses some while it takes another, and the next
 /// is read meanwhile. Events of two batches may be taken in either order, as events posted by
 /// two browsers are: a transfer's events are paired by conversation, not by arrival.
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 4;
 
 /// What the daemon said of one batch: accepted, rejected lines (numbered in the input), and
 /// rejected lines it did not list.

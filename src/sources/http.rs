@@ -90,15 +90,10 @@ fn parse_bytes(bytes: &[u8], format: Format) -> Result<Vec<Item>, String> {
     }
 }
 
-/// The body, decompressed when `Content-Encoding: gzip`, within `limit` bytes either way.
-fn decoded(headers: &HeaderMap, bytes: Bytes, limit: usize) -> Result<Bytes, (StatusCode, String)> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
-        .trim()
-        .to_ascii_lowercase();
-    match encoding.as_str() {
+/// The body, decompressed when its `Content-Encoding` (lowercase) is gzip, within `limit` bytes
+/// either way.
+fn decoded(encoding: &str, bytes: Bytes, limit: usize) -> Result<Bytes, (StatusCode, String)> {
+    match encoding {
         "" | "identity" => Ok(bytes),
         "gzip" | "x-gzip" => {
             use std::io::Read;
@@ -153,13 +148,36 @@ fn parse_body(body: &str, format: Format) -> Result<Vec<Item>, String> {
             return Err("body is neither a JSON object nor a JSON array".into());
         }
     }
-    Ok(body
-        .split('\n')
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| (i, event::parse_line(line)))
-        .collect())
+    // Room for every line at once: a thousand events are not moved again as the list grows.
+    let mut items = Vec::with_capacity(memchr::memchr_iter(b'\n', body.as_bytes()).count() + 1);
+    items.extend(
+        lines(body)
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| (i, event::parse_line(line))),
+    );
+    Ok(items)
 }
+
+/// The lines of `text` with their indexes, as `text.split('\n').enumerate()` gives them, found
+/// with `memchr` (a body is a thousand lines; core's search for a char is slower).
+fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', text.as_bytes())
+        .map(Some)
+        .chain([None])
+        .enumerate()
+        .map(move |(i, end)| {
+            let end = end.unwrap_or(text.len());
+            let line = &text[start..end];
+            start = end + 1;
+            (i, line)
+        })
+}
+
+/// Bodies at least this large are parsed and taken on a blocking thread, so that neither
+/// their parse (about a millisecond for a thousand lines) nor a wait for the CBO's lock holds
+/// an async worker; smaller ones are taken in place, where a thread hop would cost more.
+const OFF_WORKER_BYTES: usize = 64 * 1024;
 
 pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let metrics = &shared.metrics;
@@ -197,102 +215,58 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         Ok(b) => b,
         Err(_) => return too_large(),
     };
-    let bytes = match decoded(&headers, bytes, limit) {
-        Ok(b) => b,
-        Err((status, message)) => {
-            let reason = match status {
-                StatusCode::PAYLOAD_TOO_LARGE => Reject::TooLarge,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE => Reject::UnsupportedMediaType,
-                _ => Reject::Malformed,
-            };
-            metrics.reject(who_cbo, reason);
-            return json_error(status, &message);
-        }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    let store = shared.actions.log.store().cloned();
+    let big = bytes.len() >= OFF_WORKER_BYTES;
+    let taking = {
+        let shared = shared.clone();
+        let local = store.is_none();
+        move || take(&shared, &who, &encoding, format, bytes, limit, local)
     };
-    let items = match parse_bytes(&bytes, format) {
-        Ok(items) => items,
-        Err(message) => {
-            metrics.reject(who_cbo, Reject::Malformed);
-            return json_error(StatusCode::BAD_REQUEST, &message);
-        }
-    };
-
-    let now_ms = shared.clock.now_ms();
-    let mut rejected: Vec<Rejection> = Vec::new();
-    let mut parsed = 0;
-    // Each CBO's state is taken once: a reload that drops it mid-request cannot lose the batch.
-    let mut by_cbo: BTreeMap<String, (Arc<CboState>, Batch)> = BTreeMap::new();
-    for (index, item) in items {
-        let event = match item {
-            Ok(event) => event,
-            Err(err) => {
-                let reason = match err {
-                    EventError::Malformed(_) => Reject::Malformed,
-                    EventError::Field { .. } => Reject::Invalid,
-                };
-                metrics.reject(who_cbo, reason);
-                rejected.push(Rejection {
-                    index,
-                    reason,
-                    error: err.to_string(),
-                });
-                continue;
-            }
-        };
-        parsed += 1;
-        // A CBO's token writes that CBO's events whatever the body says; only the admin
-        // token may name the CBO.
-        let cbo = match &who {
-            Caller::Cbo(k) => shared.fleet.get(k),
-            Caller::Admin => match event.cbo.as_deref() {
-                None => {
-                    rejected.push(unknown(index, "required with the admin token".into()));
-                    metrics.reject("", Reject::UnknownCbo);
-                    continue;
-                }
-                Some(k) => match shared.fleet.get(k) {
-                    Some(c) => Some(c),
-                    None => {
-                        rejected.push(unknown(index, format!("{k:?} is not a configured CBO")));
-                        metrics.reject("", Reject::UnknownCbo);
-                        continue;
-                    }
-                },
-            },
-        };
-        if let Some(cbo) = cbo {
-            by_cbo
-                .entry(cbo.key.clone())
-                .or_insert_with(|| (cbo.clone(), Vec::new()))
-                .1
-                .push((index, event));
-        }
-    }
-    let mut accepted = 0;
-    match shared.actions.log.store().cloned() {
-        None => {
-            for (state, events) in by_cbo.into_values() {
-                accepted += state.ingest(events, now_ms, &mut rejected);
-            }
-        }
-        // Replicas: the events go to the store, and every replica (this one too) takes them
-        // from there; 202 means they are committed.
-        Some(store) => {
-            let records = to_records(by_cbo, now_ms, &mut rejected);
-            let n = records.len();
-            let stored = tokio::task::spawn_blocking(move || store.push_events(records, now_ms))
-                .await
-                .unwrap_or_else(|e| Err(format!("the task storing them ended: {e}")));
-            if let Err(why) = stored {
+    let taken = if big {
+        match tokio::task::spawn_blocking(taking).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::error!(error = %e, "taking a body of events failed");
                 return json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "the store cannot be written ({why}): nothing in this body was taken; send it again"
-                    ),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "taking the events failed; send them again",
                 );
             }
-            accepted = n;
         }
+    } else {
+        taking()
+    };
+    let Taken {
+        mut accepted,
+        mut rejected,
+        parsed,
+        stored,
+    } = match taken {
+        Ok(taken) => taken,
+        Err((status, message)) => return json_error(status, &message),
+    };
+    // Replicas: the events go to the store, and every replica (this one too) takes them
+    // from there; 202 means they are committed.
+    if let (Some(store), Some((records, now_ms))) = (store, stored) {
+        let n = records.len();
+        let result = tokio::task::spawn_blocking(move || store.push_events(records, now_ms))
+            .await
+            .unwrap_or_else(|e| Err(format!("the task storing them ended: {e}")));
+        if let Err(why) = result {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the store cannot be written ({why}): nothing in this body was taken; send it again"
+                ),
+            );
+        }
+        accepted = n;
     }
     rejected.sort_by_key(|r| r.index);
     let rejected_more = rejected.len().saturating_sub(REJECTIONS_LISTED);
@@ -315,6 +289,127 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         StatusCode::ACCEPTED
     };
     (status, axum::Json(reply)).into_response()
+}
+
+/// What became of a body's events.
+struct Taken {
+    accepted: usize,
+    rejected: Vec<Rejection>,
+    /// Events that parsed, whether or not a CBO took them.
+    parsed: usize,
+    /// For the store (replicas): the records to push, and when they were received.
+    stored: Option<(Vec<String>, i64)>,
+}
+
+/// Decodes and parses a body and has each CBO take its events (`local`), or encodes them for
+/// the store; `Err` is the answer's status and message when the body as a whole is refused.
+fn take(
+    shared: &Shared,
+    who: &Caller,
+    encoding: &str,
+    format: Format,
+    bytes: Bytes,
+    limit: usize,
+    local: bool,
+) -> Result<Taken, (StatusCode, String)> {
+    let metrics = &shared.metrics;
+    let who_cbo = match who {
+        Caller::Cbo(k) => k.as_str(),
+        Caller::Admin => "",
+    };
+    let bytes = match decoded(encoding, bytes, limit) {
+        Ok(b) => b,
+        Err((status, message)) => {
+            let reason = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => Reject::TooLarge,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => Reject::UnsupportedMediaType,
+                _ => Reject::Malformed,
+            };
+            metrics.reject(who_cbo, reason);
+            return Err((status, message));
+        }
+    };
+    let items = match parse_bytes(&bytes, format) {
+        Ok(items) => items,
+        Err(message) => {
+            metrics.reject(who_cbo, Reject::Malformed);
+            return Err((StatusCode::BAD_REQUEST, message));
+        }
+    };
+
+    let now_ms = shared.clock.now_ms();
+    let mut rejected: Vec<Rejection> = Vec::new();
+    let mut parsed = 0;
+    // Each CBO's state is taken once: a reload that drops it mid-request cannot lose the batch.
+    let mut by_cbo: BTreeMap<String, (Arc<CboState>, Batch)> = BTreeMap::new();
+    let room = items.len();
+    for (index, item) in items {
+        let event = match item {
+            Ok(event) => event,
+            Err(err) => {
+                let reason = match err {
+                    EventError::Malformed(_) => Reject::Malformed,
+                    EventError::Field { .. } => Reject::Invalid,
+                };
+                metrics.reject(who_cbo, reason);
+                rejected.push(Rejection {
+                    index,
+                    reason,
+                    error: err.to_string(),
+                });
+                continue;
+            }
+        };
+        parsed += 1;
+        // A CBO's token writes that CBO's events whatever the body says; only the admin
+        // token may name the CBO.
+        let key = match who {
+            Caller::Cbo(k) => k.as_str(),
+            Caller::Admin => match event.cbo.as_deref() {
+                Some(k) => k,
+                None => {
+                    rejected.push(unknown(index, "required with the admin token".into()));
+                    metrics.reject("", Reject::UnknownCbo);
+                    continue;
+                }
+            },
+        };
+        // The fleet is looked up once per CBO of the body, not once per event.
+        if let Some((_, batch)) = by_cbo.get_mut(key) {
+            batch.push((index, event));
+            continue;
+        }
+        match shared.fleet.get(key) {
+            Some(state) => {
+                // A CBO's token sends one CBO's events: its batch is the whole body.
+                let key = key.to_string();
+                let mut batch = Vec::with_capacity(if *who == Caller::Admin { 16 } else { room });
+                batch.push((index, event));
+                by_cbo.insert(key, (state, batch));
+            }
+            None if *who == Caller::Admin => {
+                rejected.push(unknown(index, format!("{key:?} is not a configured CBO")));
+                metrics.reject("", Reject::UnknownCbo);
+            }
+            // A reload dropped the token's CBO during the request: nothing to take it.
+            None => {}
+        }
+    }
+    let mut taken = Taken {
+        accepted: 0,
+        rejected: Vec::new(),
+        parsed,
+        stored: None,
+    };
+    if local {
+        for (state, events) in by_cbo.into_values() {
+            taken.accepted += state.ingest(events, now_ms, &mut rejected);
+        }
+    } else {
+        taken.stored = Some((to_records(by_cbo, now_ms, &mut rejected), now_ms));
+    }
+    taken.rejected = rejected;
+    Ok(taken)
 }
 
 /// One CBO's events of a body, with their indexes in it.
