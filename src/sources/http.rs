@@ -68,25 +68,29 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// Splits a body of bytes into items: a UTF-8 byte-order mark is ignored; NDJSON is decoded
-/// line by line, so a line that is not UTF-8 is rejected alone and the good ones are kept.
-fn parse_bytes(bytes: &[u8], format: Format) -> Result<Vec<Item>, String> {
+/// Parses a body of bytes, handing each item to `each` as it is parsed: a UTF-8 byte-order
+/// mark is ignored; NDJSON is decoded line by line, so a line that is not UTF-8 is rejected
+/// alone and the good ones are kept.
+fn parse_bytes(bytes: &[u8], format: Format, mut each: impl FnMut(Item)) -> Result<(), String> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     match std::str::from_utf8(bytes) {
-        Ok(text) => parse_body(text, format),
+        Ok(text) => parse_body(text, format, each),
         Err(e) if format == Format::Json => Err(format!("body is not UTF-8: {e}")),
-        Err(_) => Ok(bytes
-            .split(|b| *b == b'\n')
-            .enumerate()
-            .filter(|(_, line)| !line.trim_ascii().is_empty())
-            .map(|(i, line)| {
-                let item = match std::str::from_utf8(line) {
-                    Ok(line) => event::parse_line(line),
-                    Err(e) => Err(EventError::Malformed(format!("line is not UTF-8: {e}"))),
-                };
-                (i, item)
-            })
-            .collect()),
+        Err(_) => {
+            for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+                if line.trim_ascii().is_empty() {
+                    continue;
+                }
+                each((
+                    i,
+                    match std::str::from_utf8(line) {
+                        Ok(line) => event::parse_line(line),
+                        Err(e) => Err(EventError::Malformed(format!("line is not UTF-8: {e}"))),
+                    },
+                ));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -125,37 +129,37 @@ fn decoded(encoding: &str, bytes: Bytes, limit: usize) -> Result<Bytes, (StatusC
 /// One piece of a body: its index and what it parsed to.
 type Item = (usize, Result<Event, EventError>);
 
-/// Splits a body into (index, parse result) items. `Err` when the body as a whole is not JSON.
-fn parse_body(body: &str, format: Format) -> Result<Vec<Item>, String> {
+/// Parses a body, handing each (index, parse result) item to `each`, in order, as it is
+/// parsed (a thousand events are not collected first). `Err`, before any item, when the body
+/// as a whole is not JSON.
+fn parse_body(body: &str, format: Format, mut each: impl FnMut(Item)) -> Result<(), String> {
     let trimmed = body.trim_start();
     if format == Format::Json {
         if trimmed.starts_with('[') {
             let items: Vec<&RawValue> = serde_json::from_str(body)
                 .map_err(|e| format!("body is not a JSON array of events: {e}"))?;
-            return Ok(items
-                .into_iter()
-                .enumerate()
-                .map(|(i, raw)| (i, event::parse_json(raw.get())))
-                .collect());
+            for (i, raw) in items.into_iter().enumerate() {
+                each((i, event::parse_json(raw.get())));
+            }
+            return Ok(());
         }
         if trimmed.starts_with('{') {
             // One object; several objects on their own lines are taken as NDJSON.
             if serde_json::from_str::<&RawValue>(body).is_ok() || !trimmed.trim_end().contains('\n')
             {
-                return Ok(vec![(0, event::parse_json(body))]);
+                each((0, event::parse_json(body)));
+                return Ok(());
             }
         } else {
             return Err("body is neither a JSON object nor a JSON array".into());
         }
     }
-    // Room for every line at once: a thousand events are not moved again as the list grows.
-    let mut items = Vec::with_capacity(memchr::memchr_iter(b'\n', body.as_bytes()).count() + 1);
-    items.extend(
-        lines(body)
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| (i, event::parse_line(line))),
-    );
-    Ok(items)
+    for (i, line) in lines(body) {
+        if !line.trim().is_empty() {
+            each((i, event::parse_line(line)));
+        }
+    }
+    Ok(())
 }
 
 /// The lines of `text` with their indexes, as `text.split('\n').enumerate()` gives them, found
@@ -329,21 +333,17 @@ fn take(
             return Err((status, message));
         }
     };
-    let items = match parse_bytes(&bytes, format) {
-        Ok(items) => items,
-        Err(message) => {
-            metrics.reject(who_cbo, Reject::Malformed);
-            return Err((StatusCode::BAD_REQUEST, message));
-        }
-    };
-
     let now_ms = shared.clock.now_ms();
     let mut rejected: Vec<Rejection> = Vec::new();
     let mut parsed = 0;
     // Each CBO's state is taken once: a reload that drops it mid-request cannot lose the batch.
     let mut by_cbo: BTreeMap<String, (Arc<CboState>, Batch)> = BTreeMap::new();
-    let room = items.len();
-    for (index, item) in items {
+    // A CBO's token sends one CBO's events: its batch gets room for every line at once.
+    let room = match who {
+        Caller::Cbo(_) => memchr::memchr_iter(b'\n', &bytes).count() + 1,
+        Caller::Admin => 16,
+    };
+    let each = |(index, item): Item| {
         let event = match item {
             Ok(event) => event,
             Err(err) => {
@@ -357,7 +357,7 @@ fn take(
                     reason,
                     error: err.to_string(),
                 });
-                continue;
+                return;
             }
         };
         parsed += 1;
@@ -370,20 +370,19 @@ fn take(
                 None => {
                     rejected.push(unknown(index, "required with the admin token".into()));
                     metrics.reject("", Reject::UnknownCbo);
-                    continue;
+                    return;
                 }
             },
         };
         // The fleet is looked up once per CBO of the body, not once per event.
         if let Some((_, batch)) = by_cbo.get_mut(key) {
             batch.push((index, event));
-            continue;
+            return;
         }
         match shared.fleet.get(key) {
             Some(state) => {
-                // A CBO's token sends one CBO's events: its batch is the whole body.
                 let key = key.to_string();
-                let mut batch = Vec::with_capacity(if *who == Caller::Admin { 16 } else { room });
+                let mut batch = Vec::with_capacity(room);
                 batch.push((index, event));
                 by_cbo.insert(key, (state, batch));
             }
@@ -394,6 +393,10 @@ fn take(
             // A reload dropped the token's CBO during the request: nothing to take it.
             None => {}
         }
+    };
+    if let Err(message) = parse_bytes(&bytes, format, each) {
+        metrics.reject(who_cbo, Reject::Malformed);
+        return Err((StatusCode::BAD_REQUEST, message));
     }
     let mut taken = Taken {
         accepted: 0,
@@ -458,9 +461,19 @@ fn unknown(index: usize, why: String) -> Rejection {
 mod tests {
     use super::*;
 
+    fn collect_bytes(bytes: &[u8], format: Format) -> Result<Vec<Item>, String> {
+        let mut items = Vec::new();
+        parse_bytes(bytes, format, |item| items.push(item)).map(|()| items)
+    }
+
+    fn collect_body(body: &str, format: Format) -> Result<Vec<Item>, String> {
+        let mut items = Vec::new();
+        parse_body(body, format, |item| items.push(item)).map(|()| items)
+    }
+
     #[test]
     fn ndjson_indexes_count_blank_lines_so_they_map_to_line_numbers() {
-        let items = parse_body("\n{}\n\nnot json\n", Format::Ndjson).unwrap();
+        let items = collect_body("\n{}\n\nnot json\n", Format::Ndjson).unwrap();
         let idx: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
         assert_eq!(idx, vec![1, 3]);
     }
@@ -472,7 +485,7 @@ mod tests {
         body.extend_from_slice(good.as_bytes());
         body.extend_from_slice(b"\n{\"event\":\"fa\xFFiled\"}\n");
         body.extend_from_slice(good.as_bytes());
-        let items = parse_bytes(&body, Format::Ndjson).unwrap();
+        let items = collect_bytes(&body, Format::Ndjson).unwrap();
         let ok: Vec<(usize, bool)> = items.iter().map(|(i, r)| (*i, r.is_ok())).collect();
         assert_eq!(ok, vec![(0, true), (1, false), (2, true)]);
         let Err(EventError::Malformed(why)) = &items[1].1 else {
@@ -480,12 +493,12 @@ mod tests {
         };
         assert!(why.starts_with("line is not UTF-8"), "{why}");
         // A JSON document must be UTF-8 as a whole.
-        assert!(parse_bytes(b"[{\"a\":\"\xFF\"}]", Format::Json).is_err());
+        assert!(collect_bytes(b"[{\"a\":\"\xFF\"}]", Format::Json).is_err());
     }
 
     #[test]
     fn json_body_that_is_not_json_is_refused_whole() {
-        assert!(parse_body("hello", Format::Json).is_err());
-        assert!(parse_body("[1, 2", Format::Json).is_err());
+        assert!(collect_body("hello", Format::Json).is_err());
+        assert!(collect_body("[1, 2", Format::Json).is_err());
     }
 }
