@@ -391,8 +391,18 @@ impl CboSeries {
     }
 
     pub fn ingested(&self, kind: EventKind) {
-        self.ingested[kind as usize].fetch_add(1, Relaxed);
-        self.touch();
+        self.ingested_each(&EventKind::ALL.map(|k| u64::from(k == kind)));
+    }
+
+    /// A batch's events taken, counted by kind (`EventKind as usize`): one change for the
+    /// batch, not one per event.
+    pub fn ingested_each(&self, by_kind: &[u64; EventKind::ALL.len()]) {
+        for (counter, n) in self.ingested.iter().zip(by_kind) {
+            if *n > 0 {
+                counter.fetch_add(*n, Relaxed);
+            }
+        }
+        self.touch_if(by_kind.iter().any(|n| *n > 0));
     }
 
     pub fn duplicate(&self) {

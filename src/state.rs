@@ -343,10 +343,11 @@ impl CboState {
                 );
             }
         }
+        let mut by_kind = [0u64; crate::event::EventKind::ALL.len()];
         let mut guard = self.lock();
         let inner = &mut *guard;
         for event in taken {
-            self.series.ingested(event.kind);
+            by_kind[event.kind as usize] += 1;
             let mut counted = Counted::default();
             let route = inner
                 .reconciler
@@ -369,6 +370,7 @@ impl CboState {
             self.count(&counted);
             self.drain(inner, now_ms);
         }
+        self.series.ingested_each(&by_kind);
         // Written in the order the events were applied, but not under the CBO's lock: the
         // next batch is applied while this one's lines go out.
         let appender = self
