@@ -130,7 +130,11 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let gzip = accepts_gzip(&headers);
     let body = tokio::task::spawn_blocking(move || {
-        shared.fleet.refresh_gauges(shared.clock.now_ms());
+        // The tick sets every CBO's each second; those with outcomes since are set here.
+        let now_ms = shared.clock.now_ms();
+        shared
+            .fleet
+            .refresh_gauges(now_ms, crate::state::Gauges::Stale);
         if gzip {
             (shared.metrics.render_gzip(), true)
         } else {

@@ -37,7 +37,10 @@ async fn run_for(d: Duration) {
 }
 
 fn metrics(app: &App) -> String {
-    app.shared.fleet.refresh_gauges(app.shared.clock.now_ms());
+    app.shared.fleet.refresh_gauges(
+        app.shared.clock.now_ms(),
+        transfer_guard::state::Gauges::All,
+    );
     app.shared.metrics.render()
 }
 
