@@ -333,10 +333,15 @@ async fn main() -> ExitCode {
         }
     };
     init_logs(cli.log_format);
-    if !matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::Demo { .. } | Command::Ingest { .. } | Command::Bench { .. }
+    ) {
         // One-shot commands end quietly when their output is closed (`… | head`), as shell
         // tools do; Rust ignores SIGPIPE, which turns that into a panic. The daemon keeps
-        // ignoring it.
+        // ignoring it, and so do `ingest` and `bench`: they write request bodies while the
+        // daemon may already have answered one (401, 413) and closed its connection, and a
+        // write to that socket must be an error, not a signal that kills the command.
         #[cfg(unix)]
         // SAFETY: restoring a signal's default disposition, before any thread writes output.
         unsafe {
@@ -799,18 +804,26 @@ async fn ingest(server: &str, token_env: &str, input: &std::path::Path) -> ExitC
             }
         }
     };
+    // The report is written without `println!`: SIGPIPE is ignored here, and a closed output
+    // (`… | head`) ends the report, not the command with a panic; the exit code still tells.
+    use std::io::Write;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     match result {
         Ok(report) => {
             for (line, error) in &report.rejected {
-                eprintln!("{name}:{line}: {error}");
+                if writeln!(err, "{name}:{line}: {error}").is_err() {
+                    break;
+                }
             }
             if report.rejected_unlisted > 0 {
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "{name}: and {} more rejected lines the daemon counted without listing",
                     report.rejected_unlisted
                 );
             }
-            println!(
+            let _ = writeln!(
+                out,
                 "{name}: {} lines, {} accepted, {} rejected",
                 report.lines,
                 report.accepted,
@@ -823,7 +836,7 @@ async fn ingest(server: &str, token_env: &str, input: &std::path::Path) -> ExitC
             }
         }
         Err(e) => {
-            eprintln!("transfer-guard ingest: {e}");
+            let _ = writeln!(err, "transfer-guard ingest: {e}");
             ExitCode::from(COULD_NOT_RUN)
         }
     }

@@ -279,9 +279,66 @@ async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     app.shutdown().await;
+}
+
+/// A server that answers 401 once it has a request's head and 64 KiB of its body, and closes
+/// the connection with the rest unread (the kernel resets it) while other batches are being
+/// written: `ingest` reports the token (exit 3) and is not killed on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_told_401_in_the_middle_of_a_body_exits_3_naming_the_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                // The head and a little of the body: the client is in the middle of it.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() < 64 * 1024 {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"error":"unauthorized"}"#;
+                let _ = socket
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.log");
+    // 3.3 MB: batches of 420 KB, four in flight, more than the socket buffers take at once.
+    std::fs::write(&path, format!("{}\n", "x".repeat(400)).repeat(8_000)).unwrap();
+    for _ in 0..3 {
+        let out = tg()
+            .args(["ingest", "--server", &url, "--token-env", "T"])
+            .arg(&path)
+            .env("T", "wrong")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{:?}: {stderr}", out.status);
+        assert!(stderr.contains("refused the token (401)"), "{stderr}");
+    }
 }
 
 #[tokio::test]
