@@ -130,11 +130,7 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let gzip = accepts_gzip(&headers);
     let body = tokio::task::spawn_blocking(move || {
-        // The tick sets every CBO's each second; those with outcomes since are set here.
-        let now_ms = shared.clock.now_ms();
-        shared
-            .fleet
-            .refresh_gauges(now_ms, crate::state::Gauges::Stale);
+        shared.fleet.refresh_gauges(shared.clock.now_ms());
         if gzip {
             (shared.metrics.render_gzip(), true)
         } else {

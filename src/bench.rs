@@ -384,7 +384,7 @@ pub fn scrape(cbos: usize, runs: usize) -> ScrapeReport {
     let metrics = std::sync::Arc::new(Metrics::new());
     let fleet = Fleet::new(&config, &metrics);
     fill(&fleet, now);
-    fleet.refresh_gauges(now, crate::state::Gauges::All);
+    fleet.refresh_gauges(now);
     let timed = |f: &mut dyn FnMut() -> usize| {
         let start = Instant::now();
         let n = f();

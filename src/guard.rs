@@ -123,10 +123,6 @@ pub fn tick(shared: &Shared, memory: &mut Memory, now_ms: i64) {
     validate(shared, &statuses, now_ms);
     learn_good(shared, memory, &statuses, now_ms);
     notify(shared, memory, &transitions, now_ms);
-    // Last, after the actions: the `success_ratio` gauges follow the windows as they slide.
-    shared
-        .fleet
-        .refresh_gauges(now_ms, crate::state::Gauges::All);
 }
 
 /// Rule state changes: metrics, the decision log (durable before any action they cause is

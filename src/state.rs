@@ -1,8 +1,6 @@
 //! Per-CBO state (tracker and windows behind one lock) and the fleet of CBOs: events in, effects to metrics and windows.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,9 +132,6 @@ pub struct CboState {
     max_window: Duration,
     /// Where what it takes is journaled (`None` while a start replays the journal).
     journal: Option<Arc<Journal>>,
-    /// The windows' outcomes changed since the `success_ratio` gauges were last set: a scrape
-    /// sets those of such CBOs (the tick sets every CBO's each second, as the windows slide).
-    ratios_stale: AtomicBool,
 }
 
 impl CboState {
@@ -173,7 +168,6 @@ impl CboState {
             max_window_ms: config.transfers.max_window.as_millis() as i64,
             max_window: config.transfers.max_window,
             journal,
-            ratios_stale: AtomicBool::new(true),
         }
     }
 
@@ -517,7 +511,6 @@ impl CboState {
             }
             if let Some(started) = judged_by(&effect) {
                 record(&mut inner.windows, &effect, inner.judged_since_ms, now_ms);
-                self.ratios_stale.store(true, Relaxed);
                 while inner.recent.len() >= RECENT_MAX
                     || inner
                         .recent
@@ -553,7 +546,6 @@ impl CboState {
         for (_, _, effect) in &inner.recent {
             record(&mut inner.windows, effect, since, now_ms);
         }
-        self.ratios_stale.store(true, Relaxed);
         since
     }
 
@@ -681,8 +673,6 @@ impl CboState {
 
     /// Sets the `success_ratio` gauges from the windows; a window without transfers has no series.
     pub fn refresh_gauges(&self, now_ms: i64) {
-        // Cleared first: an outcome recorded meanwhile marks it stale again.
-        self.ratios_stale.store(false, Relaxed);
         let ratios = self
             .lock()
             .windows
@@ -927,16 +917,10 @@ impl Fleet {
         }
     }
 
-    /// Sets the window gauges of `which` CBOs, a large fleet split over two threads (the tick
-    /// reads each one's windows).
-    pub fn refresh_gauges(&self, now_ms: i64, which: Gauges) {
-        let cbos: Vec<_> = match which {
-            Gauges::All => self.iter().collect(),
-            Gauges::Stale => self
-                .iter()
-                .filter(|c| c.ratios_stale.load(Relaxed))
-                .collect(),
-        };
+    /// Sets every CBO's window gauges, a large fleet split over two threads (a scrape of
+    /// thousands of CBOs reads each one's windows).
+    pub fn refresh_gauges(&self, now_ms: i64) {
+        let cbos: Vec<_> = self.iter().collect();
         if cbos.len() < 200 {
             return cbos.iter().for_each(|c| c.refresh_gauges(now_ms));
         }
@@ -946,13 +930,4 @@ impl Fleet {
             || second.iter().for_each(|c| c.refresh_gauges(now_ms)),
         );
     }
-}
-
-/// Which CBOs' `success_ratio` gauges `Fleet::refresh_gauges` sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gauges {
-    /// Every CBO's: the windows slide with time (the tick, each second).
-    All,
-    /// Those whose windows took an outcome since (a scrape: what it shows is current).
-    Stale,
 }

@@ -37,10 +37,7 @@ async fn run_for(d: Duration) {
 }
 
 fn metrics(app: &App) -> String {
-    app.shared.fleet.refresh_gauges(
-        app.shared.clock.now_ms(),
-        transfer_guard::state::Gauges::All,
-    );
+    app.shared.fleet.refresh_gauges(app.shared.clock.now_ms());
     app.shared.metrics.render()
 }
 
