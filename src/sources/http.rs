@@ -178,9 +178,10 @@ fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
         })
 }
 
-/// Bodies at least this large are parsed and taken on a blocking thread, so that neither
-/// their parse (about a millisecond for a thousand lines) nor a wait for the CBO's lock holds
-/// an async worker; smaller ones are taken in place, where a thread hop would cost more.
+/// Bodies at least this large (and compressed ones) are decoded, parsed and taken on a
+/// blocking thread, so that neither their parse (about a millisecond for a thousand lines) nor
+/// a wait for the CBO's lock holds an async worker; smaller ones are taken in place, where a
+/// thread hop would cost more.
 const OFF_WORKER_BYTES: usize = 64 * 1024;
 
 pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
@@ -226,7 +227,8 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         .trim()
         .to_ascii_lowercase();
     let store = shared.actions.log.store().cloned();
-    let big = bytes.len() >= OFF_WORKER_BYTES;
+    // A compressed body is decompressed there too, whatever its size as sent.
+    let big = bytes.len() >= OFF_WORKER_BYTES || !matches!(encoding.as_str(), "" | "identity");
     let taking = {
         let shared = shared.clone();
         let local = store.is_none();
