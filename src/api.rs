@@ -27,6 +27,16 @@ pub enum Caller {
     Cbo(String),
 }
 
+impl Caller {
+    /// The CBO a rejection of this caller's is counted under (`""` for the admin token).
+    pub fn cbo_label(&self) -> &str {
+        match self {
+            Caller::Cbo(k) => k,
+            Caller::Admin => "",
+        }
+    }
+}
+
 /// Who the bearer token is: found by its digest, then compared in constant time.
 pub fn caller(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;

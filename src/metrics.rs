@@ -391,7 +391,9 @@ impl CboSeries {
     }
 
     pub fn ingested(&self, kind: EventKind) {
-        self.ingested_each(&EventKind::ALL.map(|k| u64::from(k == kind)));
+        let mut by_kind = [0; EventKind::ALL.len()];
+        by_kind[kind as usize] = 1;
+        self.ingested_each(&by_kind);
     }
 
     /// A batch's events taken, counted by kind (`EventKind as usize`): one change for the

@@ -190,10 +190,7 @@ pub async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         metrics.reject("", Reject::Unauthorized);
         return unauthorized();
     };
-    let who_cbo = match &who {
-        Caller::Cbo(k) => k.as_str(),
-        Caller::Admin => "",
-    };
+    let who_cbo = who.cbo_label();
     let format = match format_of(&headers) {
         Ok(f) => f,
         Err(message) => {
@@ -319,10 +316,7 @@ fn take(
     local: bool,
 ) -> Result<Taken, (StatusCode, String)> {
     let metrics = &shared.metrics;
-    let who_cbo = match who {
-        Caller::Cbo(k) => k.as_str(),
-        Caller::Admin => "",
-    };
+    let who_cbo = who.cbo_label();
     let bytes = match decoded(encoding, bytes, limit) {
         Ok(b) => b,
         Err((status, message)) => {
@@ -400,21 +394,21 @@ fn take(
         metrics.reject(who_cbo, Reject::Malformed);
         return Err((StatusCode::BAD_REQUEST, message));
     }
-    let mut taken = Taken {
-        accepted: 0,
-        rejected: Vec::new(),
-        parsed,
-        stored: None,
-    };
-    if local {
-        for (state, events) in by_cbo.into_values() {
-            taken.accepted += state.ingest(events, now_ms, &mut rejected);
-        }
+    let (accepted, stored) = if local {
+        let accepted = by_cbo
+            .into_values()
+            .map(|(state, events)| state.ingest(events, now_ms, &mut rejected))
+            .sum();
+        (accepted, None)
     } else {
-        taken.stored = Some((to_records(by_cbo, now_ms, &mut rejected), now_ms));
-    }
-    taken.rejected = rejected;
-    Ok(taken)
+        (0, Some((to_records(by_cbo, now_ms, &mut rejected), now_ms)))
+    };
+    Ok(Taken {
+        accepted,
+        rejected,
+        parsed,
+        stored,
+    })
 }
 
 /// One CBO's events of a body, with their indexes in it.
