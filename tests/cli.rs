@@ -221,13 +221,64 @@ async fn ingest_as_a(app: &App, path: &std::path::Path) -> (std::process::Output
     (out, stdout, stderr)
 }
 
+/// A daemon whose `max_body_bytes` is smaller than the client's batches answers 413; the
+/// client sends each batch again in halves until they fit, and still numbers every line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_halves_batches_a_daemon_with_a_small_body_limit_refuses() {
+    let mut config = config("");
+    config.server.max_body_bytes = 64 * 1024;
+    let app = App::start(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = chrono::Utc::now().timestamp_millis() - 60_000;
+    // Over 400 KB in one batch: cut at least three times over.
+    let mut text = String::new();
+    let mut bad = Vec::new();
+    for i in 0..3000u32 {
+        if i == 1 || i == 1777 || i == 2999 {
+            text += "Transfer failed: TypeError: x is undefined\n";
+            bad.push(i + 1);
+            continue;
+        }
+        text += &event("initiated", t, i, "");
+        text.push('\n');
+    }
+    assert!(text.len() > 6 * 64 * 1024, "{}", text.len());
+    let path = dir.path().join("transfers.log");
+    std::fs::write(&path, text).unwrap();
+    let (out, stdout, stderr) = ingest_as_a(&app, &path).await;
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("3000 lines, 2997 accepted, 3 rejected"),
+        "{stdout}{stderr}"
+    );
+    for line in bad {
+        assert!(
+            stderr.contains(&format!("transfers.log:{line}: not a JSON event object")),
+            "line {line} not reported: {stderr}"
+        );
+    }
+    let m = app.shared.metrics.render();
+    assert_eq!(
+        metric_sum(&m, "transfer_guard_events_ingested_total", &[r#"cbo="a""#]),
+        2997.0
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "transfer_guard_events_rejected_total",
+            &[r#"cbo="a""#, r#"reason="too_large""#]
+        ) >= 4.0,
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_sends_a_file_and_reports_rejected_lines_by_number() {
     let app = App::start(config("")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let t = chrono::Utc::now().timestamp_millis() - 60_000;
-    // Six batches of 1,000 lines, two in flight at a time: a bad line in the first, the third
-    // and the last is each reported by its own number, in order.
+    // 5,003 lines in two batches: a bad line in the first, one in the middle and the last is
+    // each reported by its own number, in order.
     let mut text = String::from("Transfer failed: TypeError: x is undefined\n");
     for i in 0..2500u32 {
         text += &event("initiated", t, i, "");
