@@ -19,9 +19,7 @@
 use std::collections::VecDeque;
 
 use crate::event::{ErrorClass, Event, EventKind, Source};
-use crate::tracker::{Effect, Outcome};
-
-type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+use crate::tracker::{Effect, Keyed, Outcome};
 
 /// How far apart the plugin's `initiated` and TaskRouter's `task.created` of one transfer may be.
 pub const JOIN_WINDOW_MS: i64 = 60_000;
@@ -142,10 +140,10 @@ pub struct Reconciler {
     /// Keys are 64-bit hashes of a transfer's names (task SID, transfer id or conversation
     /// SID) under a per-reconciler random seed, as in the tracker: no strings are kept.
     hasher: ahash::RandomState,
-    transfers: HashMap<u64, Joined>,
-    alias: HashMap<u64, u64>,
+    transfers: Keyed<Joined>,
+    alias: Keyed<u64>,
     /// The latest transfer of each conversation, for joining by conversation.
-    by_conversation: HashMap<u64, u64>,
+    by_conversation: Keyed<u64>,
     /// (first seen, daemon ms; `Joined::seq`; key), oldest first.
     order: VecDeque<(i64, u64, u64)>,
     next_seq: u64,
@@ -162,9 +160,9 @@ impl Reconciler {
     pub fn new(max: usize) -> Reconciler {
         Reconciler {
             hasher: ahash::RandomState::new(),
-            transfers: HashMap::default(),
-            alias: HashMap::default(),
-            by_conversation: HashMap::default(),
+            transfers: Keyed::default(),
+            alias: Keyed::default(),
+            by_conversation: Keyed::default(),
             order: VecDeque::new(),
             next_seq: 0,
             max: max.max(16),
