@@ -8,7 +8,7 @@ use crate::config::{Config, FUTURE_TOLERANCE};
 use crate::event::{ErrorClass, Event};
 use crate::health::TaskRouterStatus;
 use crate::journal::{self, Journal, Op, Record};
-use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject};
+use crate::metrics::{CboSeries, Metrics, RATIO_WINDOWS, Reject, Tally};
 use crate::reconcile::{Counted, Disagreement, JOIN_WINDOW_MS, Reconciler, Route};
 use crate::sid::ConversationSid;
 use crate::tracker::{Effect, Tracker};
@@ -43,6 +43,8 @@ struct Inner {
     probes: VecDeque<(i64, bool)>,
     /// Joins the sources that report one transfer (SPEC §2b).
     reconciler: Reconciler,
+    /// Changes to the series not yet added to them (`CboSeries::add`, once a batch).
+    tally: Tally,
     /// Bad Requests seen outside a transfer event (the functions' logs, the debugger), the
     /// last `SIGNALS_SPAN_MS`, so one Bad Request reported by several sources counts once.
     signals: VecDeque<Signal>,
@@ -153,6 +155,7 @@ impl CboState {
                 reports: VecDeque::new(),
                 probes: VecDeque::new(),
                 reconciler: Reconciler::new(config.transfers.max_open),
+                tally: Tally::default(),
                 signals: VecDeque::new(),
                 pruned_until_ms: i64::MIN,
                 judged_since_ms: i64::MIN,
@@ -367,9 +370,10 @@ impl CboState {
                     }
                 }
             }
-            self.count(&counted);
+            count(&mut inner.tally, &counted);
             self.drain(inner, now_ms);
         }
+        self.series.add(&mut inner.tally);
         self.series.ingested_each(&by_kind);
         // Written in the order the events were applied, but not under the CBO's lock: the
         // next batch is applied while this one's lines go out.
@@ -388,20 +392,6 @@ impl CboState {
     /// Counts one rejected event of this CBO that never reached `ingest`.
     pub fn reject_one(&self, reason: Reject) {
         self.series.reject(reason);
-    }
-
-    fn count(&self, counted: &Counted) {
-        if *counted == Counted::default() {
-            return;
-        }
-        for source in counted.seen() {
-            self.series.seen(source);
-        }
-        for (d, n) in Disagreement::ALL.iter().zip(counted.disagreements) {
-            if n > 0 {
-                self.series.disagreement(*d, n);
-            }
-        }
     }
 
     /// A Bad Request the functions' logs or Twilio's debugger reported at `at_ms`, for
@@ -470,9 +460,10 @@ impl CboState {
             track(inner, key, &event, now_ms);
         }
         inner.reconciler.sweep(now_ms, timeout_ms, &mut counted);
-        self.count(&counted);
+        count(&mut inner.tally, &counted);
         inner.tracker.sweep(now_ms, &mut inner.effects);
         self.drain(inner, now_ms);
+        self.series.add(&mut inner.tally);
         self.series.set_open(inner.tracker.open());
     }
 
@@ -493,21 +484,21 @@ impl CboState {
                     completion_secs,
                     ..
                 } => {
-                    self.series.transfer(*transfer_type, *target_type, *outcome);
+                    inner.tally.transfer(*transfer_type, *target_type, *outcome);
                     // Only a failure has an error class (a `completed` may still carry an error).
                     if let Some(class) =
                         class.filter(|_| *outcome == crate::tracker::Outcome::Failed)
                     {
-                        self.series.error(class);
+                        inner.tally.error(class);
                     }
                     if let (Some(secs), Some(tt)) = (completion_secs, transfer_type) {
-                        self.series.completion(*tt, *secs);
+                        inner.tally.completion(*tt, *secs);
                     }
                 }
-                Effect::Notified { secs, .. } => self.series.notification(*secs),
-                Effect::HistoryLost { .. } => self.series.history_lost(),
-                Effect::Duplicate => self.series.duplicate(),
-                Effect::Evicted => self.series.evicted(),
+                Effect::Notified { secs, .. } => inner.tally.notification(*secs),
+                Effect::HistoryLost { .. } => inner.tally.history_lost(),
+                Effect::Duplicate => inner.tally.duplicate(),
+                Effect::Evicted => inner.tally.evicted(),
             }
             if let Some(started) = judged_by(&effect) {
                 record(&mut inner.windows, &effect, inner.judged_since_ms, now_ms);
@@ -679,6 +670,21 @@ impl CboState {
             .success_rates(now_ms, RATIO_WINDOWS.map(|(_, w)| w));
         for (i, ratio) in ratios.into_iter().enumerate() {
             self.series.set_success_ratio(i, ratio);
+        }
+    }
+}
+
+/// Tallies the sources that saw a transfer first and the disagreements the reconciler found.
+fn count(tally: &mut Tally, counted: &Counted) {
+    if *counted == Counted::default() {
+        return;
+    }
+    for source in counted.seen() {
+        tally.seen(source);
+    }
+    for (d, n) in Disagreement::ALL.iter().zip(counted.disagreements) {
+        if n > 0 {
+            tally.disagreement(*d, n);
         }
     }
 }
