@@ -313,13 +313,16 @@ impl CboState {
         rejected: &mut Vec<Rejection>,
         read: Option<Vec<Op>>,
     ) -> usize {
-        // Refusals and the journal's lines need no lock: the lock is held only to apply.
+        // Refusals and the journal's lines need no lock: the lock is held only to apply. The
+        // events are applied by reference and dropped (their strings freed) after it.
         let journaled = self.journal.is_some() && read.is_none();
-        let mut lines = Vec::new();
-        let events = events.into_iter();
-        let mut taken = Vec::with_capacity(events.size_hint().0);
-        for (index, event) in events {
-            if let Some((reason, detail)) = self.refuses(&event, now_ms) {
+        let events: Vec<(usize, Event)> = events.into_iter().collect();
+        // Journal lines are about 270 bytes: the buffer is sized once, not copied as it grows.
+        let mut lines = Vec::with_capacity(if journaled { events.len() * 320 } else { 0 });
+        let mut taken = Vec::with_capacity(events.len());
+        for (index, event) in &events {
+            let index = *index;
+            if let Some((reason, detail)) = self.refuses(event, now_ms) {
                 self.series.reject(reason);
                 rejected.push(Rejection {
                     index,
@@ -329,7 +332,7 @@ impl CboState {
                 continue;
             }
             if journaled {
-                journal::encode_event(&self.key, now_ms, &event, &mut lines);
+                journal::encode_event(&self.key, now_ms, event, &mut lines);
             }
             taken.push(event);
         }
@@ -354,11 +357,11 @@ impl CboState {
             let mut counted = Counted::default();
             let route = inner
                 .reconciler
-                .route(&event, now_ms, &mut inner.effects, &mut counted);
+                .route(event, now_ms, &mut inner.effects, &mut counted);
             if let Route::Apply(key) = route {
-                track(inner, key, &event, now_ms);
+                track(inner, key, event, now_ms);
                 if event.kind == crate::event::EventKind::Failed {
-                    remember_failing(&mut inner.failing, &event);
+                    remember_failing(&mut inner.failing, event);
                     if event
                         .error
                         .as_ref()
@@ -366,7 +369,7 @@ impl CboState {
                     {
                         // Its Bad Request counts with the transfer; one the logs or the
                         // debugger reported for this conversation is the same one.
-                        settle_signal(inner, &event, now_ms);
+                        settle_signal(inner, event, now_ms);
                     }
                 }
             }
@@ -386,6 +389,7 @@ impl CboState {
         if let Some(appender) = appender {
             appender.append(now_ms, &lines);
         }
+        drop(events);
         accepted
     }
 
