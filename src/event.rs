@@ -431,6 +431,7 @@ mod scan {
         }
 
         /// A string without escapes or control characters, borrowed.
+        #[inline]
         fn string(&mut self) -> Option<&'a str> {
             self.eat(b'"')?;
             let start = self.i;
@@ -445,7 +446,9 @@ mod scan {
                 .then(|| self.i += word.len())
         }
 
-        /// `null` (None) or a string.
+        /// `null` (None) or a string. Inlined: its answer, returned through memory, was read
+        /// back wider than it was written (a store-forwarding stall on every field).
+        #[inline(always)]
         fn text(&mut self) -> Option<Option<Text<'a>>> {
             match self.peek()? {
                 b'n' => self.literal("null").map(|_| None),
