@@ -194,65 +194,94 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 /// The line `encode` writes for `event` taken by `cbo` at `now_ms`, written field by field:
 /// every accepted event is journaled, and a backlog takes a million a second.
 pub fn encode_event(cbo: &str, now_ms: i64, e: &Event, out: &mut Vec<u8>) {
-    let mut int = itoa::Buffer::new();
-    let text = |out: &mut Vec<u8>, s: &str| {
-        serde_json::to_writer(&mut *out, s).expect("a string serializes")
-    };
-    out.extend_from_slice(b"{\"cbo\":");
-    text(out, cbo);
-    out.extend_from_slice(b",\"now\":");
-    out.extend_from_slice(int.format(now_ms).as_bytes());
-    out.extend_from_slice(b",\"op\":{\"event\":{\"kind\":\"");
-    out.extend_from_slice(e.kind.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"ts\":");
-    out.extend_from_slice(int.format(e.timestamp_ms).as_bytes());
-    out.extend_from_slice(b",\"conversation_sid\":\"");
-    out.extend_from_slice(e.conversation_sid.as_str().as_bytes());
-    out.push(b'"');
-    if let Some(id) = &e.transfer_id {
-        out.extend_from_slice(b",\"transfer_id\":");
-        text(out, id);
+    EventLines::new(cbo, now_ms).encode(e, out);
+}
+
+/// A JSON string: written as it is when nothing in it needs escaping (ids and keys nearly
+/// always), else by serde_json.
+fn json_text(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("a string serializes");
     }
-    for (key, value) in [
-        ("transfer_type", e.transfer_type.map(|t| t.as_str())),
-        ("target_type", e.target_type.map(|t| t.as_str())),
-    ] {
-        if let Some(v) = value {
-            for part in [",\"", key, "\":\"", v, "\""] {
-                out.extend_from_slice(part.as_bytes());
-            }
+}
+
+/// The journal lines of events one CBO took at one instant: what every line begins with
+/// (the CBO, the instant) is written once, not once per event.
+pub struct EventLines {
+    head: Vec<u8>,
+}
+
+impl EventLines {
+    pub fn new(cbo: &str, now_ms: i64) -> EventLines {
+        let mut head = Vec::with_capacity(cbo.len() + 64);
+        head.extend_from_slice(b"{\"cbo\":");
+        json_text(&mut head, cbo);
+        head.extend_from_slice(b",\"now\":");
+        head.extend_from_slice(itoa::Buffer::new().format(now_ms).as_bytes());
+        head.extend_from_slice(b",\"op\":{\"event\":{\"kind\":\"");
+        EventLines { head }
+    }
+
+    /// `event`'s line, appended to `out`.
+    pub fn encode(&self, e: &Event, out: &mut Vec<u8>) {
+        let mut int = itoa::Buffer::new();
+        let text = json_text;
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(e.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"ts\":");
+        out.extend_from_slice(int.format(e.timestamp_ms).as_bytes());
+        out.extend_from_slice(b",\"conversation_sid\":\"");
+        out.extend_from_slice(e.conversation_sid.as_str().as_bytes());
+        out.push(b'"');
+        if let Some(id) = &e.transfer_id {
+            out.extend_from_slice(b",\"transfer_id\":");
+            text(out, id);
         }
-    }
-    if let Some(err) = &e.error {
-        for (key, value) in [("code", err.code), ("status", err.status)] {
+        for (key, value) in [
+            ("transfer_type", e.transfer_type.map(|t| t.as_str())),
+            ("target_type", e.target_type.map(|t| t.as_str())),
+        ] {
             if let Some(v) = value {
-                for part in [",\"", key, "\":"] {
+                for part in [",\"", key, "\":\"", v, "\""] {
                     out.extend_from_slice(part.as_bytes());
                 }
-                out.extend_from_slice(int.format(v).as_bytes());
             }
         }
-        if let Some(m) = &err.message {
-            out.extend_from_slice(b",\"message\":");
-            text(out, m);
+        if let Some(err) = &e.error {
+            for (key, value) in [("code", err.code), ("status", err.status)] {
+                if let Some(v) = value {
+                    for part in [",\"", key, "\":"] {
+                        out.extend_from_slice(part.as_bytes());
+                    }
+                    out.extend_from_slice(int.format(v).as_bytes());
+                }
+            }
+            if let Some(m) = &err.message {
+                out.extend_from_slice(b",\"message\":");
+                text(out, m);
+            }
+            out.extend_from_slice(b",\"error\":true");
         }
-        out.extend_from_slice(b",\"error\":true");
+        if let Some(h) = e.history_preserved {
+            out.extend_from_slice(if h {
+                b",\"history_preserved\":true"
+            } else {
+                b",\"history_preserved\":false"
+            });
+        }
+        if let Some(t) = &e.task_sid {
+            out.extend_from_slice(b",\"task_sid\":\"");
+            out.extend_from_slice(t.as_str().as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b",\"source\":\"");
+        out.extend_from_slice(e.source.as_str().as_bytes());
+        out.extend_from_slice(b"\"}}}\n");
     }
-    if let Some(h) = e.history_preserved {
-        out.extend_from_slice(if h {
-            b",\"history_preserved\":true"
-        } else {
-            b",\"history_preserved\":false"
-        });
-    }
-    if let Some(t) = &e.task_sid {
-        out.extend_from_slice(b",\"task_sid\":\"");
-        out.extend_from_slice(t.as_str().as_bytes());
-        out.push(b'"');
-    }
-    out.extend_from_slice(b",\"source\":\"");
-    out.extend_from_slice(e.source.as_str().as_bytes());
-    out.extend_from_slice(b"\"}}}\n");
 }
 
 /// The segment file being appended to.
@@ -561,15 +590,20 @@ mod tests {
             r#"{"event":"failed","timestamp":"2027-01-15T08:00:00Z","conversation_sid":"CH0000000000000000000000000000000a","transfer_id":"t\"1\\","transfer_type":"warm","target_type":"queue","error":{"code":20001,"status":400,"message":"Bad \"Request\"\n"},"history_preserved":false,"task_sid":"WT0000000000000000000000000000000a"}"#,
             r#"{"event":"initiated","timestamp":"2027-01-15T08:00:00.123Z","conversation_sid":"CH0000000000000000000000000000000b","transfer_type":"cold","target_type":"worker"}"#,
             r#"{"event":"cancelled","timestamp":"2027-01-15T08:00:00Z","conversation_sid":"CH0000000000000000000000000000000c","error":{}}"#,
+            r#"{"event":"completed","timestamp":"2027-01-15T08:00:00Z","conversation_sid":"CH0000000000000000000000000000000d","transfer_id":"KI0000000000000000000000000000000d","error":{"message":"plain é"}}"#,
         ];
-        for line in lines {
+        // A key and ids that need escaping, and ones written as they are.
+        for (line, cbo) in lines
+            .iter()
+            .flat_map(|l| [(l, "cbo \"é\"\u{7f}"), (l, "c0")])
+        {
             let event = crate::event::parse_json(line).unwrap();
             let mut fast = Vec::new();
-            encode_event("cbo \"é\"", 42, &event, &mut fast);
+            encode_event(cbo, 42, &event, &mut fast);
             let mut slow = Vec::new();
             encode(
                 &Record {
-                    cbo: "cbo \"é\"".into(),
+                    cbo: cbo.into(),
                     now: 42,
                     op: Op::Event(Stored::of(&event)),
                 },

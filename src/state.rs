@@ -320,6 +320,7 @@ impl CboState {
         // Journal lines are about 270 bytes: the buffer is sized once, not copied as it grows.
         let mut lines = Vec::with_capacity(if journaled { events.len() * 320 } else { 0 });
         let mut taken = Vec::with_capacity(events.len());
+        let encoder = journaled.then(|| journal::EventLines::new(&self.key, now_ms));
         for (index, event) in &events {
             let index = *index;
             if let Some((reason, detail)) = self.refuses(event, now_ms) {
@@ -331,8 +332,8 @@ impl CboState {
                 });
                 continue;
             }
-            if journaled {
-                journal::encode_event(&self.key, now_ms, event, &mut lines);
+            if let Some(encoder) = &encoder {
+                encoder.encode(event, &mut lines);
             }
             taken.push(event);
         }

@@ -424,6 +424,7 @@ fn to_records(
     let mut records = Vec::new();
     let mut line = Vec::new();
     for (state, events) in by_cbo.into_values() {
+        let encoder = crate::journal::EventLines::new(&state.key, now_ms);
         for (index, event) in events {
             if let Some((reason, detail)) = state.refuses(&event, now_ms) {
                 state.count_refused(reason);
@@ -435,7 +436,7 @@ fn to_records(
                 continue;
             }
             line.clear();
-            crate::journal::encode_event(&state.key, now_ms, &event, &mut line);
+            encoder.encode(&event, &mut line);
             if line.last() == Some(&b'\n') {
                 line.pop();
             }
