@@ -563,6 +563,38 @@ mod scan {
         }
     }
 
+    #[cfg(test)]
+    #[test]
+    fn string_end_finds_what_a_byte_by_byte_search_finds_at_every_offset() {
+        let naive = |b: &[u8], i: usize| {
+            b[i..]
+                .iter()
+                .position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)
+                .map(|p| i + p)
+                .filter(|at| b[*at] == b'"')
+        };
+        for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+            for len in 0..48 {
+                for at in 0..=len {
+                    // `é` and 0x7f are ordinary bytes; so is 0x20.
+                    let mut b: Vec<u8> = "aé\x7f b".bytes().cycle().take(len).collect();
+                    if at < len {
+                        b[at] = special;
+                    }
+                    // A closing quote after it: found only when nothing before it stops.
+                    b.push(b'"');
+                    for start in 0..=len {
+                        assert_eq!(
+                            string_end(&b, start),
+                            naive(&b, start),
+                            "{special:#x} at {at} of {len}, from {start}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Sets a field once; a second time (a duplicate key, which serde_json refuses) gives up.
     fn once<T>(seen: &mut u32, bit: u32, slot: &mut T, value: T) -> Option<()> {
         if *seen & bit != 0 {
