@@ -1,6 +1,7 @@
 //! `transfer-guard ingest`: sends a file or standard input to a running daemon in NDJSON batches and reports each rejected line.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -125,7 +126,12 @@ pub async fn send(
         .timeout(Duration::from_secs(30))
         .build()
         .expect("a plain HTTP client builds");
-    let url = format!("{}/v1/events", server.trim_end_matches('/'));
+    let endpoint = Arc::new(Endpoint {
+        client,
+        url: format!("{}/v1/events", server.trim_end_matches('/')),
+        server: server.to_string(),
+        token: token.clone(),
+    });
     let mut report = Report::default();
     let mut flying: VecDeque<JoinHandle<Result<Answer, IngestError>>> = VecDeque::new();
     let result = async {
@@ -169,10 +175,7 @@ pub async fn send(
                 }
                 let body = Bytes::from(std::mem::take(&mut batch));
                 flying.push_back(tokio::spawn(post_split(
-                    client.clone(),
-                    url.clone(),
-                    server.to_string(),
-                    token.clone(),
+                    endpoint.clone(),
                     body,
                     batch_first_line,
                 )));
@@ -220,10 +223,7 @@ fn merge(
 /// smaller than this batch) is sent again as two halves, one after the other, until each fits
 /// or is one line. Nothing of a body refused with 413 was taken, so no event is sent twice.
 async fn post_split(
-    client: reqwest::Client,
-    url: String,
-    server: String,
-    token: Secret,
+    endpoint: Arc<Endpoint>,
     batch: Bytes,
     first_line: u64,
 ) -> Result<Answer, IngestError> {
@@ -231,15 +231,7 @@ async fn post_split(
     // Parts still to send, the next one last.
     let mut parts = vec![(batch, first_line)];
     while let Some((part, first)) = parts.pop() {
-        let sent = post(
-            client.clone(),
-            url.clone(),
-            server.clone(),
-            token.clone(),
-            part.clone(),
-            first,
-        )
-        .await;
+        let sent = post(&endpoint, part.clone(), first).await;
         let split = match &sent {
             Err(IngestError::Server { status: 413, .. }) => halves(&part),
             _ => None,
@@ -268,19 +260,23 @@ fn halves(batch: &Bytes) -> Option<(Bytes, Bytes)> {
     Some((batch.slice(..cut), batch.slice(cut..)))
 }
 
-async fn post(
+/// Where the batches go: a daemon's events endpoint, and the token to send.
+struct Endpoint {
     client: reqwest::Client,
     url: String,
+    /// As the user gave it, for errors.
     server: String,
     token: Secret,
-    batch: Bytes,
-    first_line: u64,
-) -> Result<Answer, IngestError> {
+}
+
+async fn post(endpoint: &Endpoint, batch: Bytes, first_line: u64) -> Result<Answer, IngestError> {
+    let server = &endpoint.server;
     let mut delay = Duration::from_millis(250);
     for attempt in 1..=ATTEMPTS {
-        let sent = client
-            .post(&url)
-            .bearer_auth(token.expose())
+        let sent = endpoint
+            .client
+            .post(&endpoint.url)
+            .bearer_auth(endpoint.token.expose())
             .header("content-type", "application/x-ndjson")
             .body(batch.clone())
             .send()
@@ -306,7 +302,9 @@ async fn post(
                         return Ok((reply.accepted, rejected, reply.rejected_more));
                     }
                     401 => {
-                        return Err(IngestError::Unauthorized { server });
+                        return Err(IngestError::Unauthorized {
+                            server: server.clone(),
+                        });
                     }
                     429 | 500..=599 => IngestError::Server {
                         server: server.clone(),
@@ -315,7 +313,7 @@ async fn post(
                     },
                     _ => {
                         return Err(IngestError::Server {
-                            server,
+                            server: server.clone(),
                             status,
                             body,
                         });
