@@ -191,12 +191,6 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-/// The line `encode` writes for `event` taken by `cbo` at `now_ms`, written field by field:
-/// every accepted event is journaled, and a backlog takes a million a second.
-pub fn encode_event(cbo: &str, now_ms: i64, e: &Event, out: &mut Vec<u8>) {
-    EventLines::new(cbo, now_ms).encode(e, out);
-}
-
 /// A JSON string: written as it is when nothing in it needs escaping (ids and keys nearly
 /// always), else by serde_json.
 fn json_text(out: &mut Vec<u8>, s: &str) {
@@ -209,8 +203,9 @@ fn json_text(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// The journal lines of events one CBO took at one instant: what every line begins with
-/// (the CBO, the instant) is written once, not once per event.
+/// The journal lines of events one CBO took at one instant, as `encode` writes them but field
+/// by field (every accepted event is journaled, a million a second in a backlog): what every
+/// line begins with (the CBO, the instant) is written once, not once per event.
 pub struct EventLines {
     head: Vec<u8>,
 }
@@ -229,7 +224,6 @@ impl EventLines {
     /// `event`'s line, appended to `out`.
     pub fn encode(&self, e: &Event, out: &mut Vec<u8>) {
         let mut int = itoa::Buffer::new();
-        let text = json_text;
         out.extend_from_slice(&self.head);
         out.extend_from_slice(e.kind.as_str().as_bytes());
         out.extend_from_slice(b"\",\"ts\":");
@@ -239,7 +233,7 @@ impl EventLines {
         out.push(b'"');
         if let Some(id) = &e.transfer_id {
             out.extend_from_slice(b",\"transfer_id\":");
-            text(out, id);
+            json_text(out, id);
         }
         for (key, value) in [
             ("transfer_type", e.transfer_type.map(|t| t.as_str())),
@@ -262,7 +256,7 @@ impl EventLines {
             }
             if let Some(m) = &err.message {
                 out.extend_from_slice(b",\"message\":");
-                text(out, m);
+                json_text(out, m);
             }
             out.extend_from_slice(b",\"error\":true");
         }
@@ -599,7 +593,7 @@ mod tests {
         {
             let event = crate::event::parse_json(line).unwrap();
             let mut fast = Vec::new();
-            encode_event(cbo, 42, &event, &mut fast);
+            EventLines::new(cbo, 42).encode(&event, &mut fast);
             let mut slow = Vec::new();
             encode(
                 &Record {

@@ -191,6 +191,7 @@ fn transfer_slot(tt: Option<TransferType>, target: Option<TargetType>, outcome: 
 /// the event before them.
 pub struct Tally {
     any: bool,
+    ingested: [u64; EventKind::ALL.len()],
     transfers: [u64; 36],
     errors: [u64; 4],
     duplicate: u64,
@@ -207,6 +208,7 @@ impl Default for Tally {
     fn default() -> Tally {
         Tally {
             any: false,
+            ingested: [0; EventKind::ALL.len()],
             transfers: [0; 36],
             errors: [0; 4],
             duplicate: 0,
@@ -221,6 +223,12 @@ impl Default for Tally {
 }
 
 impl Tally {
+    /// An event taken.
+    pub fn ingested(&mut self, kind: EventKind) {
+        self.ingested[kind as usize] += 1;
+        self.any = true;
+    }
+
     pub fn transfer(&mut self, tt: Option<TransferType>, target: Option<TargetType>, o: Outcome) {
         self.transfers[transfer_slot(tt, target, o)] += 1;
         self.any = true;
@@ -274,8 +282,11 @@ impl Tally {
 }
 
 /// Adds `counts` to `counters`, zeroing `counts`.
-fn add_all(counters: &[AtomicU64], counts: &mut [u64]) {
-    for (counter, n) in counters.iter().zip(counts) {
+fn add_all<'a>(
+    counters: impl IntoIterator<Item = &'a AtomicU64>,
+    counts: impl IntoIterator<Item = &'a mut u64>,
+) {
+    for (counter, n) in counters.into_iter().zip(counts) {
         if *n > 0 {
             counter.fetch_add(std::mem::take(n), Relaxed);
         }
@@ -506,20 +517,8 @@ impl CboSeries {
     }
 
     pub fn ingested(&self, kind: EventKind) {
-        let mut by_kind = [0; EventKind::ALL.len()];
-        by_kind[kind as usize] = 1;
-        self.ingested_each(&by_kind);
-    }
-
-    /// A batch's events taken, counted by kind (`EventKind as usize`): one change for the
-    /// batch, not one per event.
-    pub fn ingested_each(&self, by_kind: &[u64; EventKind::ALL.len()]) {
-        for (counter, n) in self.ingested.iter().zip(by_kind) {
-            if *n > 0 {
-                counter.fetch_add(*n, Relaxed);
-            }
-        }
-        self.touch_if(by_kind.iter().any(|n| *n > 0));
+        self.ingested[kind as usize].fetch_add(1, Relaxed);
+        self.touch();
     }
 
     /// Adds a batch's tally and empties it (its buffers are kept for the next batch).
@@ -527,19 +526,15 @@ impl CboSeries {
         if !std::mem::take(&mut t.any) {
             return;
         }
+        add_all(&self.ingested, &mut t.ingested);
         add_all(&self.transfers, &mut t.transfers);
         add_all(&self.errors, &mut t.errors);
         add_all(&self.seen, &mut t.seen);
         add_all(&self.disagreements, &mut t.disagreements);
-        for (counter, n) in [
-            (&self.duplicate, &mut t.duplicate),
-            (&self.evicted, &mut t.evicted),
-            (&self.history_lost, &mut t.history_lost),
-        ] {
-            if *n > 0 {
-                counter.fetch_add(std::mem::take(n), Relaxed);
-            }
-        }
+        add_all(
+            [&self.duplicate, &self.evicted, &self.history_lost],
+            [&mut t.duplicate, &mut t.evicted, &mut t.history_lost],
+        );
         for (histogram, values) in self.completion.iter().zip(&mut t.completion) {
             histogram.observe_all(values);
             values.clear();
@@ -2269,6 +2264,7 @@ mod tests {
         t.notification(0.7);
         t.duplicate();
         t.history_lost();
+        t.ingested(EventKind::Failed);
         c.add(&mut t);
         assert_eq!(c.changed.load(Relaxed), untouched + 1);
         let slot = transfer_slot(Some(TransferType::Cold), None, Outcome::Completed);
@@ -2278,6 +2274,7 @@ mod tests {
         assert_eq!(c.notification.count(), 1);
         assert_eq!(c.duplicate.load(Relaxed), 1);
         assert_eq!(c.history_lost.load(Relaxed), 1);
+        assert_eq!(c.ingested[EventKind::Failed as usize].load(Relaxed), 1);
         // Emptied: adding it again changes nothing.
         c.add(&mut t);
         assert_eq!(c.transfers[slot].load(Relaxed), 2);

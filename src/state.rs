@@ -350,11 +350,10 @@ impl CboState {
                 );
             }
         }
-        let mut by_kind = [0u64; crate::event::EventKind::ALL.len()];
         let mut guard = self.lock();
         let inner = &mut *guard;
         for event in taken {
-            by_kind[event.kind as usize] += 1;
+            inner.tally.ingested(event.kind);
             let mut counted = Counted::default();
             let route = inner
                 .reconciler
@@ -378,7 +377,6 @@ impl CboState {
             self.drain(inner, now_ms);
         }
         self.series.add(&mut inner.tally);
-        self.series.ingested_each(&by_kind);
         // Written in the order the events were applied, but not under the CBO's lock: the
         // next batch is applied while this one's lines go out.
         let appender = self
