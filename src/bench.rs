@@ -591,7 +591,8 @@ pub fn logfile(path: &std::path::Path) -> std::io::Result<(f64, usize)> {
     let cbo = fleet.get("c0").expect("one cbo");
     let start = Instant::now();
     let mut follower = crate::sources::file::Follower::new(path, true);
-    let lines = follower.poll()?;
+    let read = follower.poll()?;
+    let lines: Vec<&str> = read.iter().collect();
     let mut rejected = Vec::new();
     let mut taken = 0;
     for batch in lines.chunks(1000) {

@@ -24,11 +24,60 @@ const MAX_LINE: usize = 1024 * 1024;
 /// stays bounded whatever the file's size.
 pub const CHUNK: usize = 1024 * 1024;
 
-/// A line as text; bytes that are not UTF-8 become U+FFFD (the line is still judged).
-fn text(line: &[u8]) -> String {
-    match std::str::from_utf8(line) {
-        Ok(s) => s.to_owned(),
-        Err(_) => String::from_utf8_lossy(line).into_owned(),
+/// Lines read from a file: one buffer of text and where each line lies in it, so a chunk of
+/// thousands of lines is one allocation, not one per line.
+#[derive(Debug, Default)]
+pub struct Lines {
+    text: String,
+    /// Byte ranges in `text`, newline excluded.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Lines {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> &str {
+        let (from, to) = self.spans[i];
+        &self.text[from..to]
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.spans.iter().map(|&(from, to)| &self.text[from..to])
+    }
+
+    /// Adds the lines at `spans` of `buf`. Bytes that are not UTF-8 become U+FFFD (the line
+    /// is still judged); `buf` is checked whole and kept as it is when it is all UTF-8.
+    fn add(&mut self, buf: Vec<u8>, spans: &[(usize, usize)]) {
+        match String::from_utf8(buf) {
+            Ok(text) if self.text.is_empty() => {
+                self.text = text;
+                self.spans.extend_from_slice(spans);
+            }
+            Ok(text) => {
+                let base = self.text.len();
+                self.text.push_str(&text);
+                self.spans
+                    .extend(spans.iter().map(|&(from, to)| (base + from, base + to)));
+            }
+            Err(e) => {
+                let buf = e.into_bytes();
+                for &(from, to) in spans {
+                    self.push(&buf[from..to]);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, line: &[u8]) {
+        let from = self.text.len();
+        self.text.push_str(&String::from_utf8_lossy(line));
+        self.spans.push((from, self.text.len()));
     }
 }
 
@@ -85,14 +134,14 @@ impl Follower {
     }
 
     /// New complete lines since the last call. A missing file is not an error: it may appear.
-    pub fn poll(&mut self) -> io::Result<Vec<String>> {
+    pub fn poll(&mut self) -> io::Result<Lines> {
         self.poll_chunk(usize::MAX).map(|(lines, _)| lines)
     }
 
     /// The complete lines of at most `max` new bytes, and whether more are waiting (a backlog
     /// read a chunk at a time). Rotation is looked for once the file is read to its end.
-    pub fn poll_chunk(&mut self, max: usize) -> io::Result<(Vec<String>, bool)> {
-        let mut lines = Vec::new();
+    pub fn poll_chunk(&mut self, max: usize) -> io::Result<(Lines, bool)> {
+        let mut lines = Lines::default();
         if self.file.is_none() && !self.open()? {
             return Ok((lines, false));
         }
@@ -162,47 +211,52 @@ impl Follower {
     }
 
     /// Reads up to `max` bytes; whether it stopped at `max` (more may be waiting).
-    fn read_available(&mut self, lines: &mut Vec<String>, max: usize) -> io::Result<bool> {
+    fn read_available(&mut self, lines: &mut Lines, max: usize) -> io::Result<bool> {
         let (file, ino) = self.file.as_mut().expect("caller opened it");
         let ino = *ino;
         let from = self.offset - self.partial.len() as u64;
-        let mut buf = Vec::with_capacity(max.min(CHUNK));
-        file.take(max as u64).read_to_end(&mut buf)?;
-        self.offset += buf.len() as u64;
-        for chunk in buf.split_inclusive(|b| *b == b'\n') {
-            if chunk.last() == Some(&b'\n') {
+        // The line begun in the last read comes first, then the new bytes.
+        let mut buf = std::mem::take(&mut self.partial);
+        let kept = buf.len();
+        buf.reserve(max.min(CHUNK));
+        let read = file.take(max as u64).read_to_end(&mut buf)?;
+        self.offset += read as u64;
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &buf[kept..]).map(|i| kept + i) {
+            if end - start > MAX_LINE {
+                // As a restart's replay (`read_range`) drops it too.
                 if !self.discarding {
-                    let line = &chunk[..chunk.len() - 1];
-                    if self.partial.is_empty() {
-                        // The usual case, a whole line in this read: one copy.
-                        lines.push(text(line));
-                    } else {
-                        self.partial.extend_from_slice(line);
-                        lines.push(text(&self.partial));
-                    }
-                }
-                self.partial.clear();
-                self.discarding = false;
-            } else if !self.discarding {
-                self.partial.extend_from_slice(chunk);
-                if self.partial.len() > MAX_LINE {
                     tracing::warn!(path = %self.path.display(), "line longer than {MAX_LINE} bytes dropped");
-                    self.partial.clear();
-                    self.discarding = true;
                 }
+            } else if !self.discarding {
+                spans.push((start, end));
+            }
+            self.discarding = false;
+            start = end + 1;
+        }
+        if !self.discarding {
+            let rest = &buf[start..];
+            if rest.len() > MAX_LINE {
+                tracing::warn!(path = %self.path.display(), "line longer than {MAX_LINE} bytes dropped");
+                self.discarding = true;
+            } else {
+                self.partial.extend_from_slice(rest);
             }
         }
+        buf.truncate(start);
+        lines.add(buf, &spans);
         let to = self.offset - self.partial.len() as u64;
         if to > from {
             self.ranges.push((ino, from, to));
         }
-        Ok(max != usize::MAX && buf.len() == max)
+        Ok(max != usize::MAX && read == max)
     }
 
     /// The last line of a rotated-away file may lack its newline; it is still a line.
-    fn finish_partial(&mut self, lines: &mut Vec<String>) {
+    fn finish_partial(&mut self, lines: &mut Lines) {
         if !self.partial.is_empty() && !self.discarding {
-            lines.push(text(&self.partial));
+            lines.push(&self.partial);
             if let Some((_, ino)) = &self.file {
                 let to = self.offset;
                 self.ranges.push((*ino, to - self.partial.len() as u64, to));
@@ -252,37 +306,45 @@ pub fn read_range(path: &Path, ino: u64, from: u64, to: u64) -> io::Result<Vec<e
     file.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::with_capacity((to - from) as usize);
     file.take(to - from).read_to_end(&mut buf)?;
-    let lines: Vec<String> = buf
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty() && l.len() <= MAX_LINE)
-        .map(text)
-        .collect();
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', &buf).chain([buf.len()]) {
+        if end > start && end - start <= MAX_LINE {
+            spans.push((start, end));
+        }
+        start = end + 1;
+    }
+    let mut lines = Lines::default();
+    lines.add(buf, &spans);
     Ok(parse_lines(&lines).0.into_iter().map(|(_, e)| e).collect())
 }
 
-/// The event lines of `part` parsed, in order, with their indexes (from `offset`): the
-/// events, and the errors.
-fn parse(offset: usize, part: &[String]) -> Parsed {
-    let mut events = Vec::with_capacity(part.len());
+/// The event lines of `lines` in `range` parsed, in order, with their indexes: the events,
+/// and the errors.
+fn parse(lines: &Lines, range: std::ops::Range<usize>) -> Parsed {
+    let mut events = Vec::with_capacity(range.len());
     let mut errors = Vec::new();
-    for (i, line) in part.iter().enumerate().filter(|(_, l)| looks_like_event(l)) {
+    for i in range {
+        let line = lines.get(i);
+        if !looks_like_event(line) {
+            continue;
+        }
         match event::parse_line(line) {
-            Ok(e) => events.push((offset + i, e)),
-            Err(err) => errors.push((offset + i, err)),
+            Ok(e) => events.push((i, e)),
+            Err(err) => errors.push((i, err)),
         }
     }
     (events, errors)
 }
 
 /// `parse` of all `lines`, many of them on two threads (nothing else runs beside it).
-fn parse_lines(lines: &[String]) -> Parsed {
+fn parse_lines(lines: &Lines) -> Parsed {
     if lines.len() < PARALLEL_FROM {
-        return parse(0, lines);
+        return parse(lines, 0..lines.len());
     }
     let mid = lines.len() / 2;
-    let (first, second) = lines.split_at(mid);
     let ((mut events, mut errors), (more_events, more_errors)) =
-        crate::join(|| parse(0, first), || parse(mid, second));
+        crate::join(|| parse(lines, 0..mid), || parse(lines, mid..lines.len()));
     events.extend(more_events);
     errors.extend(more_errors);
     (events, errors)
@@ -303,7 +365,7 @@ struct Reader {
 
 /// A chunk's lines and what parsing them found.
 struct Chunk {
-    lines: Vec<String>,
+    lines: Lines,
     parsed: Parsed,
     /// The file position after its last line.
     end: Option<Position>,
@@ -326,7 +388,7 @@ impl Reader {
                     // On this thread alone: the chunk before is taken on the other one
                     // meanwhile (two threads for two cores; splitting the parse as well made
                     // three, and a backlog 7 % slower).
-                    let parsed = parse(0, &lines);
+                    let parsed = parse(&lines, 0..lines.len());
                     (
                         Chunk {
                             lines,
@@ -407,7 +469,7 @@ fn take(shared: &Shared, cbo: &crate::state::CboState, path: &Path, chunk: Chunk
         .collect();
     cbo.ingest_read(events, shared.clock.now_ms(), &mut rejected, Some(read));
     for r in rejected {
-        tracing::warn!(path = %path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines[r.index], "log line rejected");
+        tracing::warn!(path = %path.display(), cbo = %cbo.key, reason = r.reason.as_str(), error = %r.error, line = %lines.get(r.index), "log line rejected");
     }
     if let Some(end) = end {
         shared.checkpoints.file_taken(path, end);
@@ -472,6 +534,10 @@ mod tests {
         f.write_all(text.as_bytes()).unwrap();
     }
 
+    fn all(lines: Lines) -> Vec<String> {
+        lines.iter().map(str::to_string).collect()
+    }
+
     #[test]
     fn starts_at_the_end_and_returns_only_new_complete_lines() {
         let dir = tempfile::tempdir().unwrap();
@@ -480,9 +546,9 @@ mod tests {
         let mut f = Follower::new(&path, false);
         assert!(f.poll().unwrap().is_empty());
         append(&path, "one\ntw");
-        assert_eq!(f.poll().unwrap(), vec!["one"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["one"]);
         append(&path, "o\n");
-        assert_eq!(f.poll().unwrap(), vec!["two"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["two"]);
     }
 
     #[test]
@@ -494,25 +560,67 @@ mod tests {
             .collect();
         append(&path, &text);
         let mut f = Follower::new(&path, true);
-        let mut all = Vec::new();
+        let mut got = Vec::new();
         let mut chunks = 0;
         loop {
             let (lines, more) = f.poll_chunk(1000).unwrap();
             chunks += 1;
-            all.extend(lines);
+            got.extend(all(lines));
             if !more {
                 break;
             }
         }
         assert!(chunks >= text.len() / 1000, "{chunks} chunks");
         let want: Vec<String> = text.lines().map(str::to_string).collect();
-        assert_eq!(all, want);
+        assert_eq!(got, want);
         // New lines after the backlog come as before.
         append(&path, "late\n");
-        assert_eq!(
-            f.poll_chunk(1000).unwrap(),
-            (vec!["late".to_string()], false)
-        );
+        let (lines, more) = f.poll_chunk(1000).unwrap();
+        assert_eq!((all(lines), more), (vec!["late".to_string()], false));
+    }
+
+    #[test]
+    fn a_line_too_long_is_dropped_and_its_neighbours_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        let long = "x".repeat(MAX_LINE + 10);
+        append(&path, &format!("a\n{long}\nb\n"));
+        let mut f = Follower::new(&path, true);
+        let mut got = Vec::new();
+        loop {
+            let (lines, more) = f.poll_chunk(64 * 1024).unwrap();
+            got.extend(all(lines));
+            if !more {
+                break;
+            }
+        }
+        let lengths: Vec<usize> = got.iter().map(String::len).collect();
+        assert!(got == ["a", "b"], "lines of {lengths:?} bytes");
+        // Read in one go, the long line is as long and dropped too.
+        let got = all(Follower::new(&path, true).poll().unwrap());
+        let lengths: Vec<usize> = got.iter().map(String::len).collect();
+        assert!(got == ["a", "b"], "lines of {lengths:?} bytes");
+    }
+
+    #[test]
+    fn bytes_not_utf8_are_replaced_and_a_character_cut_by_a_chunk_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        std::fs::write(&path, b"a\xc3\xa9\n\xff b\nc\n").unwrap();
+        // Two bytes a read: `é` is cut in two by the first chunk's end.
+        let mut f = Follower::new(&path, true);
+        let mut got = Vec::new();
+        loop {
+            let (lines, more) = f.poll_chunk(2).unwrap();
+            got.extend(all(lines));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(got, vec!["a\u{e9}", "\u{fffd} b", "c"]);
+        // Read whole: the one bad byte spoils only its own line.
+        let mut f = Follower::new(&path, true);
+        assert_eq!(all(f.poll().unwrap()), vec!["a\u{e9}", "\u{fffd} b", "c"]);
     }
 
     #[test]
@@ -525,9 +633,9 @@ mod tests {
         append(&path, "a\nb");
         std::fs::rename(&path, dir.path().join("app.log.1")).unwrap();
         append(&path, "c\n");
-        assert_eq!(f.poll().unwrap(), vec!["a", "b", "c"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["a", "b", "c"]);
         append(&path, "d\n");
-        assert_eq!(f.poll().unwrap(), vec!["d"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["d"]);
     }
 
     #[test]
@@ -538,10 +646,10 @@ mod tests {
         let mut f = Follower::new(&path, false);
         f.poll().unwrap();
         append(&path, "a\nb\n");
-        assert_eq!(f.poll().unwrap(), vec!["a", "b"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["a", "b"]);
         std::fs::write(&path, "").unwrap();
         append(&path, "c\n");
-        assert_eq!(f.poll().unwrap(), vec!["c"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["c"]);
     }
 
     #[test]
@@ -551,7 +659,7 @@ mod tests {
         let mut f = Follower::new(&path, false);
         assert!(f.poll().unwrap().is_empty());
         append(&path, "first\n");
-        assert_eq!(f.poll().unwrap(), vec!["first"]);
+        assert_eq!(all(f.poll().unwrap()), vec!["first"]);
     }
 
     #[test]
