@@ -1,13 +1,12 @@
 //! `transfer-guard ingest`: sends a file or standard input to a running daemon in NDJSON batches and reports each rejected line.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use serde::Deserialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
 use crate::config::Secret;
 
@@ -109,8 +108,9 @@ struct RejectedLine {
 
 /// Batches in flight at once: the daemon parses some while it takes another, and the next
 /// is read meanwhile. Events of two batches may be taken in either order, as events posted by
-/// two browsers are: a transfer's events are paired by conversation, not by arrival.
-const IN_FLIGHT: usize = 4;
+/// two browsers are: a transfer's events are paired by conversation, not by arrival. Six kept
+/// a 2-core daemon busier than four (BENCHMARKS.md, thirteenth round); more gained nothing.
+const IN_FLIGHT: usize = 6;
 
 /// What the daemon said of one batch: accepted, rejected lines (numbered in the input), and
 /// rejected lines it did not list.
@@ -133,7 +133,9 @@ pub async fn send(
         token: token.clone(),
     });
     let mut report = Report::default();
-    let mut flying: VecDeque<JoinHandle<Result<Answer, IngestError>>> = VecDeque::new();
+    // Whichever batch is answered first frees its place: one waiting for the CBO's lock
+    // does not hold back the next batch while the others are done.
+    let mut flying: JoinSet<Result<Answer, IngestError>> = JoinSet::new();
     let result = async {
         let mut batch = String::new();
         let mut batch_first_line = 1;
@@ -170,15 +172,11 @@ pub async fn send(
             let full = batch_lines >= BATCH_LINES as u64 || batch.len() >= BATCH_BYTES;
             if (n == 0 || full) && !batch.trim().is_empty() {
                 if flying.len() >= IN_FLIGHT {
-                    let answer = flying.pop_front().expect("one is in flight");
-                    merge(&mut report, server, answer.await)?;
+                    let answer = flying.join_next().await.expect("one is in flight");
+                    merge(&mut report, server, answer)?;
                 }
                 let body = Bytes::from(std::mem::take(&mut batch));
-                flying.push_back(tokio::spawn(post_split(
-                    endpoint.clone(),
-                    body,
-                    batch_first_line,
-                )));
+                flying.spawn(post_split(endpoint.clone(), body, batch_first_line));
             }
             if n == 0 || full {
                 batch.clear();
@@ -186,17 +184,15 @@ pub async fn send(
                 batch_lines = 0;
             }
             if n == 0 {
-                while let Some(answer) = flying.pop_front() {
-                    merge(&mut report, server, answer.await)?;
+                while let Some(answer) = flying.join_next().await {
+                    merge(&mut report, server, answer)?;
                 }
                 return Ok(());
             }
         }
     }
     .await;
-    for left in flying {
-        left.abort();
-    }
+    flying.abort_all();
     result.map(|()| {
         report.rejected.sort_by_key(|(line, _)| *line);
         report
@@ -333,4 +329,79 @@ async fn post(endpoint: &Endpoint, batch: Bytes, first_line: u64) -> Result<Answ
         delay *= 2;
     }
     unreachable!("the last attempt returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::sync::Notify;
+
+    /// What the fake daemon saw: bodies received, and whether the first one was let go because
+    /// enough others came after it (not because it waited too long).
+    #[derive(Default)]
+    struct Seen {
+        bodies: Mutex<usize>,
+        more: Notify,
+        released_by_count: Mutex<Option<bool>>,
+    }
+
+    /// A batch still unanswered does not hold back the next ones: while the first waits (the
+    /// CBO's lock, say), the others are answered and their places go to further batches.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_batch_does_not_hold_back_the_batches_after_it() {
+        let seen = Arc::new(Seen::default());
+        // The first body is answered only once this many bodies arrived in all: more than
+        // fit in flight beside it, so the client must have refilled the others' places.
+        let wanted = IN_FLIGHT + 2;
+        let handler = {
+            let seen = seen.clone();
+            move |body: Bytes| {
+                let seen = seen.clone();
+                async move {
+                    let lines = memchr::memchr_iter(b'\n', &body).count();
+                    let first = {
+                        let mut n = seen.bodies.lock().unwrap();
+                        *n += 1;
+                        *n == 1
+                    };
+                    seen.more.notify_waiters();
+                    if first {
+                        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+                            loop {
+                                let notified = seen.more.notified();
+                                if *seen.bodies.lock().unwrap() >= wanted {
+                                    break;
+                                }
+                                notified.await;
+                            }
+                        })
+                        .await;
+                        *seen.released_by_count.lock().unwrap() = Some(waited.is_ok());
+                    }
+                    (
+                        axum::http::StatusCode::ACCEPTED,
+                        format!(r#"{{"accepted":{lines}}}"#),
+                    )
+                }
+            }
+        };
+        let app = axum::Router::new().route("/v1/events", axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let lines = BATCH_LINES * (wanted + 1);
+        let input = "x\n".repeat(lines);
+        let report = send(&server, &Secret::new("t"), input.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(report.lines, lines as u64);
+        assert_eq!(report.accepted, lines as u64);
+        assert_eq!(*seen.bodies.lock().unwrap(), wanted + 1);
+        assert_eq!(
+            *seen.released_by_count.lock().unwrap(),
+            Some(true),
+            "the first batch was answered only after waiting 10 s for the others"
+        );
+    }
 }
