@@ -91,6 +91,49 @@ async fn next_line(
     Ok(Some(Ok(())))
 }
 
+/// A batch's text, with room for the largest batch: it is not copied as it grows.
+fn batch_buffer() -> String {
+    String::with_capacity(BATCH_BYTES + MAX_LINE_BYTES + 1)
+}
+
+/// Appends to `batch` the complete lines already read that go as they are (UTF-8, no
+/// carriage return or byte-order mark, none too long), at most `room` (lines, bytes: a batch
+/// ends at the line that reaches its bytes); how many. None when the next line is not such.
+async fn clean_lines(
+    input: &mut (impl AsyncBufRead + Unpin),
+    batch: &mut String,
+    (lines, bytes): (usize, usize),
+) -> std::io::Result<usize> {
+    let chunk = input.fill_buf().await?;
+    // Not further than the room can take, so the searches below stay within one batch.
+    let chunk = &chunk[..chunk.len().min(bytes + MAX_LINE_BYTES + 1)];
+    let changed = memchr::memchr(b'\r', chunk)
+        .into_iter()
+        .chain(memchr::memmem::find(chunk, "\u{feff}".as_bytes()))
+        .min()
+        .unwrap_or(chunk.len());
+    let valid = match std::str::from_utf8(&chunk[..changed]) {
+        Ok(text) => text.len(),
+        Err(e) => e.valid_up_to(),
+    };
+    let (mut end, mut taken) = (0, 0);
+    for newline in memchr::memchr_iter(b'\n', &chunk[..valid]) {
+        if newline - end > MAX_LINE_BYTES {
+            break;
+        }
+        end = newline + 1;
+        taken += 1;
+        if taken == lines || end >= bytes {
+            break;
+        }
+    }
+    if taken > 0 {
+        batch.push_str(std::str::from_utf8(&chunk[..end]).expect("checked above"));
+        input.consume(end);
+    }
+    Ok(taken)
+}
+
 #[derive(Deserialize)]
 struct Reply {
     accepted: u64,
@@ -137,13 +180,26 @@ pub async fn send(
     // does not hold back the next batch while the others are done.
     let mut flying: JoinSet<Result<Answer, IngestError>> = JoinSet::new();
     let result = async {
-        let mut batch = String::new();
+        let mut batch = batch_buffer();
         let mut batch_first_line = 1;
         let mut batch_lines: u64 = 0;
         let mut line = Vec::new();
         loop {
-            let read = next_line(&mut input, &mut line).await?;
-            let n = usize::from(read.is_some());
+            // Whole lines as they are, many at a time; a line to report or change, or one
+            // not yet read whole, goes alone through `next_line`.
+            let room = (
+                BATCH_LINES - batch_lines as usize,
+                BATCH_BYTES.saturating_sub(batch.len()),
+            );
+            let clean = clean_lines(&mut input, &mut batch, room).await?;
+            report.lines += clean as u64;
+            batch_lines += clean as u64;
+            let read = if clean == 0 {
+                next_line(&mut input, &mut line).await?
+            } else {
+                None
+            };
+            let n = clean.max(usize::from(read.is_some()));
             if let Some(read) = read {
                 report.lines += 1;
                 let number = batch_first_line + batch_lines;
@@ -175,7 +231,7 @@ pub async fn send(
                     let answer = flying.join_next().await.expect("one is in flight");
                     merge(&mut report, server, answer)?;
                 }
-                let body = Bytes::from(std::mem::take(&mut batch));
+                let body = Bytes::from(std::mem::replace(&mut batch, batch_buffer()));
                 flying.spawn(post_split(endpoint.clone(), body, batch_first_line));
             }
             if n == 0 || full {
@@ -344,6 +400,83 @@ mod tests {
         bodies: Mutex<usize>,
         more: Notify,
         released_by_count: Mutex<Option<bool>>,
+    }
+
+    /// Lines go as they are, many at a time, or one at a time when one must be changed or
+    /// reported; either way each line is sent as the line-by-line rule says, wherever the read
+    /// buffer cuts the input.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_line_is_sent_as_the_line_by_line_rule_says_whatever_the_read_buffer() {
+        let mut input = Vec::new();
+        for i in 0..12_000 {
+            if i % 1999 == 5 {
+                input.extend_from_slice("\u{feff}".as_bytes());
+            }
+            let line = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 300));
+            input.extend_from_slice(line.as_bytes());
+            match i % 997 {
+                1 => input.extend_from_slice(b"\r"),
+                2 => input.extend_from_slice(b"\xff"),
+                3 => input.extend_from_slice(&vec![b'y'; MAX_LINE_BYTES]),
+                _ => {}
+            }
+            input.push(b'\n');
+        }
+        input.extend_from_slice(b"last line, no newline");
+        // The rule, one line at a time: too long or not UTF-8 is reported and sent empty; a
+        // carriage return at the end and a byte-order mark at the start are dropped.
+        let mut want = Vec::new();
+        let mut rejected = Vec::new();
+        for (i, raw) in input.split(|b| *b == b'\n').enumerate() {
+            let raw = if raw.len() > MAX_LINE_BYTES {
+                rejected.push(i as u64 + 1);
+                &[][..]
+            } else {
+                raw.strip_suffix(b"\r").unwrap_or(raw)
+            };
+            match std::str::from_utf8(raw) {
+                Ok(text) => want.push(text.strip_prefix('\u{feff}').unwrap_or(text).to_string()),
+                Err(_) => {
+                    rejected.push(i as u64 + 1);
+                    want.push(String::new());
+                }
+            }
+        }
+        want.sort();
+        for capacity in [100, 4096, READ_BUFFER] {
+            let bodies = Arc::new(Mutex::new(Vec::new()));
+            let handler = {
+                let bodies = bodies.clone();
+                move |body: Bytes| {
+                    let lines = memchr::memchr_iter(b'\n', &body).count();
+                    bodies.lock().unwrap().push(body);
+                    async move {
+                        (
+                            axum::http::StatusCode::ACCEPTED,
+                            format!(r#"{{"accepted":{lines}}}"#),
+                        )
+                    }
+                }
+            };
+            let app = axum::Router::new().route("/v1/events", axum::routing::post(handler));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            let reader = tokio::io::BufReader::with_capacity(capacity, &input[..]);
+            let report = send(&server, &Secret::new("t"), reader).await.unwrap();
+            assert_eq!(report.lines, want.len() as u64, "capacity {capacity}");
+            let numbers: Vec<u64> = report.rejected.iter().map(|(n, _)| *n).collect();
+            assert_eq!(numbers, rejected, "capacity {capacity}");
+            let mut sent: Vec<String> = Vec::new();
+            for body in bodies.lock().unwrap().iter() {
+                assert!(body.len() <= BATCH_BYTES + MAX_LINE_BYTES + 1);
+                let text = std::str::from_utf8(body).unwrap();
+                let text = text.strip_suffix('\n').expect("a body ends with a newline");
+                sent.extend(text.split('\n').map(str::to_string));
+            }
+            sent.sort();
+            assert!(sent == want, "capacity {capacity}: the lines sent differ");
+        }
     }
 
     /// A batch still unanswered does not hold back the next ones: while the first waits (the
