@@ -98,7 +98,7 @@ fn batch_buffer() -> String {
 
 /// Appends to `batch` the complete lines already read that go as they are (UTF-8, no
 /// carriage return or byte-order mark, none too long), at most `room` (lines, bytes: a batch
-/// ends at the line that reaches its bytes); how many. None when the next line is not such.
+/// ends at the line that reaches its bytes); how many (0 when the next line is not such).
 async fn clean_lines(
     input: &mut (impl AsyncBufRead + Unpin),
     batch: &mut String,
