@@ -13,6 +13,9 @@ bin=target/release/transfer-guard
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" bench lines --events 1000000 --per-file 1000000 --dir $work/log --log-lines >/dev/null
+# Each timed run starts with nothing waiting to be written back (the file just generated, a
+# journal before): the kernel's writeback would otherwise land in whichever run comes next.
+sync
 file=$(ls $work/log/*)
 lines=$(wc -l < "$file")
 echo "file: $lines lines, $(du -h "$file" | cut -f1)"
@@ -33,17 +36,20 @@ mtail_rate() {
 }
 : > $work/backlog; : > $work/lines; : > $work/transfers; : > $work/ingest
 for round in $(seq "$rounds"); do
+  sync
   out=$(RUST_LOG=error "$bin" bench backlog --file "$file" 2>/dev/null)
   echo "$out"
   echo "$out" | sed 's/.*: \([0-9]*\) lines\/s.*/\1/' >> $work/backlog
   # mtail twice: counting transfer lines only (lines.mtail, its fastest) and counting them by
   # event and Bad Request (transfers.mtail, nearer what transfer-guard does).
   for prog in lines transfers; do
+    sync
     rate=$(mtail_rate $prog)
     echo "mtail ($prog.mtail): $rate lines/s"
     echo "$rate" >> $work/$prog
   done
   rm -rf $work/state
+  sync
   TG_T=bench-token RUST_LOG=error "$bin" run --config $work/c.toml >/dev/null 2>&1 &
   pid=$!
   sleep 1.5
