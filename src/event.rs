@@ -163,6 +163,82 @@ impl TransferError {
     }
 }
 
+/// A transfer id, at most 128 bytes. One of up to `TransferId::INLINE` bytes (a SID-shaped id
+/// is 34) is kept inline, a longer one on the heap: nearly every event has one, and a `String`
+/// each was an allocation and a free per event.
+#[derive(Clone)]
+pub struct TransferId(IdRepr);
+
+#[derive(Clone)]
+enum IdRepr {
+    Inline {
+        len: u8,
+        bytes: [u8; TransferId::INLINE],
+    },
+    Heap(Box<str>),
+}
+
+impl TransferId {
+    pub const INLINE: usize = 38;
+
+    pub fn new(id: &str) -> TransferId {
+        TransferId(match id.len() {
+            len @ 0..=Self::INLINE => {
+                let mut bytes = [0; Self::INLINE];
+                bytes[..len].copy_from_slice(id.as_bytes());
+                IdRepr::Inline {
+                    len: len as u8,
+                    bytes,
+                }
+            }
+            _ => IdRepr::Heap(id.into()),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Copied from a `str` whole: always UTF-8.
+            IdRepr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            IdRepr::Heap(id) => id,
+        }
+    }
+}
+
+impl std::ops::Deref for TransferId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for TransferId {
+    fn eq(&self, other: &TransferId) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for TransferId {}
+
+impl fmt::Debug for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for TransferId {
+    fn from(id: &str) -> TransferId {
+        TransferId::new(id)
+    }
+}
+
 /// One validated transfer event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -170,7 +246,7 @@ pub struct Event {
     /// When it happened at the source, in milliseconds since the Unix epoch.
     pub timestamp_ms: i64,
     pub conversation_sid: ConversationSid,
-    pub transfer_id: Option<String>,
+    pub transfer_id: Option<TransferId>,
     pub transfer_type: Option<TransferType>,
     pub target_type: Option<TargetType>,
     pub error: Option<TransferError>,
@@ -865,7 +941,7 @@ fn validate(raw: RawEvent, line_kind: Option<&str>) -> Result<Event, EventError>
         Some(id) if id.len() > 128 => {
             return Err(EventError::field("transfer_id", "longer than 128 bytes"));
         }
-        Some(id) => Some(id.into_owned()),
+        Some(id) => Some(TransferId::new(&id)),
         None => None,
     };
 
@@ -957,6 +1033,40 @@ mod tests {
     use super::*;
 
     const CH: &str = "CH0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_transfer_id_reads_back_as_parsed_inline_or_on_the_heap() {
+        // Around the inline size, up to the 128-byte limit, with a character of two bytes
+        // and one of three; the empty id too (refused by validation, but representable).
+        let mut ids = vec![
+            String::new(),
+            "KI0123456789abcdef0123456789abcdef".to_string(),
+        ];
+        for len in TransferId::INLINE - 2..=TransferId::INLINE + 2 {
+            ids.push("x".repeat(len));
+            ids.push(format!("é{}", "y".repeat(len - 2)));
+            ids.push(format!("{}€", "z".repeat(len - 3)));
+        }
+        ids.push("w".repeat(128));
+        for id in &ids {
+            let t = TransferId::new(id);
+            assert_eq!(t.as_str(), id);
+            assert_eq!(format!("{t:?}"), format!("{id:?}"));
+            assert_eq!(t.clone(), t);
+            let line = format!(
+                r#"{{"event":"accepted","timestamp":"2026-11-26T01:00:00Z","conversation_sid":"{CH}","transfer_id":"{id}"}}"#
+            );
+            match parse_line(&line) {
+                Ok(e) => {
+                    assert_eq!(e.transfer_id.as_deref(), Some(id.as_str()));
+                    assert_eq!(e.transfer_key(), id);
+                }
+                Err(err) => assert!(id.trim().is_empty(), "{id:?}: {err}"),
+            }
+        }
+        assert_ne!(TransferId::new("a"), TransferId::new("b"));
+        assert_ne!(TransferId::new(&"a".repeat(60)), TransferId::new("a"));
+    }
 
     #[test]
     fn plugin_log_line_with_bad_request_is_classed_bad_request() {

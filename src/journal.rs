@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, EventKind, Source, TargetType, TransferError, TransferType};
+use crate::event::{Event, EventKind, Source, TargetType, TransferError, TransferId, TransferType};
 use crate::sid::{ConversationSid, TaskSid};
 
 /// The format this build writes and reads.
@@ -128,7 +128,7 @@ impl Stored {
             kind: e.kind.as_str().to_string(),
             ts: e.timestamp_ms,
             conversation_sid: e.conversation_sid.as_str().to_string(),
-            transfer_id: e.transfer_id.clone(),
+            transfer_id: e.transfer_id.as_deref().map(str::to_string),
             transfer_type: e.transfer_type.map(|t| t.as_str().to_string()),
             target_type: e.target_type.map(|t| t.as_str().to_string()),
             code: error.and_then(|e| e.code),
@@ -169,7 +169,7 @@ impl Stored {
             timestamp_ms: self.ts,
             conversation_sid: ConversationSid::parse(&self.conversation_sid)
                 .map_err(|e| e.to_string())?,
-            transfer_id: self.transfer_id.clone(),
+            transfer_id: self.transfer_id.as_deref().map(TransferId::new),
             transfer_type,
             target_type,
             error: self.error.then(|| TransferError {

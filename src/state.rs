@@ -712,7 +712,8 @@ fn remember_failing(failing: &mut VecDeque<Failing>, event: &Event) {
         conversation_sid: event.conversation_sid.to_string(),
         transfer_id: event
             .transfer_id
-            .clone()
+            .as_deref()
+            .map(str::to_string)
             .or_else(|| event.task_sid.map(|t| t.to_string())),
         at: crate::clock::rfc3339(event.timestamp_ms),
         at_ms: event.timestamp_ms,

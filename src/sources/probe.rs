@@ -216,7 +216,7 @@ pub fn events(
         kind,
         timestamp_ms: at_ms,
         conversation_sid: *conversation,
-        transfer_id: Some(id.to_string()),
+        transfer_id: Some(id.into()),
         transfer_type: Some(TransferType::Cold),
         target_type: Some(TargetType::Queue),
         error,

@@ -248,7 +248,7 @@ impl TaskRouterEvent {
             kind,
             timestamp_ms: self.at_ms,
             conversation_sid,
-            transfer_id: Some(task_sid.to_string()),
+            transfer_id: Some(task_sid.as_str().into()),
             transfer_type: Some(transfer_type),
             target_type,
             error,
