@@ -171,10 +171,7 @@ pub struct TransferId(IdRepr);
 
 #[derive(Clone)]
 enum IdRepr {
-    Inline {
-        len: u8,
-        bytes: [u8; TransferId::INLINE],
-    },
+    Inline(arrayvec::ArrayString<{ TransferId::INLINE }>),
     Heap(Box<str>),
 }
 
@@ -182,25 +179,15 @@ impl TransferId {
     pub const INLINE: usize = 38;
 
     pub fn new(id: &str) -> TransferId {
-        TransferId(match id.len() {
-            len @ 0..=Self::INLINE => {
-                let mut bytes = [0; Self::INLINE];
-                bytes[..len].copy_from_slice(id.as_bytes());
-                IdRepr::Inline {
-                    len: len as u8,
-                    bytes,
-                }
-            }
-            _ => IdRepr::Heap(id.into()),
+        TransferId(match arrayvec::ArrayString::from(id) {
+            Ok(inline) => IdRepr::Inline(inline),
+            Err(_) => IdRepr::Heap(id.into()),
         })
     }
 
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            // Copied from a `str` whole: always UTF-8.
-            IdRepr::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
-            }
+            IdRepr::Inline(id) => id,
             IdRepr::Heap(id) => id,
         }
     }
