@@ -402,6 +402,27 @@ mod tests {
         released_by_count: Mutex<Option<bool>>,
     }
 
+    /// A fake daemon on loopback that answers `POST /v1/events` with `handler`; its URL.
+    async fn fake_daemon<H, T>(handler: H) -> String
+    where
+        H: axum::handler::Handler<T, ()>,
+        T: 'static,
+    {
+        let app = axum::Router::new().route("/v1/events", axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        server
+    }
+
+    /// The daemon's answer when it took every line of a body of `lines`.
+    fn all_taken(lines: usize) -> (axum::http::StatusCode, String) {
+        (
+            axum::http::StatusCode::ACCEPTED,
+            format!(r#"{{"accepted":{lines}}}"#),
+        )
+    }
+
     /// Lines go as they are, many at a time, or one at a time when one must be changed or
     /// reported; either way each line is sent as the line-by-line rule says, wherever the read
     /// buffer cuts the input.
@@ -450,18 +471,10 @@ mod tests {
                 move |body: Bytes| {
                     let lines = memchr::memchr_iter(b'\n', &body).count();
                     bodies.lock().unwrap().push(body);
-                    async move {
-                        (
-                            axum::http::StatusCode::ACCEPTED,
-                            format!(r#"{{"accepted":{lines}}}"#),
-                        )
-                    }
+                    async move { all_taken(lines) }
                 }
             };
-            let app = axum::Router::new().route("/v1/events", axum::routing::post(handler));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            let server = fake_daemon(handler).await;
             let reader = tokio::io::BufReader::with_capacity(capacity, &input[..]);
             let report = send(&server, &Secret::new("t"), reader).await.unwrap();
             assert_eq!(report.lines, want.len() as u64, "capacity {capacity}");
@@ -512,17 +525,11 @@ mod tests {
                         .await;
                         *seen.released_by_count.lock().unwrap() = Some(waited.is_ok());
                     }
-                    (
-                        axum::http::StatusCode::ACCEPTED,
-                        format!(r#"{{"accepted":{lines}}}"#),
-                    )
+                    all_taken(lines)
                 }
             }
         };
-        let app = axum::Router::new().route("/v1/events", axum::routing::post(handler));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let server = fake_daemon(handler).await;
         let lines = BATCH_LINES * (wanted + 1);
         let input = "x\n".repeat(lines);
         let report = send(&server, &Secret::new("t"), input.as_bytes())
