@@ -355,13 +355,15 @@ pub fn interval(metrics: &Metrics, keys: &[String]) {
             c.source_poll(source, crate::twilio::PollResult::Ok);
         }
         if i % 50 == 0 {
-            c.ingested(EventKind::Completed);
-            c.completion(TransferType::Cold, 3.2);
-            c.transfer(
-                Some(TransferType::Cold),
-                Some(TargetType::Queue),
-                crate::tracker::Outcome::Completed,
-            );
+            c.tallied(|t| {
+                t.ingested(EventKind::Completed);
+                t.completion(TransferType::Cold, 3.2);
+                t.transfer(
+                    Some(TransferType::Cold),
+                    Some(TargetType::Queue),
+                    crate::tracker::Outcome::Completed,
+                );
+            });
         }
     }
 }
@@ -370,7 +372,7 @@ pub fn interval(metrics: &Metrics, keys: &[String]) {
 fn everything(metrics: &Metrics, keys: &[String], round: usize) {
     for key in keys {
         let Some(c) = metrics.cbo(key) else { continue };
-        c.ingested(crate::event::EventKind::Initiated);
+        c.tallied(|t| t.ingested(crate::event::EventKind::Initiated));
         c.set_open(round);
         interval(metrics, std::slice::from_ref(key));
     }

@@ -166,10 +166,11 @@ impl TransferError {
 /// A transfer id, at most 128 bytes. One of up to `TransferId::INLINE` bytes (a SID-shaped id
 /// is 34) is kept inline, a longer one on the heap: nearly every event has one, and a `String`
 /// each was an allocation and a free per event.
-#[derive(Clone)]
+/// One text has one form (inline exactly when it fits), so the derived equality is the text's.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TransferId(IdRepr);
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 enum IdRepr {
     Inline(arrayvec::ArrayString<{ TransferId::INLINE }>),
     Heap(Box<str>),
@@ -200,23 +201,9 @@ impl std::ops::Deref for TransferId {
     }
 }
 
-impl PartialEq for TransferId {
-    fn eq(&self, other: &TransferId) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for TransferId {}
-
 impl fmt::Debug for TransferId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for TransferId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

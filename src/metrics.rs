@@ -136,6 +136,9 @@ impl Histogram {
 
     /// `observe` for each of `values`, with one atomic add per bucket they fall in.
     fn observe_all(&self, values: &[f64]) {
+        if values.is_empty() {
+            return;
+        }
         let mut counts = vec![0u64; self.buckets.len()];
         let mut sum = 0.0;
         for v in values.iter().filter(|v| !v.is_nan()) {
@@ -448,22 +451,6 @@ impl CboSeries {
         self.polled.fetch_add(1, Release);
     }
 
-    /// A source reported a transfer for the first time.
-    pub fn seen(&self, source: crate::event::Source) {
-        if let Some(i) = crate::event::Source::SEEING
-            .iter()
-            .position(|s| *s == source)
-        {
-            self.seen[i].fetch_add(1, Relaxed);
-            self.touch();
-        }
-    }
-
-    pub fn disagreement(&self, kind: crate::reconcile::Disagreement, n: u32) {
-        self.disagreements[kind as usize].fetch_add(u64::from(n), Relaxed);
-        self.touch();
-    }
-
     /// One poll of `source` (one of `POLLED_SOURCES`).
     pub fn source_poll(&self, source: &str, result: PollResult) {
         if let Some(i) = POLLED_SOURCES.iter().position(|s| *s == source) {
@@ -516,11 +503,6 @@ impl CboSeries {
         slot.is_some()
     }
 
-    pub fn ingested(&self, kind: EventKind) {
-        self.ingested[kind as usize].fetch_add(1, Relaxed);
-        self.touch();
-    }
-
     /// Adds a batch's tally and empties it (its buffers are kept for the next batch).
     pub fn add(&self, t: &mut Tally) {
         if !std::mem::take(&mut t.any) {
@@ -544,14 +526,11 @@ impl CboSeries {
         self.touch();
     }
 
-    pub fn duplicate(&self) {
-        self.duplicate.fetch_add(1, Relaxed);
-        self.touch();
-    }
-
-    pub fn evicted(&self) {
-        self.evicted.fetch_add(1, Relaxed);
-        self.touch();
+    /// The changes `f` tallies, added at once as a batch's are (benches and tests).
+    pub fn tallied(&self, f: impl FnOnce(&mut Tally)) {
+        let mut t = Tally::default();
+        f(&mut t);
+        self.add(&mut t);
     }
 
     /// One test transfer's result (one of `PROBE_RESULTS`), and its routing time when routed.
@@ -567,31 +546,6 @@ impl CboSeries {
 
     pub fn agent_report(&self) {
         self.agent_reports.fetch_add(1, Relaxed);
-        self.touch();
-    }
-
-    pub fn history_lost(&self) {
-        self.history_lost.fetch_add(1, Relaxed);
-        self.touch();
-    }
-
-    pub fn transfer(&self, tt: Option<TransferType>, target: Option<TargetType>, o: Outcome) {
-        self.transfers[transfer_slot(tt, target, o)].fetch_add(1, Relaxed);
-        self.touch();
-    }
-
-    pub fn error(&self, class: ErrorClass) {
-        self.errors[class as usize].fetch_add(1, Relaxed);
-        self.touch();
-    }
-
-    pub fn completion(&self, tt: TransferType, secs: f64) {
-        self.completion[tt as usize].observe(secs);
-        self.touch();
-    }
-
-    pub fn notification(&self, secs: f64) {
-        self.notification.observe(secs);
         self.touch();
     }
 
@@ -2287,7 +2241,7 @@ mod tests {
         let m = Metrics::new();
         let c = m.init_cbo("a");
         for v in [0.4, 4.0, 5.0, 9.0, 500.0] {
-            c.completion(TransferType::Cold, v);
+            c.tallied(|t| t.completion(TransferType::Cold, v));
         }
         let text = m.render();
         let line = |s: &str| {
@@ -2430,11 +2384,13 @@ mod tests {
         let changes: Vec<Change> = vec![
             (
                 "seen",
-                Box::new(|| c.seen(crate::event::Source::EventStreams)),
+                Box::new(|| c.tallied(|t| t.seen(crate::event::Source::EventStreams))),
             ),
             (
                 "disagreement",
-                Box::new(|| c.disagreement(crate::reconcile::Disagreement::ALL[1], 2)),
+                Box::new(|| {
+                    c.tallied(|t| t.disagreement(crate::reconcile::Disagreement::ALL[1], 2))
+                }),
             ),
             (
                 "source_poll",
@@ -2451,22 +2407,33 @@ mod tests {
             ),
             ("twilio_alert", Box::new(|| c.twilio_alert("45001"))),
             ("reject", Box::new(|| assert!(c.reject(Reject::TooOld)))),
-            ("ingested", Box::new(|| c.ingested(EventKind::Failed))),
-            ("duplicate", Box::new(|| c.duplicate())),
-            ("evicted", Box::new(|| c.evicted())),
+            (
+                "ingested",
+                Box::new(|| c.tallied(|t| t.ingested(EventKind::Failed))),
+            ),
+            ("duplicate", Box::new(|| c.tallied(Tally::duplicate))),
+            ("evicted", Box::new(|| c.tallied(Tally::evicted))),
             ("probe", Box::new(|| c.probe("routed", Some(2.5)))),
             ("agent_report", Box::new(|| c.agent_report())),
-            ("history_lost", Box::new(|| c.history_lost())),
+            ("history_lost", Box::new(|| c.tallied(Tally::history_lost))),
             (
                 "transfer",
-                Box::new(|| c.transfer(Some(TransferType::Warm), None, Outcome::TimedOut)),
+                Box::new(|| {
+                    c.tallied(|t| t.transfer(Some(TransferType::Warm), None, Outcome::TimedOut))
+                }),
             ),
-            ("error", Box::new(|| c.error(ErrorClass::AgentUnavailable))),
+            (
+                "error",
+                Box::new(|| c.tallied(|t| t.error(ErrorClass::AgentUnavailable))),
+            ),
             (
                 "completion",
-                Box::new(|| c.completion(TransferType::Warm, 12.0)),
+                Box::new(|| c.tallied(|t| t.completion(TransferType::Warm, 12.0))),
             ),
-            ("notification", Box::new(|| c.notification(0.7))),
+            (
+                "notification",
+                Box::new(|| c.tallied(|t| t.notification(0.7))),
+            ),
             (
                 "set_success_ratio",
                 Box::new(|| c.set_success_ratio(1, Some(0.5))),
@@ -2533,8 +2500,8 @@ mod tests {
 
         let c = |i: usize| m.cbo(&keys[i]).unwrap();
         // A counter, a histogram, a series that appears, labels that appear, a state.
-        c(3).ingested(EventKind::Initiated);
-        c(60).completion(TransferType::Cold, 4.2);
+        c(3).tallied(|t| t.ingested(EventKind::Initiated));
+        c(60).tallied(|t| t.completion(TransferType::Cold, 4.2));
         c(61).set_success_ratio(0, Some(0.93));
         c(62).twilio_alert("20001");
         c(150).set_rule_state(RuleId::SuccessRate, RuleState::Breached);
